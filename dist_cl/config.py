@@ -1,0 +1,320 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by dotted CLI args, validated once.
+
+Every field has a type and a default; ``load_config`` rejects unknown keys (suggesting the closest),
+values of the wrong type and inconsistent settings before any process group or data is touched.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "digits"
+    """Run name; the run directory defaults to runs/<name>."""
+    dir: str = ""
+    """Run directory (TensorBoard, checkpoints, metrics, resolved config); empty means runs/<name>."""
+    log_every_steps: int = 10
+    """Steps between TensorBoard scalar writes."""
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view augmentation. Digits use crop_shift/rotate_degrees/noise_std; images use the SimCLR set."""
+
+    crop_shift: int = 1
+    """Digits: maximum shift in pixels (pad then random crop)."""
+    rotate_degrees: float = 10.0
+    """Digits: maximum absolute rotation."""
+    noise_std: float = 0.05
+    """Digits: Gaussian pixel noise (pixels are scaled to [0, 1])."""
+    crop_scale_min: float = 0.08
+    """Images: RandomResizedCrop lower bound on the area fraction."""
+    color_jitter: float = 0.4
+    """Images: brightness/contrast/saturation strength (hue is a quarter of it); 0 disables."""
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    """Images: Gaussian blur probability (SimCLR uses 0.5 on ImageNet, 0 on CIFAR)."""
+    flip_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "synthetic", "shards"] = "digits"
+    """Data set: the embedded scikit-learn digits, the paper's synthetic free embeddings, or webdataset shards."""
+    path: str = ""
+    """Shard directory (data.name=shards)."""
+    holdout_fraction: float = 0.2
+    """Digits: fraction of images held out for evaluation (stratified by label, fixed by data.split_seed)."""
+    split_seed: int = 0
+    """Seed of the train/held-out split, independent of the run seed so runs compare on one split."""
+    num_samples: int = 64
+    """Synthetic: number of positive pairs N."""
+    image_size: int = 32
+    """Shards: side of the square crop fed to the model."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet10t"
+    """timm model name (created with pretrained=False), or 'free' for the synthetic free-embedding model."""
+    in_chans: int = 1
+    """Input channels of the backbone."""
+    embed_dim: int = 64
+    """Output dimension of the projection head (and of free embeddings)."""
+    proj_hidden_dim: int = 256
+    """Hidden width of the projection MLP; 0 means a single linear layer."""
+    two_towers: bool = False
+    """CLIP mode: separate backbone+head for view_a and view_b."""
+
+
+@dataclass
+class LossConfig:
+    name: Literal["infonce", "ntxent"] = "infonce"
+    """infonce: symmetric, B-1 negatives per direction (the paper's loss); ntxent: SimCLR, 2B-2 negatives."""
+    tau: float = 0.1
+    """Temperature (initial value when learnable)."""
+    learnable_tau: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    global_batch_size: int = 64
+    """Samples per optimizer step over all ranks; each rank takes global_batch_size / world_size."""
+    lr: float = 1e-3
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    """SGD / LARS momentum."""
+    warmup_epochs: float = 2.0
+    """Linear warm-up length, then cosine decay to zero."""
+    grad_clip: float = 0.0
+    """Max global gradient norm; 0 disables."""
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed precision on CUDA; ignored (with a warning) on CPU."""
+    nonfinite: Literal["error", "skip"] = "error"
+    """A non-finite loss or gradient stops the run (error) or skips the step and counts it (skip)."""
+
+
+@dataclass
+class SelectionConfig:
+    strategy: str = "random"
+    """Batch selection strategy (see dist_cl.selection.STRATEGIES)."""
+    every_steps: int = 0
+    """Re-select after this many steps; 0 means once per epoch."""
+    embeddings: Literal["training", "refresh"] = "training"
+    """Bank filled from the training forward passes, or by a refresh pass before each selection."""
+    warmup_epochs: int = 1
+    """Epochs trained on random batches before the first loss-aware selection (the bank must be full)."""
+    options: dict = field(default_factory=dict)
+    """Strategy options passed to select_batches (e.g. k, q, chunk_batches)."""
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 5
+    """Evaluate after every this many epochs (and at the end); 0 disables."""
+    knn_k: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every this many steps (and at every epoch end); 0 means epoch ends only."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 300.0
+    """Bound on any collective; a rank that hangs longer brings the job down."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise ConfigError(f"{key}={value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}={value!r}: expected null")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{key}={value!r} is a {type(value).__name__}; expected {getattr(tp, '__name__', tp)}"
+        )
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a mapping of {tp.__name__} fields, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ``["train.lr=0.1", "selection.strategy=sc"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like section.key=value, e.g. train.lr=0.01")
+        key, raw = arg.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or the defaults), apply dotted overrides, type-check and validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/<name>.yaml")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    values = _merge(values, parse_overrides(overrides or []))
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Checks that need no data or process group; ``world_size`` adds the divisibility check."""
+    from dist_cl.selection import STRATEGIES
+
+    t = cfg.train
+    positive = {
+        "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
+        "loss.tau": cfg.loss.tau, "model.embed_dim": cfg.model.embed_dim, "checkpoint.keep": cfg.checkpoint.keep,
+        "dist.timeout_s": cfg.dist.timeout_s, "data.num_samples": cfg.data.num_samples,
+        "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    non_negative = {
+        "train.weight_decay": t.weight_decay, "train.warmup_epochs": t.warmup_epochs,
+        "train.grad_clip": t.grad_clip, "eval.every_epochs": cfg.eval.every_epochs,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps, "selection.every_steps": cfg.selection.every_steps,
+        "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if t.global_batch_size < 2:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be at least 2 (a batch needs negatives)")
+    if not 0.0 < cfg.data.holdout_fraction < 1.0:
+        raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in (0, 1)")
+    if cfg.selection.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"selection.strategy={cfg.selection.strategy!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}"
+        )
+    if cfg.data.name == "shards" and not cfg.data.path:
+        raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
+    if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; make shards with tools/make_shards.py")
+    if (cfg.model.backbone == "free") != (cfg.data.name == "synthetic"):
+        raise ConfigError(
+            f"model.backbone={cfg.model.backbone!r} with data.name={cfg.data.name!r}: the 'free' embedding model "
+            "goes with data.name=synthetic and only there"
+        )
+    if world_size is not None and t.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by world_size={world_size}; "
+            f"use a multiple of {world_size}"
+        )
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

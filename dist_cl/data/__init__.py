@@ -1,0 +1,21 @@
+"""Data sets that yield (view_a, view_b, index) with a dense integer index; built from the config."""
+
+from dist_cl.config import Config
+from dist_cl.data.pairs import PairDataset
+
+
+def build_dataset(cfg: Config, split: str) -> PairDataset | None:
+    """The ``train`` or ``heldout`` split of the configured data; None where the data has no held-out split."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r} must be 'train' or 'heldout'")
+    d = cfg.data
+    if d.name == "digits":
+        from dist_cl.data.digits import DigitsPairs, digits_split
+
+        images, labels = digits_split(d.holdout_fraction, d.split_seed, split)
+        return DigitsPairs(images, labels, d.augment, seed=cfg.seed)
+    if d.name == "synthetic":
+        from dist_cl.data.synthetic import SyntheticPairs
+
+        return SyntheticPairs(d.num_samples, seed=cfg.seed) if split == "train" else None
+    raise ValueError(f"data.name={d.name!r} has no loader yet")

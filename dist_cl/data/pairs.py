@@ -1,0 +1,62 @@
+"""The contract every data set follows: sample i -> (view_a, view_b, i), reproducible from (seed, epoch, i).
+
+Augmentations draw from the global torch and python RNGs inside ``sample_rng``, seeded from the run
+seed, the epoch and the sample index alone. A sample's views are then the same on any rank, in any
+DataLoader worker and after any resume, which is what makes an interrupted run end bit-identical.
+"""
+
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@contextmanager
+def sample_rng(seed: int, epoch: int, index: int):
+    """Seed torch and python RNGs for one sample, restoring the caller's state afterwards."""
+    sample_seed = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+class PairDataset(Dataset):
+    """Map-style two-view data set. Subclasses give ``__len__``, ``load(i)``, ``augment(x)``, ``clean(x)``.
+
+    ``labels`` is an int array (or None); evaluation uses ``clean_item(i)`` (no augmentation).
+    """
+
+    labels: np.ndarray | None = None
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int):
+        raise NotImplementedError
+
+    def augment(self, sample) -> torch.Tensor:
+        raise NotImplementedError
+
+    def clean(self, sample) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        sample = self.load(index)
+        with sample_rng(self.seed, self.epoch, index):
+            view_a = self.augment(sample)
+            view_b = self.augment(sample)
+        return view_a, view_b, index
+
+    def clean_item(self, index: int) -> torch.Tensor:
+        return self.clean(self.load(index))

@@ -1,0 +1,26 @@
+"""The paper's synthetic setting: N positive pairs whose embeddings are free parameters of the model.
+
+A sample is just its index; the free-embedding model (dist_cl.models.FreeEmbeddings) looks it up.
+"""
+
+import torch
+
+from dist_cl.data.pairs import PairDataset
+
+
+class SyntheticPairs(PairDataset):
+    def __init__(self, num_samples: int, seed: int):
+        super().__init__(seed)
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def load(self, index: int) -> torch.Tensor:
+        return torch.tensor(index)
+
+    def augment(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample
+
+    def clean(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample

@@ -1,0 +1,79 @@
+"""Process group set-up from torchrun's environment, and the collectives the trainer needs.
+
+gloo on CPU, nccl on CUDA, chosen automatically. A plain ``python`` process gets a one-rank gloo group,
+so every code path runs the same collectives whatever the world size.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_gather_single_autograd
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Join (or create) the process group described by torchrun's environment variables.
+
+    After a torchrun restart the agent's store still holds the previous round's gloo addresses, and a
+    plain ``init_process_group`` reads them (``Gloo connectFullMesh failed`` or a hang). Namespacing
+    the group's keys by ``TORCHELASTIC_RESTART_COUNT`` makes every round start from a clean slate.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ and world_size > 1:
+        client = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"dist_cl/restart{restart}", client)
+    else:
+        store = dist.HashStore()
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+        device_id=device if backend == "nccl" else None,
+    )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's rows (summed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD).wait()
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally sized ``x`` from every rank along dim 0, without autograd."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)

@@ -1,0 +1,72 @@
+"""Contrastive losses over a global batch whose rows are spread across ranks.
+
+Embeddings are L2-normalised; a logit is s_ij = <u_i, v_j> / tau. Each rank holds its local rows and
+gathers every rank's rows with autograd, so the loss of a step is the loss of the whole global batch.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_cl.distributed import gather_with_grad
+
+
+def batch_infonce(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE L(S) of each batch in ``u, v`` of shape (..., B, d) -> (...).
+
+    L(S) = 1/B sum_i [-log softmax_j(s_ij)_i - log softmax_j(s_ji)_i] (the paper's loss; DESIGN.md 1).
+    """
+    s = u @ v.transpose(-1, -2) / tau
+    diag = s.diagonal(dim1=-2, dim2=-1)
+    return (s.logsumexp(-1) - diag + s.logsumexp(-2) - diag).mean(-1)
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric InfoNCE (CLIP-style: B-1 negatives per direction) over the gathered global batch.
+
+    Every rank computes its local rows against the global columns; the mean over ranks of the local
+    losses is the global L(S), and DDP's gradient averaging makes the step that of the global loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+        u_all, v_all = gather_with_grad(u), gather_with_grad(v)
+        labels = torch.arange(u.shape[0], device=u.device) + self.rank * u.shape[0]
+        loss_uv = F.cross_entropy(u @ v_all.T / tau, labels)
+        loss_vu = F.cross_entropy(v @ u_all.T / tau, labels)
+        return loss_uv + loss_vu
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR NT-Xent: each of the 2B views against the other 2B-1 (one positive, 2B-2 negatives).
+
+    Returned as the mean over anchors of both sides summed, so its scale matches ``InfoNCELoss``.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+        b = u.shape[0]
+        u_all, v_all = gather_with_grad(u), gather_with_grad(v)
+        n = u_all.shape[0]
+        keys = torch.cat([u_all, v_all])
+        local = torch.arange(b, device=u.device) + self.rank * b
+        logits = torch.cat([u, v]) @ keys.T / tau
+        self_mask = torch.cat([local, local + n])
+        logits[torch.arange(2 * b, device=u.device), self_mask] = float("-inf")
+        labels = torch.cat([local + n, local])
+        return 2 * F.cross_entropy(logits, labels)
+
+
+LOSSES = {"infonce": InfoNCELoss, "ntxent": NTXentLoss}
+
+
+def build_loss(name: str, rank: int, world_size: int) -> nn.Module:
+    return LOSSES[name](rank=rank, world_size=world_size)
