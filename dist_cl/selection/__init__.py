@@ -1,6 +1,8 @@
 """Batch selection strategies behind one function: plan = select_batches(name, u, v, batch_size, ...).
 
 A plan is an int64 array (n_batches, batch_size) of sample indices; row b is global batch b.
+Partitions (random, fixed, sc) use every index at most once; full, ncb and exact osgd are the paper's
+small-N strategies over the N-choose-B batch set. Register a new strategy with one STRATEGIES entry.
 """
 
 from dataclasses import dataclass
@@ -8,7 +10,11 @@ from typing import Callable
 
 import numpy as np
 
+from dist_cl.selection.enumerate import full_batch, ncb_batches, osgd
+from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.partitions import random_partition
+from dist_cl.selection.scoring import batch_losses, lift, plan_loss
+from dist_cl.selection.spectral import spectral_clustering
 
 
 @dataclass(frozen=True)
@@ -23,13 +29,13 @@ class Strategy:
 STRATEGIES = {
     "random": Strategy(random_partition, reads_embeddings=False),
     "fixed": Strategy(random_partition, reads_embeddings=False, per_epoch=False),
+    "full": Strategy(full_batch, reads_embeddings=False),
+    "ncb": Strategy(ncb_batches, reads_embeddings=False),
+    "osgd": Strategy(osgd, reads_embeddings=True),
+    "sc": Strategy(spectral_clustering, reads_embeddings=True),
 }
 
-
-class SelectionError(ValueError):
-    """Bad input to a selection strategy; the message names the problem and the fix."""
-
-
+__all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "plan_loss", "select_batches"]
 
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, **options) -> np.ndarray:
@@ -47,5 +53,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         raise SelectionError(f"batch_size={batch_size} is larger than the number of pairs N={n}")
     if STRATEGIES[name].reads_embeddings and not (np.isfinite(u).all() and np.isfinite(v).all()):
         raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
+    if not tau > 0:
+        raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
     plan = STRATEGIES[name].fn(u, v, batch_size, seed=seed, tau=tau, **options)
     return np.ascontiguousarray(plan, dtype=np.int64)

@@ -1,0 +1,31 @@
+"""How hard a plan's batches are: per-batch symmetric InfoNCE, plan loss and lift (DESIGN.md 4)."""
+
+import numpy as np
+import torch
+
+from dist_cl.losses import batch_infonce
+from dist_cl.selection.partitions import random_partition
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Gathered (rows, B, d) floats scored at once, so N-choose-B scoring stays within a few hundred MB."""
+
+
+def batch_losses(u, v, plan, tau: float) -> np.ndarray:
+    """L(S) of every row S of ``plan`` (n_batches, B), in float64 so ties and argmax match a reference."""
+    u = torch.as_tensor(np.asarray(u), dtype=torch.float64)
+    v = torch.as_tensor(np.asarray(v), dtype=torch.float64)
+    plan = torch.as_tensor(np.asarray(plan, dtype=np.int64))
+    rows = max(1, _CHUNK_ELEMENTS // (plan.shape[1] * u.shape[1]))
+    losses = [batch_infonce(u[chunk], v[chunk], tau) for chunk in plan.split(rows)]
+    return torch.cat(losses).numpy()
+
+
+def plan_loss(u, v, plan, tau: float) -> float:
+    """Mean L(S) over the plan's batches: the mini-batch loss the plan trains on."""
+    return float(batch_losses(u, v, plan, tau).mean())
+
+
+def lift(u, v, plan, tau: float, seed: int) -> float:
+    """plan_loss / plan_loss of a random partition with the same B on the same embeddings (>1: harder)."""
+    reference = random_partition(u, v, np.asarray(plan).shape[1], seed=seed)
+    return plan_loss(u, v, plan, tau) / plan_loss(u, v, reference, tau)
