@@ -1,0 +1,76 @@
+"""Embedding bank: the latest detached (u, v) of every sample by index, identical on all ranks after sync.
+
+Training steps write their local rows for free; ``sync`` all-gathers only the rows written since the last
+sync (each rank has written the same number: its slice of the same global batches), so one epoch costs
+one gather of N rows in total, not W copies of the whole bank.
+"""
+
+import torch
+import torch.distributed as dist
+
+from dist_cl.distributed import gather_rows
+
+
+class EmbeddingBank:
+    def __init__(self, num_samples: int, dim: int):
+        self.u = torch.zeros(num_samples, dim)
+        self.v = torch.zeros(num_samples, dim)
+        self.written_at = torch.full((num_samples,), -1, dtype=torch.int64)
+        """Global step of each row's last write; -1 where never written."""
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+
+    def update(self, indices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, step: int) -> None:
+        """Record this rank's rows; they reach the other ranks at the next ``sync``."""
+        self._pending.append((indices.detach().cpu(), u.detach().float().cpu(), v.detach().float().cpu(), step))
+
+    def _write(self, indices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: torch.Tensor) -> None:
+        # Rows are applied in step order, so the newest write wins whichever rank made it.
+        order = torch.argsort(steps, stable=True)
+        self.u[indices[order]] = u[order]
+        self.v[indices[order]] = v[order]
+        self.written_at[indices[order]] = steps[order]
+
+    def sync(self) -> None:
+        """Exchange pending rows so every rank holds the same bank. A collective: call on all ranks."""
+        dim = self.u.shape[1]
+        if self._pending:
+            idx = torch.cat([p[0] for p in self._pending])
+            u = torch.cat([p[1] for p in self._pending])
+            v = torch.cat([p[2] for p in self._pending])
+            steps = torch.cat([torch.full((len(p[0]),), p[3], dtype=torch.int64) for p in self._pending])
+        else:
+            idx, u, v, steps = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim), torch.zeros(0, dim),
+                                torch.zeros(0, dtype=torch.int64))
+        self._pending.clear()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            counts = gather_rows(torch.tensor([len(idx)]))
+            if (counts != counts[0]).any():
+                raise RuntimeError(f"ranks wrote unequal numbers of bank rows {counts.tolist()}; plans diverged")
+            packed = gather_rows(torch.cat([idx[:, None].double(), steps[:, None].double(), u.double(), v.double()], 1))
+            idx, steps = packed[:, 0].long(), packed[:, 1].long()
+            u, v = packed[:, 2 : 2 + dim].float(), packed[:, 2 + dim :].float()
+        self._write(idx, u, v, steps)
+
+    def missing(self) -> torch.Tensor:
+        """Indices never written (e.g. the remainder dropped from every batch so far)."""
+        return torch.nonzero(self.written_at < 0).flatten()
+
+    def fill(self, indices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, step: int) -> None:
+        """Write rows that every rank computed identically (a sharded refresh), without a sync."""
+        self._write(indices, u.float(), v.float(), torch.full((len(indices),), step, dtype=torch.int64))
+
+    def staleness(self, step: int) -> float:
+        """Mean age in optimizer steps of the rows written so far."""
+        written = self.written_at >= 0
+        return float((step - self.written_at[written]).double().mean()) if written.any() else 0.0
+
+    def state_dict(self) -> dict:
+        if self._pending:
+            raise RuntimeError("sync() the bank before saving it: rows of other ranks are still pending")
+        return {"u": self.u.clone(), "v": self.v.clone(), "written_at": self.written_at.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.u.copy_(state["u"])
+        self.v.copy_(state["v"])
+        self.written_at.copy_(state["written_at"])
+        self._pending.clear()

@@ -1,0 +1,92 @@
+"""Atomic checkpoints in <run>/checkpoints: write to a temporary file, fsync, rename, keep the newest k.
+
+Each checkpoint ``step-00000123.pt`` has a ``.sha256`` beside it and ``latest`` names the newest. Loading
+verifies the checksum and falls back to the previous checkpoint when the newest is truncated or corrupt.
+"""
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint; the message says which files were tried and why they failed."""
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write ``state`` atomically as step-<step>.pt, point ``latest`` at it, prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        path = self.directory / f"step-{step:08d}.pt"
+        _fsync_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+        _fsync_write(path, data)
+        _fsync_write(self.directory / "latest", path.name.encode())
+        _fsync_dir(self.directory)
+        for old in self.checkpoints()[: -self.keep]:
+            old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        return path
+
+    def resolve(self, which: str) -> list[Path]:
+        """Candidates for ``which`` ('latest' or a path), best first."""
+        if which != "latest":
+            path = Path(which)
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {which!r} does not exist; pass --resume latest or a file path")
+            return [path]
+        return list(reversed(self.checkpoints()))
+
+    def load(self, which: str = "latest") -> tuple[dict, Path, list[str]]:
+        """(state, path, problems): the newest checkpoint that verifies, and why newer ones were skipped."""
+        problems = []
+        for path in self.resolve(which):
+            data = path.read_bytes()
+            digest_file = path.with_name(path.name + ".sha256")
+            if digest_file.is_file() and digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
+                problems.append(f"{path.name}: checksum mismatch (truncated or corrupt)")
+                continue
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            except (RuntimeError, EOFError, OSError) as err:
+                problems.append(f"{path.name}: cannot be read ({err})")
+                continue
+            return state, path, problems
+        tried = "; ".join(problems) or f"no checkpoint in {self.directory}"
+        raise CheckpointError(f"no usable checkpoint: {tried}")

@@ -1,0 +1,56 @@
+"""Sharded forward passes: each rank embeds a share of the indices, and all ranks get every row in order.
+
+Exactly one row per requested index whatever the world size: the share of the last ranks is padded by
+repeating an index, and the padding is dropped after the gather.
+"""
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dist_cl.distributed import gather_rows
+
+
+class _CleanItems(Dataset):
+    def __init__(self, dataset, indices: np.ndarray, augmented: bool):
+        self.dataset = dataset
+        self.indices = indices
+        self.augmented = augmented
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        if self.augmented:
+            view_a, view_b, _ = self.dataset[index]
+            return view_a, view_b
+        x = self.dataset.clean_item(index)
+        return x, x
+
+
+@torch.no_grad()
+def embed_indices(
+    model, dataset, indices: np.ndarray, *, rank: int, world_size: int, device: torch.device,
+    batch_size: int = 256, augmented: bool = False, output: str = "projection", num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) rows for ``indices``, in that order, on every rank (CPU float32).
+
+    ``augmented`` embeds the two augmented views of each sample (the pair), else its clean input twice
+    (tower a for u, tower b for v). ``model`` must be unwrapped (no DDP) and is run in eval mode.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    n = len(indices)
+    per_rank = -(-n // world_size)
+    padded = np.concatenate([indices, np.repeat(indices[-1:], per_rank * world_size - n)])
+    mine = padded[rank * per_rank : (rank + 1) * per_rank]
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(_CleanItems(dataset, mine, augmented), batch_size=batch_size, num_workers=num_workers)
+    us, vs = [], []
+    for x_a, x_b in loader:
+        us.append(model.embed(x_a.to(device), side="a", output=output).float())
+        vs.append(model.embed(x_b.to(device), side="b", output=output).float())
+    model.train(was_training)
+    u, v = torch.cat(us), torch.cat(vs)
+    return gather_rows(u)[:n].cpu(), gather_rows(v)[:n].cpu()

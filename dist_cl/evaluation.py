@@ -1,0 +1,52 @@
+"""Evaluation metrics: positive-pair retrieval (the paper's metric), recall@k and kNN classification.
+
+The metrics are pure functions of embeddings; ``evaluate`` embeds the data sharded over ranks and
+applies them, so every rank returns the same numbers.
+"""
+
+import numpy as np
+import torch
+
+from dist_cl.embed import embed_indices
+
+EVAL_EPOCH = 2**31 - 1
+"""Augmentation epoch of the held-out pairs: the same views at every evaluation of every run."""
+
+
+def retrieval_recall(a: torch.Tensor, b: torch.Tensor, k: int = 1) -> float:
+    """Fraction of rows whose partner is among the top-k by inner product, mean of a->b and b->a."""
+    sim = a.double() @ b.double().T
+    target = torch.arange(len(a))[:, None]
+    k = min(k, len(a))
+    hit_ab = (sim.topk(k, dim=1).indices == target).any(1).double().mean()
+    hit_ba = (sim.T.topk(k, dim=1).indices == target).any(1).double().mean()
+    return float((hit_ab + hit_ba) / 2)
+
+
+def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, k: int) -> float:
+    """Cosine kNN: majority label of the k nearest training rows (ties to the nearest such label)."""
+    train_x = torch.nn.functional.normalize(train_x.double(), dim=1)
+    test_x = torch.nn.functional.normalize(test_x.double(), dim=1)
+    k = min(k, len(train_x))
+    nearest = (test_x @ train_x.T).topk(k, dim=1).indices.numpy()
+    votes = np.asarray(train_y)[nearest]
+    predictions = []
+    for row in votes:
+        counts = np.bincount(row)
+        winners = np.flatnonzero(counts == counts.max())
+        predictions.append(next(label for label in row if label in winners))
+    return float((np.asarray(predictions) == np.asarray(test_y)).mean())
+
+
+def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int) -> dict:
+    """Held-out retrieval top-1 / recall@5 on augmented pairs and, with labels, kNN top-1 on backbone features."""
+    heldout_set.set_epoch(EVAL_EPOCH)
+    idx = np.arange(len(heldout_set))
+    common = dict(rank=rank, world_size=world_size, device=device)
+    u, v = embed_indices(model, heldout_set, idx, augmented=True, **common)
+    metrics = {"retrieval_top1": retrieval_recall(u, v, 1), "retrieval_recall5": retrieval_recall(u, v, 5)}
+    if heldout_set.labels is not None and train_set.labels is not None:
+        train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", **common)
+        test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", **common)
+        metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
+    return metrics

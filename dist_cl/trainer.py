@@ -1,0 +1,379 @@
+"""The training loop: select a batch plan, train on it under DDP, log, evaluate, checkpoint, resume.
+
+It orchestrates; the method (losses, selection, metrics) lives in its own modules. Everything a step
+depends on is either in the checkpoint or derived from (seed, epoch, index), so a run killed at any
+step and resumed ends with the weights of a run that was never interrupted.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import dist_cl
+from dist_cl.bank import EmbeddingBank
+from dist_cl.checkpoint import Checkpointer, CheckpointError
+from dist_cl.config import Config, save_config
+from dist_cl.data import build_dataset
+from dist_cl.distributed import DistInfo
+from dist_cl.embed import embed_indices
+from dist_cl.evaluation import evaluate
+from dist_cl.losses import build_loss
+from dist_cl.models import build_model
+from dist_cl.sampler import BatchPlan, PlanSampler
+from dist_cl.selection import STRATEGIES, select_batches
+from dist_cl.selection.scoring import lift
+
+log = logging.getLogger("dist_cl")
+
+RESUMABLE_CHANGES = ("train.epochs", "eval.", "checkpoint.", "run.", "dist.", "data.num_workers")
+"""Config keys that may differ between a checkpoint and the run resuming it."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient; the message names the step and the batch."""
+
+
+class RankDivergenceError(RuntimeError):
+    """Ranks hold different plans or configs: continuing would silently train different things."""
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose change makes a checkpoint unusable, with both values."""
+    a, b = _flatten(saved), _flatten(current)
+    return [
+        f"{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.run_dir = cfg.run_dir
+        torch.manual_seed(cfg.seed)
+        self.train_set = build_dataset(cfg, "train")
+        self.heldout_set = build_dataset(cfg, "heldout")
+        n = len(self.train_set)
+        if cfg.train.global_batch_size > n:
+            raise ValueError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is larger than the {n} training samples; "
+                "lower it or use more data"
+            )
+        self.model = build_model(cfg, n).to(info.device)
+        self.ddp = DistributedDataParallel(
+            self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+        self.loss_fn = build_loss(cfg.loss.name, info.rank, info.world_size)
+        t = cfg.train
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+            **({"momentum": t.momentum} if t.optimizer in ("sgd", "lars") else {}),
+        )
+        self.steps_per_epoch = n // t.global_batch_size
+        total = t.epochs * self.steps_per_epoch
+        warmup = max(1, round(t.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, total)
+        )
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
+        if self.amp_dtype is not None and info.device.type != "cuda":
+            log.warning("train.amp=%s needs CUDA; training in float32 on %s", t.amp, info.device)
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+        self.bank = EmbeddingBank(n, cfg.model.embed_dim)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if info.is_main else None
+        self.epoch = 0
+        self.step = 0
+        self.skipped_steps = 0
+        self.sampler: PlanSampler | None = None
+        torch.manual_seed(derive_seed(cfg.seed, info.rank))
+        np.random.seed(derive_seed(cfg.seed, info.rank) % 2**32)
+        random.seed(derive_seed(cfg.seed, info.rank))
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "bank": self.bank.state_dict(),
+            "config": self.cfg.to_dict(),
+            "world_size": self.info.world_size,
+            "version": dist_cl.__version__,
+        }
+
+    def save_checkpoint(self) -> None:
+        """A collective: every rank syncs the bank and hands its RNG state to rank 0, which writes."""
+        self.bank.sync()
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.info.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.info.device)
+        rngs = [None] * self.info.world_size
+        dist.all_gather_object(rngs, rng)
+        if self.info.is_main:
+            state = self.state_dict()
+            state["rng"] = rngs
+            path = self.checkpointer.save(state, self.step)
+            log.info("saved checkpoint %s", path)
+        dist.barrier()
+
+    def resume(self, which: str) -> bool:
+        """Load ``which`` ('auto', 'latest' or a path); 'auto' resumes only where a checkpoint exists."""
+        if which == "auto":
+            if not self.checkpointer.checkpoints():
+                return False
+            which = "latest"
+        state, path, problems = self.checkpointer.load(which)
+        for problem in problems:
+            log.warning("skipped checkpoint %s", problem)
+        differences = config_differences(state["config"], self.cfg.to_dict())
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {path} was made with an incompatible config ({'; '.join(differences)}); "
+                "resume with the original config or start a new run.dir"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.bank.load_state_dict(state["bank"])
+        self.epoch, self.step, self.skipped_steps = state["epoch"], state["step"], state["skipped_steps"]
+        self.sampler = None
+        if state["sampler"] is not None:
+            plan = BatchPlan.from_state_dict(state["sampler"]["plan"])
+            self.sampler = PlanSampler(plan, self.info.rank, self.info.world_size, state["sampler"]["cursor"])
+        if state["world_size"] == self.info.world_size:
+            rng = state["rng"][self.info.rank]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and self.info.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.info.device)
+        else:
+            log.warning("resuming on %d ranks from %d: per-rank RNG streams restart (plans and bank are kept)",
+                        self.info.world_size, state["world_size"])
+        log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step)
+        return True
+
+    # ---------------------------------------------------------------- checks
+    def check_same_on_all_ranks(self, what: str, digest: str) -> None:
+        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+        lo, hi = value.clone(), value.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if lo.item() != hi.item():
+            raise RankDivergenceError(f"rank {self.info.rank}: the {what} differs between ranks")
+
+    # ---------------------------------------------------------------- selection
+    def make_plan(self, epoch: int) -> tuple[BatchPlan, dict]:
+        """The epoch's global batches, identical on every rank, and the figures that describe them."""
+        cfg = self.cfg
+        strategy = STRATEGIES[cfg.selection.strategy]
+        name = cfg.selection.strategy
+        if strategy.reads_embeddings and epoch < cfg.selection.warmup_epochs and cfg.selection.embeddings == "training":
+            name = "random"  # the bank is not filled yet
+        seed = derive_seed(cfg.seed, epoch) if strategy.per_epoch else cfg.seed
+        started = time.perf_counter()
+        figures = {}
+        if STRATEGIES[name].reads_embeddings:
+            self.refresh_bank(epoch)
+            u, v = self.bank.u.numpy(), self.bank.v.numpy()
+            tau = float(self.model.temperature())
+            batches = select_batches(name, u, v, cfg.train.global_batch_size, seed=seed, tau=tau,
+                                     **cfg.selection.options)
+            figures["selection/lift"] = lift(u, v, batches, tau=tau, seed=seed)
+            figures["selection/bank_staleness"] = self.bank.staleness(self.step)
+        else:
+            empty = np.zeros((len(self.train_set), 1), dtype=np.float32)
+            batches = select_batches(name, empty, empty, cfg.train.global_batch_size, seed=seed)
+        figures["selection/seconds"] = time.perf_counter() - started
+        plan = BatchPlan(batches, epoch, name)
+        self.check_same_on_all_ranks("batch plan", plan.digest())
+        return plan, figures
+
+    def refresh_bank(self, epoch: int) -> None:
+        """Make the bank complete: everything (refresh mode) or only rows never written (training mode)."""
+        self.bank.sync()
+        if self.cfg.selection.embeddings == "refresh":
+            indices = torch.arange(len(self.train_set))
+        else:
+            indices = self.bank.missing()
+        if len(indices) == 0:
+            return
+        self.train_set.set_epoch(epoch)
+        u, v = embed_indices(
+            self.model, self.train_set, indices.numpy(), rank=self.info.rank, world_size=self.info.world_size,
+            device=self.info.device, augmented=True, num_workers=self.cfg.data.num_workers,
+        )
+        self.bank.fill(indices, u, v, self.step)
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, view_a, view_b, index) -> float | None:
+        """One optimizer step on this rank's slice of the global batch; None if skipped."""
+        device = self.info.device
+        view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            u, v, tau = self.ddp(view_a, view_b)
+            loss = self.loss_fn(u.float(), v.float(), tau)
+        if not self.all_finite(loss.detach()):
+            return self.fault("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not torch.isfinite(grad_norm) and self.amp_dtype is not torch.float16:
+            return self.fault("gradient")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.bank.update(index, u, v, self.step)
+        return loss.item()
+
+    def all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.isfinite(value).all().to(torch.int32).reshape(1).cpu()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def fault(self, what: str) -> None:
+        batch = self.sampler.plan.batches[self.sampler.cursor]
+        shown = ", ".join(map(str, batch[:16])) + (", ..." if len(batch) > 16 else "")
+        message = (f"non-finite {what} at step {self.step} (epoch {self.epoch}, global batch {self.sampler.cursor}, "
+                   f"indices [{shown}])")
+        if self.cfg.train.nonfinite == "error":
+            raise NonFiniteError(message + "; lower train.lr, set train.grad_clip, or train.nonfinite=skip")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        log.warning("skipped: %s", message)
+        return None
+
+    def train_epoch(self, figures: dict) -> float:
+        cfg, info = self.cfg, self.info
+        self.train_set.set_epoch(self.epoch)
+        loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
+                            pin_memory=info.device.type == "cuda", persistent_workers=False)
+        self.ddp.train()
+        bar = tqdm(total=len(self.sampler.plan), initial=self.sampler.cursor, desc=f"epoch {self.epoch}",
+                   disable=not (info.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+        losses, started, data_time, tick = [], time.perf_counter(), 0.0, time.perf_counter()
+        for view_a, view_b, index in loader:
+            data_time += time.perf_counter() - tick
+            loss = self.train_step(view_a, view_b, index)
+            self.sampler.cursor += 1
+            self.step += 1
+            if loss is not None:
+                losses.append(loss)
+            elapsed = time.perf_counter() - started
+            samples_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed, 1e-9)
+            lr = self.scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", lr=f"{lr:.2e}",
+                            samples_s=f"{samples_per_s:.0f}")
+            bar.update()
+            if self.writer is not None and self.step % cfg.run.log_every_steps == 0:
+                self.writer.add_scalar("train/loss", losses[-1] if losses else float("nan"), self.step)
+                self.writer.add_scalar("train/lr", lr, self.step)
+                self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
+                self.writer.add_scalar("train/data_time_s", data_time, self.step)
+                self.writer.add_scalar("train/tau", float(self.model.temperature()), self.step)
+                self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+            tick = time.perf_counter()
+        bar.close()
+        epoch_seconds = time.perf_counter() - started
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        log.info(
+            "epoch %d step %d | data %.2fs total %.2fs | %.0f samples/s | lr %.3e | loss %.4f | selection %.2fs",
+            self.epoch, self.step, data_time, epoch_seconds,
+            len(losses) * cfg.train.global_batch_size / max(epoch_seconds, 1e-9),
+            self.scheduler.get_last_lr()[0], mean_loss, figures.get("selection/seconds", 0.0),
+        )
+        if "selection/seconds" in figures:
+            figures["selection/share"] = figures["selection/seconds"] / (figures["selection/seconds"] + epoch_seconds)
+        return mean_loss
+
+    def log_eval(self, loss: float | None, figures: dict) -> None:
+        metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
+                           world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k)
+        if self.writer is None:
+            return
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"eval/{key}", value, self.step)
+        record = {"epoch": self.epoch, "step": self.step, "loss": loss, **metrics, **figures}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("eval epoch %d step %d | %s", self.epoch, self.step,
+                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.info.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.check_same_on_all_ranks("config", hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest())
+        if self.step == 0 and self.heldout_set is not None and cfg.eval.every_epochs:
+            self.log_eval(None, {})
+        while self.epoch < cfg.train.epochs:
+            figures = {}
+            if self.sampler is None:
+                plan, figures = self.make_plan(self.epoch)
+                self.sampler = PlanSampler(plan, self.info.rank, self.info.world_size)
+            loss = self.train_epoch(figures)
+            if self.writer is not None:
+                for key, value in figures.items():
+                    self.writer.add_scalar(key, value, self.step)
+            self.epoch += 1
+            self.sampler = None
+            last = self.epoch == cfg.train.epochs
+            if self.heldout_set is not None and cfg.eval.every_epochs and (
+                self.epoch % cfg.eval.every_epochs == 0 or last
+            ):
+                self.log_eval(loss, figures)
+            self.save_checkpoint()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
