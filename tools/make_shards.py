@@ -1,0 +1,240 @@
+"""Write indexed webdataset shards (tar + wids shardindex.json) from digits, an image folder or an .npz.
+
+    python tools/make_shards.py --source digits --split train --out data/digits/train --samples-per-shard 256
+    python tools/make_shards.py --source folder --input imagenet/train --out data/in1k/train
+    python tools/make_shards.py --source npz --input cifar_train.npz --out data/cifar/train
+
+Sample i goes to shard i // samples-per-shard under key %09d with members .png/.jpg (image), .cls (label,
+where known) and .idx (i). Resumable: each shard is written to a temporary name and renamed when complete,
+so a rerun with the same arguments keeps finished shards and writes the rest. A finished output (it has
+shardindex.json) or one begun with other arguments is only replaced with --force.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_cl.data.shards import IMAGE_EXTENSIONS, INDEX_KIND, INDEX_NAME, sample_key, shard_name  # noqa: E402
+
+PARAMS_NAME = "make_shards.json"
+
+
+class ShardWriteError(RuntimeError):
+    """The output directory or the source cannot be used as asked; the message says how to proceed."""
+
+
+@dataclass
+class Source:
+    """Random access to the samples being sharded: index -> (image bytes, extension, label or None)."""
+
+    num_samples: int
+    mode: str
+    classes: list[str] | None
+    read: Callable[[int], tuple[bytes, str, int | None]]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def array_source(images: np.ndarray, labels: np.ndarray | None, classes: list[str] | None) -> Source:
+    """uint8 images (n, h, w) or (n, h, w, 1|3), stored losslessly as PNG."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ShardWriteError(
+            f"images must be uint8 of shape (n, h, w) or (n, h, w, 1|3); got {images.dtype} {images.shape}"
+        )
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    if labels is not None and len(labels) != len(images):
+        raise ShardWriteError(f"{len(labels)} labels for {len(images)} images; they must match one to one")
+
+    def read(i: int):
+        return png_bytes(images[i]), "png", None if labels is None else int(labels[i])
+
+    return Source(len(images), "L" if images.ndim == 3 else "RGB", classes, read)
+
+
+def digits_source(split: str, holdout_fraction: float, split_seed: int) -> Source:
+    """The train or held-out split of dist_cl's digits, pixels 0..16 scaled to 0..255."""
+    from dist_cl.data.digits import digits_split
+
+    images, labels = digits_split(holdout_fraction, split_seed, split)
+    pixels = np.rint(images[:, 0] * 255).astype(np.uint8)
+    return array_source(pixels, labels, [str(d) for d in range(10)])
+
+
+def npz_source(path: Path) -> Source:
+    if not path.is_file():
+        raise ShardWriteError(f"--input {path} does not exist; pass an .npz with 'images' (and optional 'labels')")
+    with np.load(path) as data:
+        if "images" not in data:
+            raise ShardWriteError(f"{path} has no 'images' array (it has {', '.join(data.files)})")
+        labels = data["labels"].astype(np.int64) if "labels" in data else None
+        return array_source(data["images"], labels, None)
+
+
+def folder_source(root: Path, mode: str) -> Source:
+    """One sub-folder per class (sorted names give label ids); image files are copied byte for byte."""
+    if not root.is_dir():
+        raise ShardWriteError(f"--input {root} is not a directory of class sub-folders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise ShardWriteError(f"--input {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
+
+    def read(i: int):
+        path, label = files[i]
+        return path.read_bytes(), path.suffix.lower().lstrip("."), label
+
+    return Source(len(files), mode, classes, read)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, source: Source, indices: range, progress: tqdm) -> None:
+    """Write to ``<name>.tmp`` and rename, so a shard under its final name is always complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in indices:
+            data, ext, label = source.read(i)
+            key = sample_key(i)
+            _add(tar, f"{key}.{ext}", data)
+            if label is not None:
+                _add(tar, f"{key}.cls", str(label).encode())
+            _add(tar, f"{key}.idx", str(i).encode())
+            progress.update(1)
+    os.replace(tmp, path)
+
+
+def describe_shard(path: Path) -> dict:
+    """The shard's wids index entry, read back from the file (so kept shards are described the same way)."""
+    labels, nsamples = [], 0
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith(".idx"):
+                nsamples += 1
+            elif member.name.endswith(".cls"):
+                labels.append(int(tar.extractfile(member).read()))
+    entry = {
+        "url": path.name,
+        "nsamples": nsamples,
+        "filesize": path.stat().st_size,
+        "md5sum": hashlib.md5(path.read_bytes()).hexdigest(),
+    }
+    if labels:
+        entry["labels"] = labels
+    return entry
+
+
+def prepare_output(out: Path, params: dict, force: bool) -> None:
+    """Create ``out``, or resume into it, or clear it with --force; refuse anything else."""
+    params_path = out / PARAMS_NAME
+    if out.exists() and not out.is_dir():
+        raise ShardWriteError(f"--out {out} is a file; choose a directory")
+    if force and out.is_dir():
+        for path in out.iterdir():
+            if path.name in (INDEX_NAME, PARAMS_NAME) or path.name.startswith("shard-"):
+                path.unlink()
+    elif (out / INDEX_NAME).exists():
+        raise ShardWriteError(f"{out} already holds a finished shard set ({INDEX_NAME}); pass --force to overwrite it")
+    elif params_path.exists():
+        previous = json.loads(params_path.read_text())
+        if previous != params:
+            raise ShardWriteError(
+                f"{out} holds an unfinished run with other arguments ({previous}); rerun with those to resume, "
+                "or pass --force to start over"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise ShardWriteError(f"{out} is not empty and was not written by make_shards; choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    params_path.write_text(json.dumps(params, indent=2))
+
+
+def make_shards(source: Source, out: Path, samples_per_shard: int, params: dict, force: bool = False) -> dict:
+    """Write (or finish writing) the shards and the index; returns the index."""
+    prepare_output(out, params, force)
+    num_shards = -(-source.num_samples // samples_per_shard)
+    shards = [out / shard_name(k) for k in range(num_shards)]
+    done = sum(
+        min(samples_per_shard, source.num_samples - k * samples_per_shard) for k, p in enumerate(shards) if p.exists()
+    )
+    with tqdm(total=source.num_samples, initial=done, unit="img", desc=f"shards -> {out}") as progress:
+        for k, path in enumerate(shards):
+            if not path.exists():
+                start = k * samples_per_shard
+                write_shard(path, source, range(start, min(start + samples_per_shard, source.num_samples)), progress)
+    index = {
+        "__kind__": INDEX_KIND,
+        "wids_version": 1,
+        "name": out.name,
+        "shardlist": [describe_shard(path) for path in shards],
+        "dist_cl": {"mode": source.mode, "classes": source.classes, "made_by": params},
+    }
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, out / INDEX_NAME)
+    return index
+
+
+def build_source(args: argparse.Namespace) -> Source:
+    if args.source == "digits":
+        return digits_source(args.split, args.holdout_fraction, args.split_seed)
+    if args.input is None:
+        raise ShardWriteError(f"--source {args.source} needs --input")
+    if args.source == "npz":
+        return npz_source(Path(args.input))
+    return folder_source(Path(args.input), args.mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["digits", "folder", "npz"], default="digits")
+    parser.add_argument("--input", help="folder: directory of class sub-folders; npz: file with images[, labels]")
+    parser.add_argument("--out", required=True, help="output directory for shard-*.tar and shardindex.json")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--split", choices=["train", "heldout"], default="train", help="digits: which split")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2, help="digits: as data.holdout_fraction")
+    parser.add_argument("--split-seed", type=int, default=0, help="digits: as data.split_seed")
+    parser.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="folder: image mode samples are read in")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    args = parser.parse_args(argv)
+    if args.samples_per_shard <= 0:
+        parser.error(f"--samples-per-shard={args.samples_per_shard} must be positive")
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
+    try:
+        index = make_shards(build_source(args), Path(args.out), args.samples_per_shard, params, args.force)
+    except ShardWriteError as exc:
+        print(f"make_shards: error: {exc}", file=sys.stderr)
+        return 2
+    total = sum(shard["nsamples"] for shard in index["shardlist"])
+    print(f"{total} samples in {len(index['shardlist'])} shards -> {Path(args.out) / INDEX_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
