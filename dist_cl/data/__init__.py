@@ -18,4 +18,9 @@ def build_dataset(cfg: Config, split: str) -> PairDataset | None:
         from dist_cl.data.synthetic import SyntheticPairs
 
         return SyntheticPairs(d.num_samples, seed=cfg.seed) if split == "train" else None
+    if d.name == "shards":
+        from dist_cl.data.shards import ShardPairs, split_dir
+
+        directory = split_dir(d.path, split)
+        return ShardPairs(directory, d.augment, d.image_size, seed=cfg.seed) if directory else None
     raise ValueError(f"data.name={d.name!r} has no loader yet")
