@@ -46,12 +46,11 @@ def _squared_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 def kmeans(x: np.ndarray, n_clusters: int, rng: np.random.Generator, n_init: int = 10,
            max_iter: int = 300) -> np.ndarray:
-    """Centres (n_clusters, dim) of the best of n_init k-means++ / Lloyd runs, all runs vectorised.
+    """Centres (n_clusters, dim) of the best of n_init Lloyd runs from D^2 (k-means++) seeding, vectorised.
 
     The official code calls sklearn KMeans(n_clusters) (n_init=10 in its sklearn); this is the same
     algorithm without sklearn's per-call overhead, which dominated the synthetic runs.
     """
-    runs = np.arange(n_init)
     centres = np.empty((n_init, n_clusters, x.shape[1]))
     centres[:, 0] = x[rng.integers(len(x), size=n_init)]
     nearest = ((x[None] - centres[:, :1]) ** 2).sum(-1)
@@ -60,15 +59,17 @@ def kmeans(x: np.ndarray, n_clusters: int, rng: np.random.Generator, n_init: int
         pick = (weights.cumsum(1) < rng.random((n_init, 1))).sum(1).clip(max=len(x) - 1)
         centres[:, c] = x[pick]
         nearest = np.minimum(nearest, ((x[None] - centres[:, c, None]) ** 2).sum(-1))
+    labels = None
     for _ in range(max_iter):
-        onehot = np.eye(n_clusters)[_squared_distances(x, centres).argmin(-1)]
-        counts = onehot.sum(1)[..., None]
-        updated = np.where(counts > 0, (onehot.transpose(0, 2, 1) @ x) / np.maximum(counts, 1), centres)
-        if np.allclose(updated, centres, rtol=0, atol=1e-12):
+        new_labels = _squared_distances(x, centres).argmin(-1)
+        if labels is not None and (new_labels == labels).all():
             break
-        centres = updated
+        labels = new_labels
+        onehot = np.eye(n_clusters)[labels]
+        counts = onehot.sum(1)[..., None]
+        centres = np.where(counts > 0, (onehot.transpose(0, 2, 1) @ x) / np.maximum(counts, 1), centres)
     inertia = _squared_distances(x, centres).min(-1).sum(-1)
-    return centres[runs[inertia.argmin()]]
+    return centres[inertia.argmin()]
 
 
 def balanced_clusters(x: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
