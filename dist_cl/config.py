@@ -73,6 +73,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet10t"
     """timm model name (created with pretrained=False), or 'free' for the synthetic free-embedding model."""
+    backbone_kwargs: dict = field(default_factory=dict)
+    """Extra arguments for timm.create_model (e.g. channels, img_size, patch_size)."""
     in_chans: int = 1
     """Input channels of the backbone."""
     embed_dim: int = 64
@@ -168,6 +170,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+FREE_FORM = ("options", "backbone_kwargs")
+"""dict-valued fields whose keys belong to another library: merged one level deep, never checked key by key."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints are accepted as floats)."""
     origin = typing.get_origin(tp)
@@ -243,7 +249,7 @@ def parse_overrides(args: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in FREE_FORM:
             out[key] = _merge(out[key], value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}

@@ -38,9 +38,11 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
 
 
 class Tower(nn.Module):
-    def __init__(self, backbone: str, in_chans: int, hidden_dim: int, embed_dim: int):
+    def __init__(self, backbone: str, backbone_kwargs: dict, in_chans: int, hidden_dim: int, embed_dim: int):
         super().__init__()
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans)
+        self.backbone = timm.create_model(
+            backbone, pretrained=False, num_classes=0, in_chans=in_chans, **backbone_kwargs
+        )
         self.head = projection_head(self.backbone.num_features, hidden_dim, embed_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +55,9 @@ class ContrastiveModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         m = cfg.model
-        self.tower_a = Tower(m.backbone, m.in_chans, m.proj_hidden_dim, m.embed_dim)
-        self.tower_b = Tower(m.backbone, m.in_chans, m.proj_hidden_dim, m.embed_dim) if m.two_towers else self.tower_a
+        args = (m.backbone, m.backbone_kwargs, m.in_chans, m.proj_hidden_dim, m.embed_dim)
+        self.tower_a = Tower(*args)
+        self.tower_b = Tower(*args) if m.two_towers else self.tower_a
         self.temperature = Temperature(cfg.loss.tau, cfg.loss.learnable_tau)
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):

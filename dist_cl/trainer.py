@@ -26,7 +26,7 @@ from tqdm import tqdm
 import dist_cl
 from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import Checkpointer, CheckpointError
-from dist_cl.config import Config, save_config
+from dist_cl.config import FREE_FORM, Config, save_config
 from dist_cl.data import build_dataset
 from dist_cl.distributed import DistInfo
 from dist_cl.embed import embed_indices
@@ -66,7 +66,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key != "options":
+        if isinstance(value, dict) and key not in FREE_FORM:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

@@ -1,0 +1,27 @@
+"""Shared test helpers: launching real torchrun jobs on the CPU (gloo)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))  # torchrun worker scripts double as importable helpers
+
+
+def torchrun(script_args: list[str], nproc: int = 2, extra: list[str] | None = None, timeout: float = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc_per_node=nproc`` with the given script and arguments."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *(extra or []), *script_args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [str(ROOT / "launch" / "train.py"), f"run.dir={run_dir}", *overrides]

@@ -1,0 +1,57 @@
+import pytest
+
+from dist_cl.config import ConfigError, load_config, parse_overrides, validate
+
+
+def test_defaults_load_and_dotted_overrides_apply():
+    cfg = load_config(None, ["train.lr=0.5", "selection.strategy=fixed", "model.backbone_kwargs={channels: [8, 8, 8, 8]}"])
+    assert cfg.train.lr == 0.5 and cfg.selection.strategy == "fixed"
+    assert cfg.model.backbone_kwargs == {"channels": [8, 8, 8, 8]}
+    assert str(cfg.run_dir) == "runs/digits"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 1\nrun:\n  name: x\n")
+    cfg = load_config(path, ["train.epochs=9"])
+    assert cfg.train.epochs == 9 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert str(cfg.run_dir) == "runs/x"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.global_bach_size=32"], "unknown config key 'train.global_bach_size'; did you mean train.global_batch_size?"),
+        (["trian.lr=1"], "unknown config key 'trian'; did you mean train?"),
+        (["train.epochs=ten"], "train.epochs='ten' is a str; expected int"),
+        (["train.epochs=1.5"], "train.epochs=1.5 is a float; expected int"),
+        (["train.amp=fp8"], "train.amp='fp8' is not one of 'none', 'bf16', 'fp16'"),
+        (["train.lr=0"], "train.lr=0.0 must be positive"),
+        (["train.global_batch_size=1"], "train.global_batch_size=1 must be at least 2"),
+        (["selection.strategy=best"], "selection.strategy='best' is unknown; choose one of"),
+        (["data.name=shards"], "data.name=shards needs data.path=<shard directory>"),
+        (["data.name=shards", "data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),
+        (["model.backbone=free"], "the 'free' embedding model goes with data.name=synthetic"),
+        (["train"], "override 'train' must look like section.key=value"),
+        (["train=3"], "train must be a mapping of TrainConfig fields"),
+    ],
+)
+def test_bad_config_names_the_field_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_batch_not_divisible_by_world_size():
+    cfg = load_config(None, ["train.global_batch_size=30"])
+    with pytest.raises(ConfigError, match="train.global_batch_size=30 is not divisible by world_size=4; use a multiple of 4"):
+        validate(cfg, world_size=4)
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_overrides(["a.b=[1, 2]", "a.c=true", "d=x"]) == {"a": {"b": [1, 2], "c": True}, "d": "x"}

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, torchrun
+from ddp_loss_grads import make_problem
+from dist_cl.losses import InfoNCELoss, NTXentLoss, batch_infonce
+
+
+def reference_infonce(u: np.ndarray, v: np.ndarray, tau: float) -> float:
+    """The paper's symmetric InfoNCE, written out term by term in float64."""
+    s = u @ v.T / tau
+    n = len(u)
+    total = 0.0
+    for i in range(n):
+        total -= np.log(np.exp(s[i, i]) / np.exp(s[i]).sum())
+        total -= np.log(np.exp(s[i, i]) / np.exp(s[:, i]).sum())
+    return total / n
+
+
+def reference_ntxent(u: np.ndarray, v: np.ndarray, tau: float) -> float:
+    z = np.concatenate([u, v])
+    n = len(u)
+    s = z @ z.T / tau
+    total = 0.0
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != i]
+        total -= np.log(np.exp(s[i, partner]) / np.exp(s[i, others]).sum())
+    return 2 * total / (2 * n)
+
+
+def unit_rows(shape, seed):
+    x = np.random.default_rng(seed).normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_batch_infonce_matches_float64_reference_for_every_batch():
+    u, v = unit_rows((3, 6, 4), 0), unit_rows((3, 6, 4), 1)
+    got = batch_infonce(torch.from_numpy(u), torch.from_numpy(v), 0.2).numpy()
+    want = [reference_infonce(u[b], v[b], 0.2) for b in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss_cls,reference", [(InfoNCELoss, reference_infonce), (NTXentLoss, reference_ntxent)])
+def test_single_process_loss_matches_float64_reference(loss_cls, reference):
+    u, v = unit_rows((10, 5), 2), unit_rows((10, 5), 3)
+    got = loss_cls()(torch.from_numpy(u), torch.from_numpy(v), 0.3).item()
+    assert got == pytest.approx(reference(u, v, 0.3), rel=1e-12)
+
+
+def test_infonce_module_equals_batch_infonce_on_one_batch():
+    u, v = torch.from_numpy(unit_rows((7, 3), 4)), torch.from_numpy(unit_rows((7, 3), 5))
+    assert InfoNCELoss()(u, v, 0.1).item() == pytest.approx(batch_infonce(u, v, 0.1).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_name,loss_cls", [("infonce", InfoNCELoss), ("ntxent", NTXentLoss)])
+def test_gathered_loss_gradients_match_single_process(tmp_path, loss_name, loss_cls):
+    out = tmp_path / "grads.pt"
+    torchrun([str(ROOT / "tests" / "scripts" / "ddp_loss_grads.py"), loss_name, str(out)])
+    distributed = torch.load(out)
+    x_a, x_b, model = make_problem()
+    loss = loss_cls()(F.normalize(model(x_a), dim=-1), F.normalize(model(x_b), dim=-1), 0.5)
+    loss.backward()
+    assert distributed["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(distributed["weight"], model.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(distributed["bias"], model.bias.grad, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,84 @@
+"""End-to-end runs of launch/train.py under real torchrun (2 processes, gloo) on the digits default."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, torchrun, train_cmd
+
+FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
+
+
+def final_model(run_dir):
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    return torch.load(run_dir / "checkpoints" / latest, weights_only=False)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["bank"]["u"], b["bank"]["u"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    torchrun(train_cmd(run_dir, *FAST))
+    return run_dir
+
+
+def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
+    torchrun(train_cmd(tmp_path, "train.epochs=1", "eval.every_epochs=1"))
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000022.pt"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 22]
+    assert {"retrieval_top1", "knn_top1", "loss", "epoch"} <= records[1].keys()
+    assert 0.0 <= records[1]["retrieval_top1"] <= 1.0
+    assert "global_batch_size: 64" in (tmp_path / "config.yaml").read_text()
+
+
+def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_run, tmp_path):
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    for path in (tmp_path / "checkpoints").glob("step-*"):
+        if int(path.name[5:13]) > 15:
+            path.unlink()
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000015.pt")
+    proc = torchrun(train_cmd(tmp_path, *FAST, "--resume", "latest"))
+    assert "at epoch 0 step 15" in proc.stderr
+    assert_same_weights(final_model(tmp_path), final_model(reference_run))
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           *train_cmd(tmp_path, *FAST)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trigger = tmp_path / "checkpoints" / "step-00000010.pt"
+    deadline = time.time() + 120
+    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert trigger.exists(), "the run never reached its step-10 checkpoint"
+    workers = _children(agent.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    output, _ = agent.communicate(timeout=240)
+    assert agent.returncode == 0, output[-5000:]
+    assert "resumed from" in output
+    resumed = [line for line in output.splitlines() if "resumed from" in line][0]
+    assert " epoch 0 " in resumed or " epoch 1 " in resumed
+    assert_same_weights(final_model(tmp_path), final_model(reference_run))
