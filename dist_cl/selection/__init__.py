@@ -13,6 +13,7 @@ import numpy as np
 from dist_cl.selection.enumerate import full_batch, ncb_batches, osgd
 from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.partitions import random_partition
+from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
 from dist_cl.selection.spectral import spectral_clustering
 
@@ -33,6 +34,7 @@ STRATEGIES = {
     "ncb": Strategy(ncb_batches, reads_embeddings=False),
     "osgd": Strategy(osgd, reads_embeddings=True),
     "sc": Strategy(spectral_clustering, reads_embeddings=True),
+    "sc_global": Strategy(sc_global_partition, reads_embeddings=True),
 }
 
 __all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "plan_loss", "select_batches"]

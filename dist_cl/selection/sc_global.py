@@ -1,0 +1,112 @@
+"""SC-global: one loss-aware partition of the whole dataset into hard batches (DESIGN.md 1, "What dist_cl adds").
+
+Coarse to fine, because the textbook global pipeline does not scale (docs/BENCHMARKS.md): approximate kNN
+over 1M samples costs minutes at poor recall, and one global eigsh costs minutes more.
+
+1. Cells. FAISS spherical k-means of the pair locations x_i = u_i + v_i into cells of ~``cell_size``
+   samples. A pair's hard negatives (large s_ij or s_ji) lie near it, so they share its cell.
+2. Batches. In each cell: exact cross kNN (one dense block), the sparse loss affinity of the paper on
+   those candidate edges, and recursive spectral bisection into exactly balanced groups of B.
+3. Fragments. The < B samples a cell leaves over are pooled and go through 1-2 again, until the pool
+   fits one cell. The pool shrinks by ~B / (2 cell_size) per round, so a round or two suffices.
+"""
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+
+from dist_cl.selection.balanced import balanced_spectral_partition
+from dist_cl.selection.knn import cross_knn
+
+
+def loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
+                  tau: float) -> sp.csr_matrix:
+    """Sparse symmetric W: W_ij = w_ij + w_ji on the candidate edges (rows, cols), i != j; 0 elsewhere.
+
+    w_ij = log(1 + (B-1) e^{s_ij - s_ii}) + log(1 + (B-1) e^{s_ji - s_ii}), s_ij = <u_i, v_j> / tau: the
+    paper's pairwise approximation of the batch loss (then W <- W + W^T). Each unordered candidate pair
+    counts once however many kNN lists name it.
+    """
+    n = len(u)
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
+    off_diagonal = lo != hi
+    pair = np.unique(lo[off_diagonal] * n + hi[off_diagonal])
+    i, j = pair // n, pair % n
+    u64, v64 = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    s_ii = np.einsum("nd,nd->n", u64, v64) / tau
+    s_ij = np.einsum("ed,ed->e", u64[i], v64[j]) / tau
+    s_ji = np.einsum("ed,ed->e", u64[j], v64[i]) / tau
+    log_negatives = np.log(batch_size - 1) if batch_size > 1 else -np.inf
+
+    def term(margin):
+        return np.logaddexp(0.0, log_negatives + margin)  # log(1 + (B-1) e^margin), overflow-safe
+
+    w = term(s_ij - s_ii[i]) + term(s_ji - s_ii[i]) + term(s_ji - s_ii[j]) + term(s_ij - s_ii[j])
+    return sp.csr_matrix((np.concatenate([w, w]), (np.concatenate([i, j]), np.concatenate([j, i]))), shape=(n, n))
+
+
+def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int) -> sp.csr_matrix:
+    """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's."""
+    u_to_v, v_to_u = cross_knn(u, v, knn)
+    rows = np.repeat(np.arange(len(u)), u_to_v.shape[1])
+    return loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
+                         batch_size, tau)
+
+
+def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int) -> list[np.ndarray]:
+    """Row indices of ``x`` grouped by spherical k-means into cells of about ``cell_size`` rows; a cell
+    over twice that is clustered again, so the dense kNN block of every cell stays small."""
+    x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
+    n_centroids = max(2, round(len(x) / cell_size))
+    kmeans = faiss.Kmeans(x.shape[1], n_centroids, niter=20, seed=seed, spherical=True)
+    kmeans.train(x)
+    labels = kmeans.index.search(x, 1)[1].ravel()
+    order = np.argsort(labels, kind="stable")
+    sizes = np.bincount(labels, minlength=n_centroids)
+    if sizes.max() == len(x):  # k-means found one cluster (duplicated rows): cut them evenly instead
+        return np.array_split(np.arange(len(x)), n_centroids)
+    cells = []
+    for cell in np.split(order, np.cumsum(sizes)[:-1]):
+        if len(cell) > 2 * cell_size:
+            cells.extend(cell[sub] for sub in kmeans_cells(x[cell], cell_size, seed=seed))
+        elif len(cell):
+            cells.append(cell)
+    return cells
+
+
+def partition_cell(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int, *,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hard batches (n // B, B) of one cell and its n % B rows left over, by spectral bisection of
+    the kNN loss graph."""
+    if len(u) < batch_size:
+        return np.empty((0, batch_size), dtype=np.int64), np.arange(len(u))
+    return balanced_spectral_partition(knn_loss_graph(u, v, batch_size, tau, knn), batch_size, seed=seed)
+
+
+def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, knn: int = 16,
+                        cell_size: int = 4096) -> np.ndarray:
+    """Partition into N // B hard batches over the whole dataset; the N % B dropped are chosen by ``seed``.
+
+    ``knn``: candidate negatives per sample and direction. ``cell_size``: samples per k-means cell (at
+    least 4 B); N up to it is one cell, an exact global spectral partition. Each k-means cell gives its
+    full batches; the < B rows it leaves over (a coherent fragment, e.g. the part of a cluster that did
+    not fill a batch) are pooled and clustered again, so fragments join their nearest fragments.
+    """
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    n = len(u)
+    rng = np.random.default_rng(seed)
+    pool = np.sort(rng.permutation(n)[: n - n % batch_size])
+    cell_size = max(cell_size, 4 * batch_size)
+    batches = []
+    while len(pool) > cell_size:
+        leftovers = []
+        for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed):
+            groups, leftover = partition_cell(u[pool[cell]], v[pool[cell]], batch_size, tau, knn, seed=seed)
+            batches.append(pool[cell][groups])
+            leftovers.append(pool[cell][leftover])
+        pool = np.concatenate(leftovers)
+    groups, _ = partition_cell(u[pool], v[pool], batch_size, tau, knn, seed=seed)
+    batches.append(pool[groups])
+    return np.concatenate(batches)
