@@ -1,0 +1,84 @@
+"""Samples/s of ShardPairs through a DataLoader: plan order (random indices) against sequential order.
+
+    python tools/bench_loader.py --path data/digits/train --workers 0 2 --repeats 5
+
+Each (order, workers) pair gets one loader with persistent workers and an untimed warm-up pass (opens
+the shards, fills the page cache), then --repeats timed passes over --max-samples indices, alternating
+the orders pass by pass; the table shows the median. On a shared machine the CPU rate (samples per
+CPU second, 0 workers only) is the steadier measure of what an order costs. A plan batch is B random indices, as a BatchPlan
+hands them out.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_cl.config import AugmentConfig  # noqa: E402
+from dist_cl.data.shards import ShardPairs  # noqa: E402
+
+
+def batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def samples_per_second(loader: DataLoader, num_samples: int) -> tuple[float, float]:
+    """Per wall second, and per CPU second of this process (the work itself when there are no workers)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in loader:
+        pass
+    return num_samples / (time.perf_counter() - wall), num_samples / (time.process_time() - cpu)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--path", required=True, help="shard directory (holding shardindex.json)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to try")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--max-samples", type=int, default=4096, help="samples per timed pass (0: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--open-shards", type=int, default=128, help="shards kept open per process")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    ds = ShardPairs(args.path, AugmentConfig(), args.image_size, seed=args.seed, open_shards=args.open_shards)
+    n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
+    orders = {
+        "sequential": np.arange(n),
+        "plan": np.random.default_rng(args.seed).permutation(len(ds))[:n],
+    }
+    print(f"{args.path}: {len(ds)} samples in {len(ds.shards)} shards, {n} per pass, batch {args.batch_size}, "
+          f"image {args.image_size}, {args.repeats} timed passes")
+    print(f"{'workers':>7}  {'order':<10}  {'median/s':>9}  {'min/s':>8}  {'max/s':>8}  {'cpu/s':>8}  plan/seq")
+    for workers in args.workers:
+        loaders = {
+            name: DataLoader(ds, batch_sampler=batches(order, args.batch_size), num_workers=workers,
+                             persistent_workers=workers > 0)
+            for name, order in orders.items()
+        }
+        runs = {name: [] for name in loaders}
+        for name, loader in loaders.items():
+            samples_per_second(loader, n)
+        # Alternate the orders so that load from other processes hits both alike.
+        for _ in range(args.repeats):
+            for name, loader in loaders.items():
+                runs[name].append(samples_per_second(loader, n))
+        medians = {name: statistics.median(w for w, _ in r) for name, r in runs.items()}
+        for name, r in runs.items():
+            wall = [w for w, _ in r]
+            cpu = f"{statistics.median(c for _, c in r):.0f}" if workers == 0 else "-"
+            ratio = f"{medians['plan'] / medians['sequential']:.2f}" if name == "plan" else ""
+            print(f"{workers:>7}  {name:<10}  {medians[name]:>9.0f}  {min(wall):>8.0f}  {max(wall):>8.0f}  "
+                  f"{cpu:>8}  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
