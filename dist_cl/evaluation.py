@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from dist_cl.embed import embed_indices
+from dist_cl.losses import batch_infonce
 
 EVAL_EPOCH = 2**31 - 1
 """Augmentation epoch of the held-out pairs: the same views at every evaluation of every run."""
@@ -38,14 +39,21 @@ def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, t
     return float((np.asarray(predictions) == np.asarray(test_y)).mean())
 
 
-def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int) -> dict:
-    """Held-out retrieval top-1 / recall@5 on augmented pairs and, with labels, kNN top-1 on backbone features."""
+def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float) -> dict:
+    """On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
+    retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone features.
+    """
+    heldout_set = heldout_set if heldout_set is not None else train_set
     heldout_set.set_epoch(EVAL_EPOCH)
     idx = np.arange(len(heldout_set))
     common = dict(rank=rank, world_size=world_size, device=device)
     u, v = embed_indices(model, heldout_set, idx, augmented=True, **common)
-    metrics = {"retrieval_top1": retrieval_recall(u, v, 1), "retrieval_recall5": retrieval_recall(u, v, 5)}
-    if heldout_set.labels is not None and train_set.labels is not None:
+    metrics = {
+        "retrieval_top1": retrieval_recall(u, v, 1),
+        "retrieval_recall5": retrieval_recall(u, v, 5),
+        "full_batch_loss": float(batch_infonce(u.double(), v.double(), tau)),
+    }
+    if heldout_set is not train_set and heldout_set.labels is not None and train_set.labels is not None:
         train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", **common)
         test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", **common)
         metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)

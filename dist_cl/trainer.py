@@ -104,7 +104,8 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss.name, info.rank, info.world_size)
         t = cfg.train
         self.optimizer = create_optimizer_v2(
-            self.model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+            self.model, opt={"sgd": "momentum"}.get(t.optimizer, t.optimizer),  # timm's "sgd" is Nesterov
+            lr=t.lr, weight_decay=t.weight_decay,
             **({"momentum": t.momentum} if t.optimizer in ("sgd", "lars") else {}),
         )
         self.steps_per_epoch = n // t.global_batch_size
@@ -338,7 +339,8 @@ class Trainer:
 
     def log_eval(self, loss: float | None, figures: dict) -> None:
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
-                           world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k)
+                           world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k,
+                           tau=float(self.model.temperature()))
         if self.writer is None:
             return
         for key, value in metrics.items():
@@ -354,7 +356,7 @@ class Trainer:
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.check_same_on_all_ranks("config", hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest())
-        if self.step == 0 and self.heldout_set is not None and cfg.eval.every_epochs:
+        if self.step == 0 and cfg.eval.every_epochs:
             self.log_eval(None, {})
         while self.epoch < cfg.train.epochs:
             figures = {}
@@ -368,7 +370,7 @@ class Trainer:
             self.epoch += 1
             self.sampler = None
             last = self.epoch == cfg.train.epochs
-            if self.heldout_set is not None and cfg.eval.every_epochs and (
+            if cfg.eval.every_epochs and (
                 self.epoch % cfg.eval.every_epochs == 0 or last
             ):
                 self.log_eval(loss, figures)
