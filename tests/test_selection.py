@@ -147,7 +147,7 @@ def test_registry_marks_which_strategies_read_embeddings():
 @pytest.mark.parametrize(("name", "args", "options", "message"), [
     ("random", (8, 2), {"batch_size": 9}, "batch_size=9 is larger than the number of pairs N=8"),
     ("sc", (8, 2), {"batch_size": 1}, "batch_size=1 must be at least 2"),
-    ("nope", (8, 2), {"batch_size": 2}, "unknown selection strategy 'nope'; known: fixed, full, ncb, osgd, random, sc"),
+    ("nope", (8, 2), {"batch_size": 2}, f"unknown selection strategy 'nope'; known: {', '.join(sorted(STRATEGIES))}"),
     ("ncb", (30, 2), {"batch_size": 10}, "30,045,015 batches, over max_batches=100,000"),
     ("full", (30, 2), {"batch_size": 2, "max_n": 16}, "full batch of N=30 is over max_n=16"),
     ("sc", (8, 2), {"batch_size": 2, "tau": 0.0}, "tau=0.0 must be positive"),

@@ -11,6 +11,8 @@ from scipy.linalg import eigh
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from dist_cl.selection.errors import SelectionError
+
 
 def loss_affinity(u, v, batch_size: int, tau: float) -> np.ndarray:
     """log-affinity W (n, n): the pairwise terms that approximate a batch's loss (DESIGN.md 1)."""
@@ -95,10 +97,11 @@ def spectral_clustering(u, v, batch_size: int, *, seed: int, tau: float = 0.1, c
     Unlike the official code, which drops the N mod (k B) samples past the last full chunk, the last
     chunk here may be smaller, so every epoch covers N - N % B indices like the other partitions.
     """
+    if chunk_batches < 1:
+        raise SelectionError(f"chunk_batches={chunk_batches} must be at least 1 (SC runs per chunk of as many batches)")
     rng = np.random.default_rng(seed)
     n = len(u)
     perm = rng.permutation(n)[: n - n % batch_size]
     chunk = chunk_batches * batch_size
-    u, v = np.asarray(u), np.asarray(v)
-    plans = [part[sc_chunk(u[part], v[part], batch_size, tau, rng)] for part in np.split(perm, range(chunk, len(perm), chunk))]
-    return np.concatenate(plans)
+    parts = np.split(perm, range(chunk, len(perm), chunk))
+    return np.concatenate([part[sc_chunk(u[part], v[part], batch_size, tau, rng)] for part in parts])
