@@ -55,6 +55,14 @@ def test_samples_read_by_index_in_random_order_reproduce_source_pixels_and_label
         np.testing.assert_array_equal(np.asarray(ds.load(int(i))), arrays["images"][i])
 
 
+def test_reading_with_fewer_open_shards_than_shards_reopens_them_correctly(tmp_path):
+    out, arrays = shards_from_npz(tmp_path)
+    ds = ShardPairs(out, AugmentConfig(), image_size=8, seed=0, open_shards=2)
+    for i in np.random.default_rng(3).permutation(23).tolist() * 2:
+        np.testing.assert_array_equal(np.asarray(ds.load(i)), arrays["images"][i])
+    assert len(ds._open) == 2
+
+
 def test_npz_without_labels_gives_no_labels(tmp_path):
     out, _ = shards_from_npz(tmp_path, labels=False)
     assert dataset(out).labels is None
@@ -242,3 +250,13 @@ def test_make_shards_will_not_resume_with_other_arguments(tmp_path, capsys):
     assert make_shards.main(["--source", "npz", "--input", str(tmp_path / "source.npz"), "--out", str(out),
                              "--samples-per-shard", "7"]) == 2
     assert "other arguments" in capsys.readouterr().err
+
+
+def test_index_is_read_by_wids_shard_list_dataset(tmp_path):
+    import wids
+
+    out, _ = shards_from_npz(tmp_path)
+    ds = wids.ShardListDataset(str(out / INDEX_NAME), localname=str, transformations=[])
+    assert len(ds) == 23
+    sample = ds[13]
+    assert sample["__key__"] == "000000013" and sample[".idx"].read() == b"13"

@@ -2,11 +2,11 @@
 
     python tools/bench_loader.py --path data/digits/train --workers 0 2 --repeats 5
 
-Each (order, workers) pair gets one loader with persistent workers and an untimed warm-up pass (opens
-the shards, fills the page cache), then --repeats timed passes over --max-samples indices, alternating
-the orders pass by pass; the table shows the median. On a shared machine the CPU rate (samples per
-CPU second, 0 workers only) is the steadier measure of what an order costs. A plan batch is B random indices, as a BatchPlan
-hands them out.
+A plan batch is B random indices, as a BatchPlan hands them out. Each (order, workers) pair gets one
+loader with persistent workers and an untimed warm-up pass (opens the shards, fills the page cache),
+then --repeats timed passes over --max-samples indices, alternating the orders pass by pass; the table
+shows the median. On a shared machine the CPU rate (samples per CPU second, 0 workers only) is the
+steadier measure of what an order costs. --decode-only leaves out the augmentation.
 """
 
 import argparse
@@ -16,12 +16,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_cl.config import AugmentConfig  # noqa: E402
 from dist_cl.data.shards import ShardPairs  # noqa: E402
+
+
+class Decoded(Dataset):
+    """Sample i as the decoded PIL image only: isolates shard access from the augmentation cost."""
+
+    def __init__(self, pairs: ShardPairs):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        return self.pairs.load(index)
 
 
 def batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -44,23 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--max-samples", type=int, default=4096, help="samples per timed pass (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--open-shards", type=int, default=128, help="shards kept open per process")
+    parser.add_argument("--open-shards", type=int, default=0, help="shards open per process; 0: as many as fit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-only", action="store_true", help="time reading and decoding, no augmentation")
     args = parser.parse_args(argv)
 
     ds = ShardPairs(args.path, AugmentConfig(), args.image_size, seed=args.seed, open_shards=args.open_shards)
+    data = Decoded(ds) if args.decode_only else ds
     n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
     orders = {
         "sequential": np.arange(n),
         "plan": np.random.default_rng(args.seed).permutation(len(ds))[:n],
     }
     print(f"{args.path}: {len(ds)} samples in {len(ds.shards)} shards, {n} per pass, batch {args.batch_size}, "
-          f"image {args.image_size}, {args.repeats} timed passes")
+          f"image {args.image_size}, {args.repeats} timed passes{', decode only' if args.decode_only else ''}")
     print(f"{'workers':>7}  {'order':<10}  {'median/s':>9}  {'min/s':>8}  {'max/s':>8}  {'cpu/s':>8}  plan/seq")
     for workers in args.workers:
         loaders = {
-            name: DataLoader(ds, batch_sampler=batches(order, args.batch_size), num_workers=workers,
-                             persistent_workers=workers > 0)
+            name: DataLoader(data, batch_sampler=batches(order, args.batch_size), num_workers=workers,
+                             persistent_workers=workers > 0, collate_fn=list if args.decode_only else None)
             for name, order in orders.items()
         }
         runs = {name: [] for name in loaders}

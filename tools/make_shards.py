@@ -170,7 +170,9 @@ def prepare_output(out: Path, params: dict, force: bool) -> None:
                 "or pass --force to start over"
             )
     elif out.is_dir() and any(out.iterdir()):
-        raise ShardWriteError(f"{out} is not empty and was not written by make_shards; choose another --out or pass --force")
+        raise ShardWriteError(
+            f"{out} is not empty and was not written by make_shards; choose another --out or pass --force"
+        )
     out.mkdir(parents=True, exist_ok=True)
     params_path.write_text(json.dumps(params, indent=2))
 

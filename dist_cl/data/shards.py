@@ -14,6 +14,7 @@ read-only data sets. wids itself is imported lazily because importing it creates
 
 import json
 import os
+import resource
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -111,7 +112,14 @@ def _check_file(shard: dict) -> None:
         raise ShardError(f"shard {path} is missing; rerun tools/make_shards.py with the same arguments to write it")
     size = os.path.getsize(path)
     if "filesize" in shard and size != shard["filesize"]:
-        raise ShardError(f"shard {path} has {size} bytes, the index says {shard['filesize']}: it is truncated; {REPAIR}")
+        raise ShardError(
+            f"shard {path} has {size} bytes, the index says {shard['filesize']}: it is truncated; {REPAIR}"
+        )
+
+
+def default_open_shards() -> int:
+    """Shards one process may keep open: each holds two descriptors (file and mmap); use half the limit."""
+    return max(1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
 
 
 def index_labels(index: dict) -> np.ndarray | None:
@@ -124,13 +132,13 @@ def index_labels(index: dict) -> np.ndarray | None:
 class ShardPairs(PairDataset):
     """Two SimCLR views of sample i read from indexed shards; ``clean`` is the evaluation view.
 
-    Each process (DataLoader worker, rank) opens shards lazily and keeps at most ``open_shards`` of them
-    memory-mapped (least recently used closed first), so random plan order costs no re-indexing while
-    the working set fits.
+    Each process (DataLoader worker, rank) opens shards lazily and keeps them memory-mapped. A plan visits
+    shards in random order, so every shard should stay open: reopening one re-parses all its tar headers.
+    ``open_shards`` (default: what the descriptor limit allows) bounds them, least recently used closed first.
     """
 
     def __init__(
-        self, directory: str | Path, augment: AugmentConfig, image_size: int, seed: int, open_shards: int = 128
+        self, directory: str | Path, augment: AugmentConfig, image_size: int, seed: int, open_shards: int = 0
     ):
         super().__init__(seed)
         self.directory = Path(directory)
@@ -142,7 +150,7 @@ class ShardPairs(PairDataset):
         self.channels = MODES[self.mode]
         self.classes = index["dist_cl"].get("classes")
         self.labels = index_labels(index)
-        self.open_shards = open_shards
+        self.open_shards = open_shards or default_open_shards()
         self.train_transform = simclr_transform(augment, image_size, self.channels)
         self.eval_transform = eval_transform(image_size, self.channels)
         self._open: OrderedDict = OrderedDict()
