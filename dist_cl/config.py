@@ -6,6 +6,7 @@ values of the wrong type and inconsistent settings before any process group or d
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 FREE_FORM = ("options", "backbone_kwargs")
 """dict-valued fields whose keys belong to another library: merged one level deep, never checked key by key."""
 
@@ -195,6 +198,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}={value!r}: expected null")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is dict and isinstance(value, dict):
         return value
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

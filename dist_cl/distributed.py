@@ -13,6 +13,10 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
+class RankDivergenceError(RuntimeError):
+    """Ranks hold different plans or configs: continuing would silently train different things."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -77,3 +81,14 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+def check_same_on_all_ranks(what: str, digest: str) -> None:
+    """Raise on every rank if the hex ``digest`` of ``what`` is not the same on all ranks."""
+    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+    lo, hi = value.clone(), value.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RankDivergenceError(f"rank {dist.get_rank()}: the {what} differs between ranks; check that every "
+                                  "rank runs the same code, config and data")

@@ -26,9 +26,9 @@ from tqdm import tqdm
 import dist_cl
 from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import Checkpointer, CheckpointError
-from dist_cl.config import FREE_FORM, Config, save_config
+from dist_cl.config import FREE_FORM, Config, ConfigError, save_config
 from dist_cl.data import build_dataset
-from dist_cl.distributed import DistInfo
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks
 from dist_cl.embed import embed_indices
 from dist_cl.evaluation import evaluate
 from dist_cl.losses import build_loss
@@ -45,10 +45,6 @@ RESUMABLE_CHANGES = ("train.epochs", "eval.", "checkpoint.", "run.", "dist.", "d
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient; the message names the step and the batch."""
-
-
-class RankDivergenceError(RuntimeError):
-    """Ranks hold different plans or configs: continuing would silently train different things."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -93,7 +89,7 @@ class Trainer:
         self.heldout_set = build_dataset(cfg, "heldout")
         n = len(self.train_set)
         if cfg.train.global_batch_size > n:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={cfg.train.global_batch_size} is larger than the {n} training samples; "
                 "lower it or use more data"
             )
@@ -121,7 +117,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.bank = EmbeddingBank(n, cfg.model.embed_dim)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.writer = SummaryWriter(str(self.run_dir / "tb")) if info.is_main else None
+        self.writer: SummaryWriter | None = None
         self.epoch = 0
         self.step = 0
         self.skipped_steps = 0
@@ -148,7 +144,16 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """A collective: every rank syncs the bank and hands its RNG state to rank 0, which writes."""
+        """A collective: every rank syncs the bank and hands its RNG state to rank 0, which writes.
+
+        Weights that overflowed in an update from finite gradients are refused, so the newest checkpoint
+        on disk is always one that training can continue from.
+        """
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        if not torch.isfinite(torch.stack(norms)).all():
+            where = self.describe_batch(self.sampler.cursor - 1) if self.sampler and self.sampler.cursor else ""
+            raise NonFiniteError(f"non-finite weights after the update of step {self.step - 1} {where}; not saving "
+                                 f"them over the last good checkpoint; lower train.lr or set train.grad_clip")
         self.bank.sync()
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if self.info.device.type == "cuda":
@@ -200,15 +205,6 @@ class Trainer:
         log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step)
         return True
 
-    # ---------------------------------------------------------------- checks
-    def check_same_on_all_ranks(self, what: str, digest: str) -> None:
-        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
-        lo, hi = value.clone(), value.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if lo.item() != hi.item():
-            raise RankDivergenceError(f"rank {self.info.rank}: the {what} differs between ranks")
-
     # ---------------------------------------------------------------- selection
     def make_plan(self, epoch: int) -> tuple[BatchPlan, dict]:
         """The epoch's global batches, identical on every rank, and the figures that describe them."""
@@ -233,7 +229,7 @@ class Trainer:
             batches = select_batches(name, empty, empty, cfg.train.global_batch_size, seed=seed)
         figures["selection/seconds"] = time.perf_counter() - started
         plan = BatchPlan(batches, epoch, name)
-        self.check_same_on_all_ranks("batch plan", plan.digest())
+        check_same_on_all_ranks("batch plan", plan.digest())
         return plan, figures
 
     def refresh_bank(self, epoch: int) -> None:
@@ -257,10 +253,14 @@ class Trainer:
         """One optimizer step on this rank's slice of the global batch; None if skipped."""
         device = self.info.device
         view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+        # a skipped step must not leave its NaNs in BatchNorm's running statistics either
+        buffers = [b.clone() for b in self.model.buffers()] if self.cfg.train.nonfinite == "skip" else None
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             u, v, tau = self.ddp(view_a, view_b)
             loss = self.loss_fn(u.float(), v.float(), tau)
         if not self.all_finite(loss.detach()):
+            if buffers is not None:
+                torch._foreach_copy_(list(self.model.buffers()), buffers)
             return self.fault("loss")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -280,11 +280,13 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def fault(self, what: str) -> None:
-        batch = self.sampler.plan.batches[self.sampler.cursor]
+    def describe_batch(self, cursor: int) -> str:
+        batch = self.sampler.plan.batches[cursor]
         shown = ", ".join(map(str, batch[:16])) + (", ..." if len(batch) > 16 else "")
-        message = (f"non-finite {what} at step {self.step} (epoch {self.epoch}, global batch {self.sampler.cursor}, "
-                   f"indices [{shown}])")
+        return f"(epoch {self.epoch}, global batch {cursor}, indices [{shown}])"
+
+    def fault(self, what: str) -> None:
+        message = f"non-finite {what} at step {self.step} {self.describe_batch(self.sampler.cursor)}"
         if self.cfg.train.nonfinite == "error":
             raise NonFiniteError(message + "; lower train.lr, set train.grad_clip, or train.nonfinite=skip")
         self.optimizer.zero_grad(set_to_none=True)
@@ -355,7 +357,8 @@ class Trainer:
         cfg = self.cfg
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.check_same_on_all_ranks("config", hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest())
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        check_same_on_all_ranks("config", hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest())
         if self.step == 0 and cfg.eval.every_epochs:
             self.log_eval(None, {})
         while self.epoch < cfg.train.epochs:

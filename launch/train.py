@@ -5,10 +5,13 @@ Also runs as one plain ``python launch/train.py`` process. With no arguments it 
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import ConfigError, load_config, validate
+from dist_cl.data.shards import check_shards
 from dist_cl.distributed import close_distributed, init_distributed
 from dist_cl.trainer import Trainer
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -38,17 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s",
     )
     try:
-        validate(cfg, world_size=info.world_size)
         trainer = Trainer(cfg, info)
         if args.dry_run:
+            if cfg.data.name == "shards":
+                check_shards(cfg.data.path)
             logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
                                               len(trainer.train_set))
             return 0
         trainer.resume(args.resume)
         trainer.fit()
         trainer.close()
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         close_distributed()

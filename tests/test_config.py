@@ -53,5 +53,10 @@ def test_batch_not_divisible_by_world_size():
         validate(cfg, world_size=4)
 
 
+def test_exponent_floats_without_a_dot_are_floats():
+    cfg = load_config(None, ["train.lr=1e-3", "loss.tau=5E-2"])
+    assert cfg.train.lr == 0.001 and cfg.loss.tau == 0.05
+
+
 def test_override_values_are_parsed_as_yaml():
     assert parse_overrides(["a.b=[1, 2]", "a.c=true", "d=x"]) == {"a": {"b": [1, 2], "c": True}, "d": "x"}

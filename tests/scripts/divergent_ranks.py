@@ -1,0 +1,16 @@
+"""Under torchrun: each rank claims a different plan digest; every rank must raise RankDivergenceError."""
+
+import sys
+
+from dist_cl.distributed import RankDivergenceError, check_same_on_all_ranks, close_distributed, init_distributed
+
+info = init_distributed(30)
+check_same_on_all_ranks("config", "ab" * 32)
+try:
+    check_same_on_all_ranks("batch plan", f"{info.rank + 1}" * 64)
+except RankDivergenceError as err:
+    print(f"rank {info.rank} raised: {err}", flush=True)
+    close_distributed()
+    sys.exit(0)
+close_distributed()
+sys.exit(1)

@@ -1,0 +1,110 @@
+"""Bad input and numerical faults: clear errors that name the problem and the fix, and nothing damaged."""
+
+import hashlib
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT, torchrun
+from dist_cl.data.digits import DigitsPairs
+
+spec = importlib.util.spec_from_file_location("train_entry", ROOT / "launch" / "train.py")
+train_entry = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_entry)
+
+SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
+             "selection.strategy=random"]
+
+
+def run(tmp_path, *args) -> int:
+    return train_entry.main([*SYNTHETIC, f"run.dir={tmp_path / 'run'}", *args])
+
+
+def digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["train.global_batch_size=3"], {"WORLD_SIZE": "2"},
+         "train.global_batch_size=3 is not divisible by world_size=2; use a multiple of 2"),
+        (["train.global_batch_size=16"], {}, "train.global_batch_size=16 is larger than the 8 training samples"),
+        (["train.optimiser=sgd"], {}, "unknown config key 'train.optimiser'; did you mean train.optimizer?"),
+        (["data.num_samples=many"], {}, "data.num_samples='many' is a str; expected int"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, capsys, args, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert run(tmp_path, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_from_incompatible_config_is_refused_and_left_intact(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    before = digests(tmp_path / "run")
+    assert run(tmp_path, "model.embed_dim=8") == 2
+    err = capsys.readouterr().err
+    assert "incompatible config (model.embed_dim: checkpoint 16 vs now 8)" in err
+    assert "start a new run.dir" in err
+    assert digests(tmp_path / "run") == before
+
+
+def test_longer_schedule_resumes_from_a_finished_run(tmp_path):
+    assert run(tmp_path) == 0
+    assert run(tmp_path, "train.epochs=4") == 0
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert latest == f"step-{4 * 4:08d}.pt"
+
+
+@pytest.fixture
+def poisoned_digit(monkeypatch):
+    """Digit 5 of the training split turns into NaN pixels, as a corrupt sample would."""
+    load = DigitsPairs.load
+
+    def poisoned(self, index):
+        image = load(self, index)
+        return torch.full_like(image, float("nan")) if index == POISONED else image
+
+    monkeypatch.setattr(DigitsPairs, "load", poisoned)
+
+
+POISONED = 5
+DIGITS = ["train.epochs=2", "eval.every_epochs=0", "train.global_batch_size=479"]  # 1437 = 3 x 479: no remainder
+
+
+def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpoint(tmp_path, poisoned_digit):
+    with pytest.raises(FloatingPointError) as err:
+        train_entry.main([*DIGITS, f"run.dir={tmp_path}", "checkpoint.every_steps=1"])
+    found = re.search(r"non-finite loss at step (\d+) \(epoch 0, global batch (\d+), indices \[([\d, .]+)\]\)",
+                      str(err.value))
+    assert found, str(err.value)
+    assert "train.nonfinite=skip" in str(err.value)
+    step, cursor = int(found.group(1)), int(found.group(2))
+    ckpt = tmp_path / "checkpoints"
+    if step == 0:
+        assert not ckpt.exists() or not list(ckpt.glob("step-*.pt"))
+        return
+    assert (ckpt / "latest").read_text() == f"step-{step:08d}.pt"
+    state = torch.load(ckpt / f"step-{step:08d}.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    batch = state["sampler"]["plan"]["batches"][cursor]
+    assert state["sampler"]["cursor"] == cursor and POISONED in batch
+    assert found.group(3).startswith(", ".join(map(str, batch[:16])))
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit):
+    assert train_entry.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
+    state = torch.load(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text(), weights_only=False)
+    assert state["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_ranks_holding_different_plans_raise_instead_of_hanging():
+    proc = torchrun([str(ROOT / "tests" / "scripts" / "divergent_ranks.py")], timeout=120)
+    assert "rank 0 raised: rank 0: the batch plan differs between ranks" in proc.stdout
+    assert "rank 1 raised" in proc.stdout
