@@ -51,12 +51,15 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_factor(progress: float, warmup: float, total: float) -> float:
+    """Linear warm-up to 1, then cosine decay to 0; ``progress`` in (fractional) epochs.
+
+    Measured in epochs rather than steps because strategies differ in batches per epoch (osgd keeps q of
+    every k), and derived from (epoch, cursor) alone, so the schedule needs no state of its own.
+    """
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / max(total - warmup, 1e-12))))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -104,12 +107,8 @@ class Trainer:
             lr=t.lr, weight_decay=t.weight_decay,
             **({"momentum": t.momentum} if t.optimizer in ("sgd", "lars") else {}),
         )
-        self.steps_per_epoch = n // t.global_batch_size
-        total = t.epochs * self.steps_per_epoch
-        warmup = max(1, round(t.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup, total)
-        )
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = group["lr"]
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
         if self.amp_dtype is not None and info.device.type != "cuda":
             log.warning("train.amp=%s needs CUDA; training in float32 on %s", t.amp, info.device)
@@ -131,7 +130,6 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -184,7 +182,6 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.bank.load_state_dict(state["bank"])
         self.epoch, self.step, self.skipped_steps = state["epoch"], state["step"], state["skipped_steps"]
@@ -252,6 +249,7 @@ class Trainer:
     def train_step(self, view_a, view_b, index) -> float | None:
         """One optimizer step on this rank's slice of the global batch; None if skipped."""
         device = self.info.device
+        self.set_lr()
         view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
         # a skipped step must not leave its NaNs in BatchNorm's running statistics either
         buffers = [b.clone() for b in self.model.buffers()] if self.cfg.train.nonfinite == "skip" else None
@@ -271,9 +269,16 @@ class Trainer:
             return self.fault("gradient")
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         self.bank.update(index, u, v, self.step)
         return loss.item()
+
+    def set_lr(self) -> float:
+        """The schedule's lr for the step at the sampler's cursor (half a step in, so none is zero)."""
+        progress = self.epoch + (self.sampler.cursor + 0.5) / len(self.sampler.plan)
+        factor = lr_factor(progress, self.cfg.train.warmup_epochs, self.cfg.train.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
 
     def all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.isfinite(value).all().to(torch.int32).reshape(1).cpu()
@@ -312,7 +317,7 @@ class Trainer:
                 losses.append(loss)
             elapsed = time.perf_counter() - started
             samples_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed, 1e-9)
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", lr=f"{lr:.2e}",
                             samples_s=f"{samples_per_s:.0f}")
             bar.update()
@@ -333,7 +338,7 @@ class Trainer:
             "epoch %d step %d | data %.2fs total %.2fs | %.0f samples/s | lr %.3e | loss %.4f | selection %.2fs",
             self.epoch, self.step, data_time, epoch_seconds,
             len(losses) * cfg.train.global_batch_size / max(epoch_seconds, 1e-9),
-            self.scheduler.get_last_lr()[0], mean_loss, figures.get("selection/seconds", 0.0),
+            self.optimizer.param_groups[0]["lr"], mean_loss, figures.get("selection/seconds", 0.0),
         )
         if "selection/seconds" in figures:
             figures["selection/share"] = figures["selection/seconds"] / (figures["selection/seconds"] + epoch_seconds)
