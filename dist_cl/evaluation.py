@@ -58,3 +58,23 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
         test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", **common)
         metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
     return metrics
+
+
+def linear_probe_top1(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+    C: float = 1.0, max_iter: int = 1000, seed: int = 0,
+) -> float:
+    """Top-1 accuracy of a multinomial logistic regression fit on frozen training features.
+
+    Features are standardised with the training split's mean and standard deviation (lbfgs converges
+    poorly on raw ReLU features of very different scales); the test split only ever sees those statistics.
+    """
+    # scikit-learn is imported here so the trainer, which never probes, does not pay for the import
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
+    scaler = StandardScaler().fit(train_x)
+    probe = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+    probe.fit(scaler.transform(train_x), np.asarray(train_y))
+    return float((probe.predict(scaler.transform(test_x)) == np.asarray(test_y)).mean())
