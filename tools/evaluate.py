@@ -1,0 +1,147 @@
+"""Evaluate a trained model: positive-pair retrieval, kNN top-1 and a linear probe, as a table and JSON.
+
+    python tools/evaluate.py --embeddings runs/digits/embeddings --json runs/digits/eval.json
+    torchrun --standalone --nproc_per_node=2 tools/evaluate.py --checkpoint runs/digits/checkpoints/latest
+
+--embeddings reads what tools/extract_embeddings.py wrote (DIR/train and DIR/heldout); --checkpoint embeds
+both splits itself first (sharded over the ranks, with the same flags and dotted overrides as the extraction
+tool; --out also keeps the embeddings). Metrics:
+
+    retrieval_top1, retrieval_recall{k}   held-out positive pairs (u_i, v_i): the fraction whose partner is
+                                          among the k nearest by inner product, mean of u->v and v->u, over
+                                          all held-out pairs (the paper's retrieval task; the training pairs
+                                          where the data has no held-out split)
+    knn_top1                              cosine kNN (--knn-k neighbours) on backbone features, train -> held-out
+    probe_top1                            logistic regression on standardised frozen backbone features,
+                                          fit on the training split, scored on the held-out split
+
+With the default (--views auto, --epoch unchanged) retrieval_top1, retrieval_recall5 and knn_top1 are the
+numbers the trainer logs in metrics.jsonl for the same checkpoint.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
+
+from extract_embeddings import SPLITS, add_extraction_args, extract  # noqa: E402
+
+from dist_cl.checkpoint import CheckpointError  # noqa: E402
+from dist_cl.config import ConfigError  # noqa: E402
+from dist_cl.distributed import close_distributed, init_distributed  # noqa: E402
+from dist_cl.evaluation import knn_top1, linear_probe_top1, retrieval_recall  # noqa: E402
+
+log = logging.getLogger("dist_cl.evaluate")
+
+
+def load_split(directory: Path) -> dict[str, np.ndarray] | None:
+    """The arrays extract_embeddings.py wrote for one split, by file stem; None if the split was not written."""
+    if not (directory / "meta.json").is_file():
+        return None
+    return {path.stem: np.load(path) for path in sorted(directory.glob("*.npy"))}
+
+
+def compute_metrics(
+    train: dict[str, np.ndarray] | None, heldout: dict[str, np.ndarray] | None, *, ks: tuple[int, ...] = (1, 5, 10),
+    knn_k: int = 20, probe: bool = True, probe_c: float = 1.0, probe_max_iter: int = 1000, seed: int = 0,
+) -> dict[str, float]:
+    """Every metric the inputs allow: retrieval needs u and v; kNN and the probe need backbone features
+    and labels in both splits."""
+    metrics = {}
+    pairs = heldout if heldout is not None and "u" in heldout else train
+    if pairs is not None and "u" in pairs:
+        u, v = torch.from_numpy(pairs["u"]), torch.from_numpy(pairs["v"])
+        if torch.equal(u, v):
+            log.warning("u == v (clean inputs through a shared tower): retrieval is trivially perfect; "
+                        "extract with --views auto or augmented")
+        for k in ks:
+            metrics["retrieval_top1" if k == 1 else f"retrieval_recall{k}"] = retrieval_recall(u, v, k)
+    labelled = [s for s in (train, heldout) if s is not None and "backbone" in s and "labels" in s]
+    if len(labelled) == 2:
+        metrics["knn_top1"] = knn_top1(torch.from_numpy(train["backbone"]), train["labels"],
+                                       torch.from_numpy(heldout["backbone"]), heldout["labels"], knn_k)
+        if probe:
+            metrics["probe_top1"] = linear_probe_top1(train["backbone"], train["labels"], heldout["backbone"],
+                                                      heldout["labels"], C=probe_c, max_iter=probe_max_iter,
+                                                      seed=seed)
+    return metrics
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    width = max(len("metric"), *(len(key) for key in metrics))
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{key:<{width}}  {value:.4f}" for key, value in metrics.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embeddings", help="directory written by tools/extract_embeddings.py (train/, heldout/)")
+    source.add_argument("--checkpoint", help="checkpoint file, checkpoints/latest, checkpoints or run directory")
+    parser.add_argument("--out", help="--checkpoint: also save the embeddings here, as extract_embeddings.py does")
+    parser.add_argument("--json", help="write the metrics (and where they came from) to this JSON file")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="retrieval recall@k (default: 1 5 10)")
+    parser.add_argument("--knn-k", type=int, default=None,
+                        help="kNN neighbours (default: eval.knn_k of the checkpoint's config, else 20)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe (slow on large sets)")
+    parser.add_argument("--probe-c", type=float, default=1.0, help="inverse L2 strength of the probe")
+    parser.add_argument("--probe-max-iter", type=int, default=1000, help="lbfgs iterations of the probe")
+    add_extraction_args(parser)
+    args = parser.parse_args(argv)
+    if args.embeddings and args.overrides:
+        parser.error("dotted overrides only apply with --checkpoint")
+    if any(k < 1 for k in args.ks):
+        parser.error(f"--ks {args.ks}: every k must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    if args.embeddings:
+        root = Path(args.embeddings)
+        splits = {split: load_split(root / split) for split in SPLITS}
+        if all(s is None for s in splits.values()):
+            print(f"error: {root} has neither train/ nor heldout/ embeddings; run tools/extract_embeddings.py "
+                  f"--out {root}", file=sys.stderr)
+            return 2
+        meta = json.loads(next((root / s / "meta.json").read_text() for s in SPLITS if splits[s] is not None))
+        source = {"embeddings": str(root.resolve()), "checkpoint": meta["checkpoint"], "step": meta["step"]}
+        knn_k = args.knn_k or 20
+    else:
+        info = init_distributed()
+        logging.getLogger("dist_cl").setLevel(logging.INFO if info.is_main else logging.WARNING)
+        try:
+            splits, state = extract(
+                args.checkpoint, Path(args.out) if args.out else None, info, views=args.views, epoch=args.epoch,
+                batch_size=args.batch_size, chunk_size=args.chunk_size, overrides=args.overrides,
+            )
+        except (ConfigError, CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        finally:
+            close_distributed()
+        if not info.is_main:
+            return 0
+        source = {"checkpoint": state["path"], "step": state["step"]}
+        knn_k = args.knn_k or state["config"]["eval"]["knn_k"]
+    metrics = compute_metrics(splits.get("train"), splits.get("heldout"), ks=tuple(args.ks), knn_k=knn_k,
+                              probe=not args.no_probe, probe_c=args.probe_c, probe_max_iter=args.probe_max_iter)
+    print(f"{source['checkpoint']} (step {source['step']})")
+    print(format_table(metrics))
+    if args.json:
+        record = {**source, "knn_k": knn_k, "metrics": metrics}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
