@@ -30,10 +30,17 @@ def assert_same_weights(a: dict, b: dict):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    torchrun(train_cmd(run_dir, *FAST))
-    return run_dir
+def reference_runs(tmp_path_factory):
+    """Uninterrupted runs by strategy, made once per module."""
+    runs = {}
+
+    def get(strategy: str):
+        if strategy not in runs:
+            runs[strategy] = tmp_path_factory.mktemp(f"reference-{strategy}")
+            torchrun(train_cmd(runs[strategy], *FAST, f"selection.strategy={strategy}"))
+        return runs[strategy]
+
+    return get
 
 
 def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
@@ -47,7 +54,8 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
     assert "global_batch_size: 64" in (tmp_path / "config.yaml").read_text()
 
 
-def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_run, tmp_path):
+def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_runs, tmp_path):
+    reference_run = reference_runs("random")
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
     for path in (tmp_path / "checkpoints").glob("step-*"):
         if int(path.name[5:13]) > 15:
@@ -63,16 +71,20 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_run, tmp_path):
+@pytest.mark.parametrize("strategy,kill_after_step", [("random", 10), ("sc_global", 30)])
+def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_runs, tmp_path, strategy,
+                                                                     kill_after_step):
+    """22 steps per epoch: step 10 is inside epoch 0; step 30 is inside epoch 1, the first sc_global plan."""
+    reference_run = reference_runs(strategy)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           *train_cmd(tmp_path, *FAST)]
+           *train_cmd(tmp_path, *FAST, f"selection.strategy={strategy}")]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trigger = tmp_path / "checkpoints" / "step-00000010.pt"
+    trigger = tmp_path / "checkpoints" / f"step-{kill_after_step:08d}.pt"
     deadline = time.time() + 120
     while not trigger.exists() and time.time() < deadline and agent.poll() is None:
         time.sleep(0.05)
-    assert trigger.exists(), "the run never reached its step-10 checkpoint"
+    assert trigger.exists(), f"the run never reached its step-{kill_after_step} checkpoint"
     workers = _children(agent.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
@@ -80,5 +92,8 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     assert agent.returncode == 0, output[-5000:]
     assert "resumed from" in output
     resumed = [line for line in output.splitlines() if "resumed from" in line][0]
-    assert " epoch 0 " in resumed or " epoch 1 " in resumed
-    assert_same_weights(final_model(tmp_path), final_model(reference_run))
+    resumed_step = int(resumed.rsplit(" step ", 1)[1])
+    assert resumed_step >= kill_after_step and resumed_step % 22 != 0, "restart should resume mid-epoch"
+    final = final_model(tmp_path)
+    assert_same_weights(final, final_model(reference_run))
+    assert torch.equal(final["bank"]["written_at"], final_model(reference_run)["bank"]["written_at"])

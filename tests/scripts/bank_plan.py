@@ -1,0 +1,44 @@
+"""Under torchrun: fill the bank from each rank's slices of a random plan (as training does), sync it,
+select with sc_global, and save (bank, plan, this rank's slices) per rank. Usage: bank_plan.py OUT_DIR."""
+
+import sys
+
+import numpy as np
+import torch
+
+from dist_cl.bank import EmbeddingBank
+from dist_cl.distributed import close_distributed, init_distributed
+from dist_cl.sampler import BatchPlan, PlanSampler
+from dist_cl.selection import select_batches
+
+N, D, B = 240, 16, 24
+
+
+def embeddings() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(10, D))
+    u = centres[np.arange(N) % 10] + 0.3 * rng.normal(size=(N, D))
+    v = u + 0.1 * rng.normal(size=(N, D))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return u.astype(np.float32), v.astype(np.float32)
+
+
+def main():
+    out = sys.argv[1]
+    info = init_distributed(60)
+    u, v = embeddings()
+    bank = EmbeddingBank(N, D)
+    warmup = PlanSampler(BatchPlan(select_batches("random", u, v, B, seed=1), 0, "random"), info.rank, info.world_size)
+    for step, local in enumerate(warmup):
+        local = torch.tensor(local)
+        bank.update(local, torch.from_numpy(u[local]), torch.from_numpy(v[local]), step)
+    bank.sync()
+    plan = BatchPlan(select_batches("sc_global", bank.u.numpy(), bank.v.numpy(), B, seed=3, tau=0.2), 1, "sc_global")
+    slices = list(PlanSampler(plan, info.rank, info.world_size))
+    torch.save({"bank": bank.state_dict(), "plan": plan.batches, "slices": slices}, f"{out}/rank{info.rank}.pt")
+    close_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The embedding bank and the plan built from it, across 2 real torchrun processes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bank_plan import B, N, embeddings
+from conftest import ROOT, torchrun, train_cmd
+from dist_cl.bank import EmbeddingBank
+from dist_cl.selection import select_batches
+
+
+def test_plan_from_gathered_bank_is_identical_on_all_ranks_and_to_one_process(tmp_path):
+    torchrun([str(ROOT / "tests" / "scripts" / "bank_plan.py"), str(tmp_path)])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    u, v = embeddings()
+    for state in ranks:
+        np.testing.assert_array_equal(state["bank"]["u"].numpy(), u)
+        np.testing.assert_array_equal(state["bank"]["v"].numpy(), v)
+        assert (state["bank"]["written_at"] >= 0).all()
+    np.testing.assert_array_equal(ranks[0]["plan"], ranks[1]["plan"])
+    np.testing.assert_array_equal(ranks[0]["plan"], select_batches("sc_global", u, v, B, seed=3, tau=0.2))
+    rebuilt = [np.concatenate([ranks[0]["slices"][b], ranks[1]["slices"][b]]) for b in range(N // B)]
+    np.testing.assert_array_equal(np.stack(rebuilt), ranks[0]["plan"])
+
+
+def test_bank_keeps_the_newest_write_and_reports_staleness():
+    bank = EmbeddingBank(4, 2)
+    bank.update(torch.tensor([0, 1]), torch.ones(2, 2), torch.ones(2, 2), step=3)
+    bank.update(torch.tensor([1, 2]), torch.full((2, 2), 2.0), torch.full((2, 2), 2.0), step=5)
+    with pytest.raises(RuntimeError, match="sync"):
+        bank.state_dict()
+    bank.sync()
+    assert bank.u[:, 0].tolist() == [1.0, 2.0, 2.0, 0.0]
+    assert bank.missing().tolist() == [3]
+    assert bank.staleness(7) == pytest.approx(((7 - 3) + (7 - 5) * 2) / 3)
+
+
+def test_sc_global_training_writes_every_selection_scalar_with_lift_above_one(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torchrun(train_cmd(tmp_path, "train.epochs=3", "eval.every_epochs=3", "selection.strategy=sc_global"))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    wanted = {"selection/seconds", "selection/share", "selection/lift", "selection/bank_staleness"}
+    assert wanted <= tags
+    lifts = [e.value for e in events.Scalars("selection/lift")]
+    assert len(lifts) == 2 and min(lifts) > 1.0  # epochs 1 and 2 (epoch 0 warms the bank up)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["selection/lift"] == pytest.approx(lifts[-1], rel=1e-6)
