@@ -56,6 +56,9 @@ SPLITS = ("train", "heldout")
 def load_checkpoint(path: str | Path) -> tuple[dict, Path]:
     """(state, file) for a checkpoint file, a ``latest`` pointer, a checkpoints directory or a run directory."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path} does not exist; pass a checkpoint file, <run>/checkpoints/latest "
+                              "or a run directory")
     if path.is_dir():
         directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         which = "latest"

@@ -1,0 +1,166 @@
+"""The tools around training: embedding extraction, offline evaluation, and the cluster configs."""
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from conftest import ROOT, torchrun
+from dist_cl.config import load_config
+from dist_cl.models import build_model
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_entry = load_script("launch/train.py")
+extract_tool = load_script("tools/extract_embeddings.py")
+evaluate_tool = load_script("tools/evaluate.py")
+
+STEMS = ("u", "v", "backbone", "indices", "labels")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One digits epoch, evaluated at its end by the trainer (metrics.jsonl), in this process."""
+    run_dir = tmp_path_factory.mktemp("tools") / "run"
+    assert train_entry.main(["train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_process_embeddings(trained_run):
+    out = trained_run.parent / "emb-1"
+    assert extract_tool.main(["--checkpoint", str(trained_run / "checkpoints" / "latest"), "--out", str(out)]) == 0
+    return out
+
+
+def test_two_rank_extraction_equals_single_process_row_for_row(trained_run, single_process_embeddings):
+    out = trained_run.parent / "emb-2"
+    checkpoint = next((trained_run / "checkpoints").glob("step-*.pt"))
+    # the training split only: its 1437 rows do not divide by 2 ranks, so the padding is exercised
+    torchrun([str(ROOT / "tools" / "extract_embeddings.py"), "--checkpoint", str(checkpoint), "--out", str(out),
+              "--split", "train"])
+    assert not (out / "heldout").exists()
+    for split, n in (("train", 1437),):
+        for stem in STEMS:
+            one = np.load(single_process_embeddings / split / f"{stem}.npy")
+            two = np.load(out / split / f"{stem}.npy")
+            assert len(one) == len(two) == n, (split, stem)
+            if stem in ("indices", "labels"):
+                np.testing.assert_array_equal(one, two)
+            else:
+                # eval mode makes every row independent of the others in its batch; the ranks only see other
+                # batch shapes (719/718 rows each), which may change a kernel's float32 summation order
+                np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6, err_msg=f"{split}/{stem}")
+        np.testing.assert_array_equal(np.load(out / split / "indices.npy"), np.arange(n))
+        meta = json.loads((out / split / "meta.json").read_text())
+        assert (meta["world_size"], meta["num_samples"], meta["shapes"]["u"]) == (2, n, [n, 64])
+
+
+def test_evaluation_of_saved_embeddings_reproduces_the_trainers_metrics(trained_run, single_process_embeddings,
+                                                                        capsys):
+    report = trained_run.parent / "eval.json"
+    assert evaluate_tool.main(["--embeddings", str(single_process_embeddings), "--json", str(report)]) == 0
+    table = capsys.readouterr().out
+    metrics = json.loads(report.read_text())["metrics"]
+    assert set(metrics) == {"retrieval_top1", "retrieval_recall5", "retrieval_recall10", "knn_top1", "probe_top1"}
+    rows = dict(line.split() for line in table.splitlines()[3:])  # after the checkpoint line and the header
+    assert rows == {key: f"{value:.4f}" for key, value in metrics.items()}
+    logged = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("retrieval_top1", "retrieval_recall5", "knn_top1"):
+        assert metrics[key] == pytest.approx(logged[key], abs=1e-12), key
+
+
+def brute_force_recall(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Partner among the k most similar: fewer than k columns beat it (no ties in random data), both directions."""
+    sim = a.astype(np.float64) @ b.astype(np.float64).T
+    hits = [(row > row[i]).sum() < k for i, row in enumerate(sim)] + \
+           [(col > col[i]).sum() < k for i, col in enumerate(sim.T)]
+    return float(np.mean(hits))
+
+
+def brute_force_knn(train_x, train_y, test_x, test_y, k: int) -> float:
+    """Majority label of the k nearest by cosine; a tie goes to the tied label met first from the nearest."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sim = unit(test_x.astype(np.float64)) @ unit(train_x.astype(np.float64)).T
+    correct = 0
+    for row, label in zip(sim, test_y):
+        nearest = [int(train_y[j]) for j in np.argsort(-row)[:k]]
+        votes = {y: nearest.count(y) for y in nearest}
+        best = max(votes.values())
+        correct += next(y for y in nearest if votes[y] == best) == label
+    return correct / len(test_y)
+
+
+@pytest.fixture
+def small_embeddings():
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(3, 6))
+
+    def split(n):
+        labels = rng.integers(0, 3, size=n)
+        u = rng.normal(size=(n, 5)).astype(np.float32)
+        v = (u + rng.normal(size=(n, 5))).astype(np.float32)
+        backbone = (centres[labels] + 1.2 * rng.normal(size=(n, 6))).astype(np.float32)
+        return {"u": u, "v": v, "backbone": backbone, "labels": labels, "indices": np.arange(n)}
+
+    return split(40), split(30)
+
+
+def test_metrics_equal_brute_force_numpy_and_sklearn(small_embeddings):
+    train, heldout = small_embeddings
+    metrics = evaluate_tool.compute_metrics(train, heldout, ks=(1, 5, 10), knn_k=7)
+    for k, key in ((1, "retrieval_top1"), (5, "retrieval_recall5"), (10, "retrieval_recall10")):
+        assert metrics[key] == pytest.approx(brute_force_recall(heldout["u"], heldout["v"], k), abs=1e-12), key
+    assert 0 < metrics["retrieval_top1"] < metrics["retrieval_recall10"] < 1  # the inputs do not make it trivial
+    expected_knn = brute_force_knn(train["backbone"], train["labels"], heldout["backbone"], heldout["labels"], 7)
+    assert metrics["knn_top1"] == pytest.approx(expected_knn, abs=1e-12)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000, random_state=0))
+    probe.fit(train["backbone"].astype(np.float64), train["labels"])
+    expected_probe = (probe.predict(heldout["backbone"].astype(np.float64)) == heldout["labels"]).mean()
+    assert metrics["probe_top1"] == pytest.approx(expected_probe, abs=1e-12)
+
+
+def test_metrics_without_labels_or_backbone_are_left_out(small_embeddings):
+    train, heldout = small_embeddings
+    only_pairs = {"u": heldout["u"], "v": heldout["v"]}
+    assert set(evaluate_tool.compute_metrics(None, only_pairs, ks=(1, 3))) == {"retrieval_top1", "retrieval_recall3"}
+
+
+def test_evaluate_from_a_checkpoint_matches_evaluate_from_its_embeddings(trained_run, single_process_embeddings,
+                                                                         tmp_path):
+    from_checkpoint, from_embeddings = tmp_path / "a.json", tmp_path / "b.json"
+    assert evaluate_tool.main(["--checkpoint", str(trained_run), "--no-probe", "--json", str(from_checkpoint)]) == 0
+    assert evaluate_tool.main(["--embeddings", str(single_process_embeddings), "--no-probe",
+                               "--json", str(from_embeddings)]) == 0
+    a, b = (json.loads(p.read_text()) for p in (from_checkpoint, from_embeddings))
+    assert a["metrics"] == b["metrics"] and a["step"] == b["step"]
+
+
+def test_missing_checkpoint_is_a_named_error(tmp_path, capsys):
+    assert extract_tool.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "emb")]) == 2
+    assert f"--checkpoint {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,image_size,batch", [("cifar100", 32, 32), ("imagenet", 224, 1024)])
+def test_cluster_configs_load_and_build_their_model(tmp_path, name, image_size, batch):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.path={tmp_path}"])
+    assert (cfg.data.name, cfg.data.image_size, cfg.model.in_chans) == ("shards", image_size, 3)
+    assert (cfg.train.optimizer, cfg.train.weight_decay, cfg.loss.tau) == ("lars", 1e-6, 0.1)
+    assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.global_batch_size) == (100, 10, batch)
+    assert cfg.train.lr == pytest.approx(0.075 * math.sqrt(batch), abs=1e-5)  # square-root scaling
+    model = build_model(cfg, num_samples=4).eval()
+    with torch.no_grad():
+        u, v, tau = model(torch.zeros(2, 3, image_size, image_size), torch.zeros(2, 3, image_size, image_size))
+    assert u.shape == v.shape == (2, cfg.model.embed_dim)
