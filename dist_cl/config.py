@@ -45,10 +45,13 @@ class AugmentConfig:
     color_jitter: float = 0.4
     """Images: brightness/contrast/saturation strength (hue is a quarter of it); 0 disables."""
     color_jitter_prob: float = 0.8
+    """Images: probability of applying the colour jitter."""
     grayscale_prob: float = 0.2
+    """Images: probability of converting to grayscale."""
     blur_prob: float = 0.0
     """Images: Gaussian blur probability (SimCLR uses 0.5 on ImageNet, 0 on CIFAR)."""
     flip_prob: float = 0.5
+    """Images: horizontal flip probability."""
 
 
 @dataclass
@@ -304,6 +307,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if t.global_batch_size < 2:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be at least 2 (a batch needs negatives)")
+    a = cfg.data.augment
+    for key in ("color_jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"data.augment.{key}={getattr(a, key)} is a probability; use a value in [0, 1]")
+    if not 0.0 < a.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.augment.crop_scale_min={a.crop_scale_min} must be in (0, 1]")
+    if a.color_jitter < 0 or a.noise_std < 0 or a.crop_shift < 0:
+        raise ConfigError("data.augment.color_jitter, noise_std and crop_shift must be >= 0")
     if not 0.0 < cfg.data.holdout_fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in (0, 1)")
     if cfg.selection.strategy not in STRATEGIES:

@@ -96,6 +96,10 @@ class Trainer:
                 f"train.global_batch_size={cfg.train.global_batch_size} is larger than the {n} training samples; "
                 "lower it or use more data"
             )
+        channels = getattr(self.train_set, "channels", cfg.model.in_chans)
+        if cfg.model.backbone != "free" and channels != cfg.model.in_chans:
+            raise ConfigError(f"model.in_chans={cfg.model.in_chans} but the data has {channels}-channel images; "
+                              f"set model.in_chans={channels}")
         self.model = build_model(cfg, n).to(info.device)
         self.ddp = DistributedDataParallel(
             self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None

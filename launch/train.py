@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import ConfigError, load_config, validate
-from dist_cl.data.shards import check_shards
+from dist_cl.data.shards import ShardError, check_shards
 from dist_cl.distributed import close_distributed, init_distributed
 from dist_cl.trainer import Trainer
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.resume(args.resume)
         trainer.fit()
         trainer.close()
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from dist_cl.config import load_config
+from dist_cl.losses import InfoNCELoss
+from dist_cl.models import build_model
+from dist_cl.trainer import lr_factor
+
+
+def digits_batch(n=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.rand(n, 1, 8, 8, generator=g)
+
+
+def test_shared_tower_embeds_both_views_with_one_backbone():
+    model = build_model(load_config(None, []), num_samples=10)
+    u, v, tau = model(*digits_batch())
+    assert u.shape == v.shape == (6, 64)
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(6))
+    assert model.tower_a is model.tower_b and float(tau) == pytest.approx(0.1)
+
+
+def test_two_towers_have_separate_weights_and_both_learn():
+    model = build_model(load_config(None, ["model.two_towers=true"]), num_samples=10)
+    assert model.tower_a is not model.tower_b
+    u, v, tau = model(*digits_batch())
+    InfoNCELoss()(u, v, tau).backward()
+    for tower in (model.tower_a, model.tower_b):
+        assert tower.head[0].weight.grad.abs().sum() > 0
+
+
+def test_learnable_temperature_receives_a_gradient_and_fixed_does_not_train():
+    learned = build_model(load_config(None, ["loss.learnable_tau=true", "loss.tau=0.07"]), num_samples=10)
+    u, v, tau = learned(*digits_batch())
+    InfoNCELoss()(u, v, tau).backward()
+    assert learned.temperature.log_tau.grad is not None and learned.temperature.log_tau.grad != 0
+    fixed = build_model(load_config(None, []), num_samples=10)
+    assert "temperature.log_tau" not in dict(fixed.named_parameters())
+
+
+def test_free_embeddings_look_up_normalised_rows_by_index():
+    model = build_model(load_config(None, ["data.name=synthetic", "model.backbone=free", "model.embed_dim=4"]), 8)
+    idx = torch.tensor([3, 0, 3])
+    u, v, _ = model(idx, idx)
+    torch.testing.assert_close(u[0], u[2])
+    torch.testing.assert_close(u[0], model.u[3] / model.u[3].norm())
+
+
+def test_schedule_warms_up_linearly_then_decays_to_zero():
+    assert lr_factor(0.5, 2.0, 10.0) == pytest.approx(0.25)
+    assert lr_factor(2.0, 2.0, 10.0) == pytest.approx(1.0)
+    assert lr_factor(6.0, 2.0, 10.0) == pytest.approx(0.5)
+    assert lr_factor(10.0, 2.0, 10.0) == pytest.approx(0.0)
+    assert lr_factor(1.0, 0.0, 4.0) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi / 4)).item()))

@@ -1,0 +1,36 @@
+"""Training and --dry-run read the shards that tools/make_shards.py writes."""
+
+import subprocess
+import sys
+
+from conftest import ROOT, torchrun, train_cmd
+
+SHARD_RUN = ["data.name=shards", "data.image_size=8", "model.in_chans=1", "eval.every_epochs=1", "train.epochs=1",
+             "train.global_batch_size=32"]
+
+
+def make_digits_shards(root, splits=("train", "heldout")):
+    for split in splits:
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--source", "digits", "--split", split,
+                        "--out", str(root / split), "--samples-per-shard", "200"], check=True, capture_output=True)
+
+
+def test_two_process_training_reads_digits_shards(tmp_path):
+    make_digits_shards(tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    proc = torchrun(train_cmd(run_dir, *SHARD_RUN, f"data.path={tmp_path / 'shards'}", "data.num_workers=1"))
+    assert "epoch 0 step 44 " in proc.stderr  # 1437 training digits // 32
+    assert (run_dir / "checkpoints" / "step-00000044.pt").exists()
+    assert "knn_top1" in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_dry_run_names_a_truncated_shard_and_writes_nothing(tmp_path):
+    make_digits_shards(tmp_path / "shards", splits=("train",))
+    shard = tmp_path / "shards" / "train" / "shard-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", *SHARD_RUN,
+           f"data.path={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "shard-000003.tar" in proc.stderr and "make_shards.py" in proc.stderr
+    assert not (tmp_path / "run").exists()
