@@ -3,8 +3,9 @@
 Coarse to fine, because the textbook global pipeline does not scale (docs/BENCHMARKS.md): approximate kNN
 over 1M samples costs minutes at poor recall, and one global eigsh costs minutes more.
 
-1. Cells. FAISS spherical k-means of the pair locations x_i = u_i + v_i into cells of ~``cell_size``
-   samples. A pair's hard negatives (large s_ij or s_ji) lie near it, so they share its cell.
+1. Cells. FAISS spherical k-means of the pair locations x_i = u_i + v_i into fine clusters of
+   ~``fine_size`` samples, whose centroids are clustered into cells of ~``cell_size`` samples. A pair's
+   hard negatives (large s_ij or s_ji) lie near it, so they share its cell.
 2. Batches. In each cell: exact cross kNN (one dense block), the sparse loss affinity of the paper on
    those candidate edges, and recursive spectral bisection into exactly balanced groups of B.
 3. Fragments. The < B samples a cell leaves over are pooled and go through 1-2 again, until the pool
@@ -18,6 +19,9 @@ import scipy.sparse as sp
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.knn import cross_knn
 
+FINE_CLUSTER_SIZE = 128
+"""Rows per fine k-means cluster, the unit that cells are built from."""
+
 
 def loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
                   tau: float) -> sp.csr_matrix:
@@ -25,18 +29,19 @@ def loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarr
 
     w_ij = log(1 + (B-1) e^{s_ij - s_ii}) + log(1 + (B-1) e^{s_ji - s_ii}), s_ij = <u_i, v_j> / tau: the
     paper's pairwise approximation of the batch loss (then W <- W + W^T). Each unordered candidate pair
-    counts once however many kNN lists name it.
+    counts once however many kNN lists name it. Computed in the dtype of ``u`` and ``v``.
     """
     n = len(u)
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
-    off_diagonal = lo != hi
-    pair = np.unique(lo[off_diagonal] * n + hi[off_diagonal])
-    i, j = pair // n, pair % n
-    u64, v64 = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
-    s_ii = np.einsum("nd,nd->n", u64, v64) / tau
-    s_ij = np.einsum("ed,ed->e", u64[i], v64[j]) / tau
-    s_ji = np.einsum("ed,ed->e", u64[j], v64[i]) / tau
+    off_diagonal = rows != cols
+    # a sparse pattern of the upper triangle merges duplicates in O(E), where np.unique sorts
+    pattern = sp.csr_matrix((np.ones(off_diagonal.sum(), dtype=np.float32),
+                             (np.minimum(rows, cols)[off_diagonal], np.maximum(rows, cols)[off_diagonal])), shape=(n, n))
+    pattern.sum_duplicates()
+    i, j = np.repeat(np.arange(n), np.diff(pattern.indptr)), pattern.indices.astype(np.int64)
+    s_ii = np.einsum("nd,nd->n", u, v) / tau
+    s_ij = np.einsum("ed,ed->e", u[i], v[j]) / tau
+    s_ji = np.einsum("ed,ed->e", u[j], v[i]) / tau
     log_negatives = np.log(batch_size - 1) if batch_size > 1 else -np.inf
 
     def term(margin):
@@ -54,22 +59,41 @@ def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
                          batch_size, tau)
 
 
-def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int) -> list[np.ndarray]:
-    """Row indices of ``x`` grouped by spherical k-means into cells of about ``cell_size`` rows; a cell
-    over twice that is clustered again, so the dense kNN block of every cell stays small."""
+def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int,
+                     weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS spherical k-means of the unit rows of ``x``: (label of each row, centroids).
+
+    Trained on at most 64 rows per centroid for 10 iterations, then every row is assigned: cells need
+    coherent groups, not converged centroids, and this cut the fine level from 31 to ~N s at N = 100k.
+    """
+    kmeans = faiss.Kmeans(x.shape[1], n_centroids, niter=10, seed=seed, spherical=True,
+                          min_points_per_centroid=1, max_points_per_centroid=64)
+    kmeans.train(x, weights=weights)
+    return kmeans.index.search(x, 1)[1].ravel(), kmeans.centroids
+
+
+def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = FINE_CLUSTER_SIZE) -> list[np.ndarray]:
+    """Row indices of ``x`` grouped into cells of about ``cell_size`` rows, in two k-means levels.
+
+    Fine clusters of ~``fine_size`` rows first, then the fine centroids are clustered into cells. One
+    k-means level straight to cells kept only 60-65% of a synthetic cluster in its main cell (a centroid
+    of ~60 clusters is barely closer to a member than a random centroid in d = 128); a fine cluster holds
+    a few clusters, and cells are whole fine clusters. A cell over twice ``cell_size`` is split again.
+    """
     x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
-    n_centroids = max(2, round(len(x) / cell_size))
-    kmeans = faiss.Kmeans(x.shape[1], n_centroids, niter=20, seed=seed, spherical=True)
-    kmeans.train(x)
-    labels = kmeans.index.search(x, 1)[1].ravel()
-    order = np.argsort(labels, kind="stable")
-    sizes = np.bincount(labels, minlength=n_centroids)
+    n_cells = max(2, round(len(x) / cell_size))
+    n_fine = max(n_cells, round(len(x) / fine_size))
+    fine_labels, fine_centroids = spherical_kmeans(x, n_fine, seed=seed)
+    fine_counts = np.bincount(fine_labels, minlength=n_fine).astype(np.float32)
+    cell_of_fine, _ = spherical_kmeans(fine_centroids, n_cells, seed=seed, weights=fine_counts)
+    labels = cell_of_fine[fine_labels]
+    sizes = np.bincount(labels, minlength=n_cells)
     if sizes.max() == len(x):  # k-means found one cluster (duplicated rows): cut them evenly instead
-        return np.array_split(np.arange(len(x)), n_centroids)
+        return np.array_split(np.arange(len(x)), n_cells)
     cells = []
-    for cell in np.split(order, np.cumsum(sizes)[:-1]):
+    for cell in np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1]):
         if len(cell) > 2 * cell_size:
-            cells.extend(cell[sub] for sub in kmeans_cells(x[cell], cell_size, seed=seed))
+            cells.extend(cell[sub] for sub in kmeans_cells(x[cell], cell_size, seed=seed, fine_size=fine_size))
         elif len(cell):
             cells.append(cell)
     return cells
@@ -85,11 +109,12 @@ def partition_cell(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
 
 
 def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, knn: int = 16,
-                        cell_size: int = 4096) -> np.ndarray:
+                        cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE) -> np.ndarray:
     """Partition into N // B hard batches over the whole dataset; the N % B dropped are chosen by ``seed``.
 
-    ``knn``: candidate negatives per sample and direction. ``cell_size``: samples per k-means cell (at
-    least 4 B); N up to it is one cell, an exact global spectral partition. Each k-means cell gives its
+    ``knn``: candidate negatives per sample and direction. ``cell_size``: samples per cell (at least
+    4 B); N up to it is one cell, an exact global spectral partition. ``fine_size``: samples per fine
+    k-means cluster, the unit cells are made of. Each cell gives its
     full batches; the < B rows it leaves over (a coherent fragment, e.g. the part of a cluster that did
     not fill a batch) are pooled and clustered again, so fragments join their nearest fragments.
     """
@@ -102,7 +127,7 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     batches = []
     while len(pool) > cell_size:
         leftovers = []
-        for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed):
+        for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size):
             groups, leftover = partition_cell(u[pool[cell]], v[pool[cell]], batch_size, tau, knn, seed=seed)
             batches.append(pool[cell][groups])
             leftovers.append(pool[cell][leftover])

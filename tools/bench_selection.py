@@ -1,0 +1,160 @@
+"""Benchmark batch-selection strategies: seconds, lift and peak memory on one table.
+
+    python tools/bench_selection.py                       # clustered synthetic, N = 10k, 100k; B = 32, 256
+    python tools/bench_selection.py --big                 # adds N = 1M (sc_global and random only)
+    python tools/bench_selection.py --embeddings e.npz    # real embeddings: arrays u, v of shape (N, d)
+
+Every run is a fresh subprocess, so "peak MiB" is that process's peak resident memory above its
+resident memory once the embeddings are loaded (the strategy's own footprint). Seconds are the median
+of --repeats runs; lift (DESIGN.md 4) is scored once, in float64, against a random partition.
+"""
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dist_cl.selection import STRATEGIES, lift, select_batches
+
+STRATEGY_OPTIONS = {"random": {}, "osgd": {"k": None}, "sc": {}, "sc_global": {}}
+"""What the table compares; osgd gets an explicit k, which forces its chunked "kb" form."""
+SLOW_AT_SCALE = {"osgd": 100_000, "sc": 100_000}
+"""Above this N a strategy runs only with --all: the chunked dense strategies take many minutes there."""
+
+
+def clustered_pairs(n: int, d: int, *, seed: int, mean_cluster_size: int = 64, cluster_spread: float = 1.0,
+                    view_noise: float = 0.5, noise_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic pair embeddings with many tight clusters on the sphere plus uniform noise.
+
+    n // mean_cluster_size centres uniform on S^{d-1}; cluster sizes are drawn with log-normal weights
+    (sigma 1, so sizes vary ~10x, like class frequencies). A pair's location z = normalise(c +
+    cluster_spread * g / sqrt(d)), g standard normal (cos(z_i, z_j) ~ 1 / (1 + spread^2) = 0.5 within a
+    cluster); a noise_fraction of pairs instead have z uniform on the sphere. The two views are
+    u, v = normalise(z + view_noise * g / sqrt(d)) (cos(u_i, v_i) ~ 0.8). Returns float32 (n, d) arrays.
+    """
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, n // mean_cluster_size)
+    centres = _unit(rng.standard_normal((n_clusters, d)))
+    weights = np.exp(rng.standard_normal(n_clusters))
+    cluster = rng.choice(n_clusters, size=n, p=weights / weights.sum())
+    z = centres[cluster] + cluster_spread / np.sqrt(d) * rng.standard_normal((n, d))
+    noise = rng.random(n) < noise_fraction
+    z[noise] = rng.standard_normal((int(noise.sum()), d))
+    z = _unit(z)
+    u = _unit(z + view_noise / np.sqrt(d) * rng.standard_normal((n, d)))
+    v = _unit(z + view_noise / np.sqrt(d) * rng.standard_normal((n, d)))
+    return u.astype(np.float32), v.astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _run_once(path: str, name: str, batch_size: int, tau: float, seed: int, options: dict, out) -> None:
+    """Child process: load, select once, send back (seconds, peak MiB above the loaded state, plan)."""
+    data = np.load(path)
+    u, v = data["u"], data["v"]
+    baseline = _rss_mib()
+    start = time.perf_counter()
+    plan = select_batches(name, u, v, batch_size, seed=seed, tau=tau, **options)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    out.send((seconds, peak, plan))
+
+
+def measure(path: str, name: str, batch_size: int, tau: float, seed: int, options: dict,
+            timeout: float) -> tuple[float, float, np.ndarray] | None:
+    """One strategy run in a fresh process; None when it ran past ``timeout`` seconds."""
+    receive, send = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_run_once, args=(path, name, batch_size, tau, seed, options, send))
+    child.start()
+    send.close()  # so a crashed child shows as end-of-file here instead of a wait until the timeout
+    try:
+        if not receive.poll(timeout):
+            child.terminate()
+            child.join()
+            return None
+        result = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"{name} failed in its subprocess (exit code {child.exitcode}); see its traceback")
+    child.join()
+    return result
+
+
+def bench(u: np.ndarray, v: np.ndarray, label: str, batch_sizes: list[int], strategies: list[str], args) -> None:
+    n, d = u.shape
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "embeddings.npz")
+        np.savez(path, u=u, v=v)
+        for batch_size in batch_sizes:
+            for name in strategies:
+                if n > SLOW_AT_SCALE.get(name, n) and not args.all:
+                    print(f"{name:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  skipped above N={SLOW_AT_SCALE[name]} (--all)")
+                    continue
+                options = dict(STRATEGY_OPTIONS[name])
+                if "k" in options:
+                    options["k"] = min(1500, n // batch_size)
+                runs = []
+                for repeat in range(args.repeats if n <= args.repeat_max_n else 1):
+                    result = measure(path, name, batch_size, args.tau, args.seed + repeat, options, args.timeout)
+                    if result is None:
+                        break
+                    runs.append(result)
+                if not runs:
+                    print(f"{name:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  timed out after {args.timeout:.0f} s")
+                    continue
+                seconds = statistics.median(r[0] for r in runs)
+                peak = max(r[1] for r in runs)
+                plan_lift = lift(u, v, runs[0][2], args.tau, seed=args.seed + 10_000)
+                print(f"{name:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4} {seconds:>9.2f} {plan_lift:>7.3f} "
+                      f"{peak:>9.0f} {len(runs):>5}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--embeddings", type=Path, help="npz file with arrays u and v (N, d); L2-normalised here")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--big", action="store_true", help="also N = 1,000,000")
+    parser.add_argument("--all", action="store_true", help="run osgd and sc above 100k too")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--tau", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell; seconds is their median")
+    parser.add_argument("--repeat-max-n", type=int, default=100_000, help="larger N run once")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is abandoned")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_OPTIONS))
+    args = parser.parse_args(argv)
+
+    strategies = []
+    for name in args.strategies:
+        if name in STRATEGIES:
+            strategies.append(name)
+        else:
+            print(f"note: strategy {name!r} is not registered in dist_cl.selection; skipped")
+    print(f"{'strategy':<10} {'data':<10} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'lift':>7} {'peak MiB':>9} {'runs':>5}")
+    if args.embeddings:
+        data = np.load(args.embeddings)
+        u, v = _unit(data["u"].astype(np.float32)), _unit(data["v"].astype(np.float32))
+        bench(u, v, args.embeddings.stem[:10], args.batch_sizes, strategies, args)
+        return
+    for n in args.sizes + ([1_000_000] if args.big else []):
+        u, v = clustered_pairs(n, args.dim, seed=args.seed)
+        bench(u, v, "clustered", args.batch_sizes, strategies, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
