@@ -276,8 +276,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    values = _merge(values, parse_overrides(overrides or []))
-    cfg = _build(Config, values, "")
+    return config_from_dict(values, overrides)
+
+
+def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config:
+    """A Config from nested values (a YAML file's, or ``Config.to_dict()`` saved in a checkpoint)."""
+    cfg = _build(Config, _merge(values, parse_overrides(overrides or [])), "")
     validate(cfg)
     return cfg
 

@@ -32,16 +32,14 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from dist_cl.checkpoint import Checkpointer, CheckpointError
-from dist_cl.config import Config, ConfigError, load_config
+from dist_cl.config import Config, ConfigError, config_from_dict
 from dist_cl.data import build_dataset
 from dist_cl.distributed import DistInfo, close_distributed, init_distributed
 from dist_cl.embed import embed_indices
@@ -74,10 +72,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Path]:
 
 def config_from_checkpoint(state: dict, overrides: list[str] | None = None) -> Config:
     """The run's Config from the dict saved in ``state["config"]``, with dotted overrides, validated again."""
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "config.yaml"
-        saved.write_text(yaml.safe_dump(state["config"], sort_keys=False))
-        return load_config(saved, overrides)
+    return config_from_dict(state["config"], overrides)
 
 
 def model_from_checkpoint(state: dict, cfg: Config, device: torch.device) -> torch.nn.Module:
