@@ -9,7 +9,8 @@ import scipy.sparse as sp
 from dist_cl.selection import plan_loss, select_batches
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.knn import cross_knn
-from dist_cl.selection.sc_global import loss_affinity, sc_global_partition
+from dist_cl.selection import sc_global
+from dist_cl.selection.sc_global import kmeans_cells, loss_affinity, sc_global_partition
 
 TAU = 0.1
 
@@ -94,6 +95,15 @@ def test_balanced_partition_is_exactly_balanced(n, batch_size):
     assert groups.shape == (n // batch_size, batch_size)
     assert len(leftover) == n % batch_size
     assert np.array_equal(np.sort(np.concatenate([groups.ravel(), leftover])), np.arange(n))
+
+
+@pytest.mark.parametrize("hnsw_assign_min", [10**9, 16])
+def test_kmeans_cells_cover_every_row_once_within_twice_cell_size(monkeypatch, hnsw_assign_min):
+    monkeypatch.setattr(sc_global, "HNSW_ASSIGN_MIN", hnsw_assign_min)  # 16: the HNSW assignment path
+    u, v, _ = planted_pairs(150, 8, d=32, seed=5)
+    cells = kmeans_cells(u + v, 256, seed=0, fine_size=32)
+    assert np.array_equal(np.sort(np.concatenate(cells)), np.arange(len(u)))
+    assert all(0 < len(cell) <= 2 * 256 for cell in cells)
 
 
 @pytest.mark.parametrize("n_groups, batch_size, cell_size", [(6, 4, 4096), (16, 8, 4096), (40, 8, 64), (4, 2, 4096)])

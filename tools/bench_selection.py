@@ -2,6 +2,7 @@
 
     python tools/bench_selection.py                       # clustered synthetic, N = 10k, 100k; B = 32, 256
     python tools/bench_selection.py --big                 # adds N = 1M (sc_global and random only)
+    python tools/bench_selection.py --all                 # osgd_kb, sc, sc_c8 above N = 100k too
     python tools/bench_selection.py --embeddings e.npz    # real embeddings: arrays u, v of shape (N, d)
 
 Every run is a fresh subprocess, so "peak MiB" is that process's peak resident memory above its
@@ -22,10 +23,18 @@ import numpy as np
 
 from dist_cl.selection import STRATEGIES, lift, select_batches
 
-STRATEGY_OPTIONS = {"random": {}, "osgd": {"k": None}, "sc": {}, "sc_global": {}}
-"""What the table compares; osgd gets an explicit k, which forces its chunked "kb" form."""
-SLOW_AT_SCALE = {"osgd": 100_000, "sc": 100_000}
-"""Above this N a strategy runs only with --all: the chunked dense strategies take many minutes there."""
+VARIANTS = {
+    "random": ("random", {}),
+    "osgd_kb": ("osgd", {"k": None}),
+    "sc": ("sc", {}),
+    "sc_c8": ("sc", {"chunk_batches": 8}),
+    "sc_global": ("sc_global", {}),
+}
+"""Table rows: label -> (strategy, options). osgd_kb gets an explicit k = min(1500, N // B), which forces
+the chunked "kb" form; sc is the paper's chunks of 40 B, sc_c8 the same method on chunks of 8 B (the
+size of an sc_global cell at B = 256), so chunking and the method can be told apart."""
+SLOW_AT_SCALE = {"osgd_kb": 100_000, "sc": 100_000, "sc_c8": 100_000}
+"""Above this N a row runs only with --all: the chunked dense strategies take many minutes there."""
 
 
 def clustered_pairs(n: int, d: int, *, seed: int, mean_cluster_size: int = 64, cluster_spread: float = 1.0,
@@ -100,11 +109,11 @@ def bench(u: np.ndarray, v: np.ndarray, label: str, batch_sizes: list[int], stra
         path = str(Path(tmp) / "embeddings.npz")
         np.savez(path, u=u, v=v)
         for batch_size in batch_sizes:
-            for name in strategies:
-                if n > SLOW_AT_SCALE.get(name, n) and not args.all:
-                    print(f"{name:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  skipped above N={SLOW_AT_SCALE[name]} (--all)")
+            for row in strategies:
+                name, options = VARIANTS[row][0], dict(VARIANTS[row][1])
+                if n > SLOW_AT_SCALE.get(row, n) and not args.all:
+                    print(f"{row:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  skipped above N={SLOW_AT_SCALE[row]} (--all)")
                     continue
-                options = dict(STRATEGY_OPTIONS[name])
                 if "k" in options:
                     options["k"] = min(1500, n // batch_size)
                 runs = []
@@ -114,12 +123,12 @@ def bench(u: np.ndarray, v: np.ndarray, label: str, batch_sizes: list[int], stra
                         break
                     runs.append(result)
                 if not runs:
-                    print(f"{name:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  timed out after {args.timeout:.0f} s")
+                    print(f"{row:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  timed out after {args.timeout:.0f} s")
                     continue
                 seconds = statistics.median(r[0] for r in runs)
                 peak = max(r[1] for r in runs)
                 plan_lift = lift(u, v, runs[0][2], args.tau, seed=args.seed + 10_000)
-                print(f"{name:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4} {seconds:>9.2f} {plan_lift:>7.3f} "
+                print(f"{row:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4} {seconds:>9.2f} {plan_lift:>7.3f} "
                       f"{peak:>9.0f} {len(runs):>5}", flush=True)
 
 
@@ -134,17 +143,19 @@ def main(argv=None) -> None:
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell; seconds is their median")
-    parser.add_argument("--repeat-max-n", type=int, default=100_000, help="larger N run once")
+    parser.add_argument("--repeat-max-n", type=int, default=20_000, help="larger N run once")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is abandoned")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_OPTIONS))
+    parser.add_argument("--strategies", nargs="+", default=list(VARIANTS), help="rows of VARIANTS to run")
     args = parser.parse_args(argv)
 
     strategies = []
-    for name in args.strategies:
-        if name in STRATEGIES:
-            strategies.append(name)
+    for row in args.strategies:
+        if row not in VARIANTS:
+            parser.error(f"unknown row {row!r}; choose from {', '.join(VARIANTS)}")
+        if VARIANTS[row][0] in STRATEGIES:
+            strategies.append(row)
         else:
-            print(f"note: strategy {name!r} is not registered in dist_cl.selection; skipped")
+            print(f"note: strategy {VARIANTS[row][0]!r} is not registered in dist_cl.selection; {row} skipped")
     print(f"{'strategy':<10} {'data':<10} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'lift':>7} {'peak MiB':>9} {'runs':>5}")
     if args.embeddings:
         data = np.load(args.embeddings)

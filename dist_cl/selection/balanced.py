@@ -119,11 +119,11 @@ def spectral_embedding(graph: sp.csr_matrix, dims: int, rng: np.random.Generator
     normalised = sp.diags(inv_sqrt_deg) @ graph @ sp.diags(inv_sqrt_deg)
     if n <= DENSE_EIGH_MAX:
         vals, vecs = scipy.linalg.eigh(normalised.toarray(), driver="evd")
+        vals, vecs = vals[:-1], vecs[:, :-1]  # the trivial pair: eigenvalue 1, vector D^1/2 1
     else:
         trivial = np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
         vals, vecs = _subspace_iteration(normalised, trivial / np.linalg.norm(trivial), dims + OVERSAMPLE, rng)
-        vals, vecs = np.append(vals, 1.0), np.column_stack([vecs, trivial])  # the trivial pair, dropped below
-    largest_first = np.argsort(vals)[::-1][1:dims + 1]
+    largest_first = np.argsort(vals)[::-1][:dims]
     # diffusion-map weights: eigenvectors of within-cluster noise (eigenvalue near 0) would otherwise
     # count as much as those that separate clusters (eigenvalue near 1)
     weights = np.clip(vals[largest_first], 0.0, None) ** DIFFUSION_TIME
