@@ -163,10 +163,13 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
         "epochs": sorted(metrics),
         "retrieval": {e: r["retrieval_top1"] for e, r in metrics.items()},
         "knn": {e: r.get("knn_top1", float("nan")) for e, r in metrics.items()},
+        "fbl": {e: r.get("full_batch_loss", float("nan")) for e, r in metrics.items()},
         "step": {e: r["step"] for e, r in metrics.items()},
         "final_step": final["step"],
         "samples": final["step"] * batch_size,
         "wall_s": info.get("wall_s", float("nan")),
+        "cpu_s": info.get("child_cpu_s", float("nan")),
+        "load": float(np.mean([info["loadavg_before"][0], info["loadavg_after"][0]])) if info else float("nan"),
         "resumed": info.get("resumed", False),
         "train_s": sum(t[1] for t in times.values()) if times else float("nan"),
         "selection_total_s": sum(sel.values()) if sel else 0.0,
@@ -205,11 +208,14 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
             else:
                 runs.setdefault(entry.label, []).append(summary)
     lines = [f"Final epoch {args.epochs}; mean ± std (sample std) over seeds {','.join(map(str, seeds))}; "
-             f"global batch {args.batch_size}.", ""]
+             f"global batch {args.batch_size}. wall s: the torchrun command (start-up, training, every evaluation, "
+             "checkpoints); CPU s: user+system of all its processes; load: 1-min load average around the run; "
+             "train s: sum of the epochs' training loops; selection s and share: mean over the loss-aware "
+             "epochs (after selection.warmup_epochs); lift: plan loss / random-partition loss, same epochs.", ""]
     lines += [
-        "| strategy | seeds | retrieval top-1 | kNN top-1 | steps | samples seen | wall s | train s | "
-        "selection s / loss-aware epoch | selection share | lift |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | seeds | retrieval top-1 | kNN top-1 | held-out full-batch loss | steps | samples seen | "
+        "wall s | CPU s | load | train s | selection s / loss-aware epoch | selection share | lift |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
         rs = runs.get(entry.label, [])
@@ -220,14 +226,18 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
         lift = f"{np.mean(lifts):.3f}" if lifts else "-"
         lines.append(
             f"| {entry.label} | {len(rs)} | {mean_std(r['retrieval'][args.epochs] for r in rs)} | "
-            f"{mean_std(r['knn'][args.epochs] for r in rs)} | {np.mean([r['final_step'] for r in rs]):.0f} | "
+            f"{mean_std(r['knn'][args.epochs] for r in rs)} | {mean_std(r['fbl'][args.epochs] for r in rs)} | "
+            f"{np.mean([r['final_step'] for r in rs]):.0f} | "
             f"{np.mean([r['samples'] for r in rs]):.0f} | {np.mean([r['wall_s'] for r in rs]):.1f}{resumed} | "
+            f"{np.mean([r['cpu_s'] for r in rs]):.1f} | {np.mean([r['load'] for r in rs]):.1f} | "
             f"{np.mean([r['train_s'] for r in rs]):.1f} | {np.mean([r['selection_s'] for r in rs]):.3f} | "
             f"{np.mean([r['share'] for r in rs]):.3f} | {lift} |"
         )
     # per evaluated epoch
     epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
-    for key, name in (("retrieval", "Held-out retrieval top-1"), ("knn", "kNN top-1")):
+    epochs = [e for e in epochs if e % args.table_every == 0 or e == args.epochs or e in args.table_epochs]
+    for key, name in (("retrieval", "Held-out retrieval top-1"), ("knn", "kNN top-1"),
+                      ("fbl", "Held-out full-batch InfoNCE (360 pairs)")):
         lines += ["", f"{name} per evaluated epoch (mean over seeds; step in brackets):", "",
                   "| strategy | " + " | ".join(f"ep {e}" for e in epochs) + " |",
                   "|---|" + "---|" * len(epochs)]
@@ -291,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--table", type=Path, help="markdown output (default <out>/results.md)")
     parser.add_argument("--plot", type=Path, help="PNG output (default <out>/strategies.png)")
+    parser.add_argument("--table-every", type=int, default=5,
+                        help="per-epoch tables show epochs divisible by this, and the last (default %(default)s)")
+    parser.add_argument("--table-epochs", default="", help="extra epochs for the per-epoch tables, comma list")
     parser.add_argument("--aggregate-only", action="store_true", help="do not train; aggregate what exists")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (or after --)")
     args = parser.parse_args(argv)
     extra = args.overrides + extra
+    args.table_epochs = {int(e) for e in args.table_epochs.split(",") if e}
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
     args.table = args.table or args.out / "results.md"
     args.plot = args.plot or args.out / "strategies.png"
