@@ -284,6 +284,33 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
     return text
 
 
+def composition(entries: list[Entry], seeds: list[int], directory: Path, batch_size: int, tau: float) -> str:
+    """Batch composition of each strategy's plan on fixed embeddings (tools/extract_embeddings.py output):
+    the share of same-label pairs in a batch (false negatives for a class-level metric) and the lift."""
+    import yaml
+
+    from dist_cl.selection import lift, select_batches
+
+    u, v = np.load(directory / "u.npy"), np.load(directory / "v.npy")
+    labels = np.load(directory / "labels.npy")
+    u, v = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+    lines = [f"Plans on the embeddings in {directory} (B = {batch_size}, tau = {tau}), mean over seeds "
+             f"{','.join(map(str, seeds))}:", "",
+             "| strategy | batches | same-label pairs in a batch | lift |", "|---|---|---|---|"]
+    for entry in entries:
+        options = {o.split("=", 1)[0].removeprefix("selection.options."): yaml.safe_load(o.split("=", 1)[1])
+                   for o in entry.overrides if o.startswith("selection.options.")}
+        shares, lifts, sizes = [], [], []
+        for seed in seeds:
+            plan = select_batches(entry.strategy, u, v, batch_size, seed=seed, tau=tau, **options)
+            same = (labels[plan][:, :, None] == labels[plan][:, None, :]).sum(axis=(1, 2)) - batch_size
+            shares.append(float(np.mean(same / (batch_size * (batch_size - 1)))))
+            lifts.append(lift(u, v, plan, tau=tau, seed=seed))
+            sizes.append(len(plan))
+        lines.append(f"| {entry.label} | {np.mean(sizes):.0f} | {np.mean(shares):.3f} | {np.mean(lifts):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -304,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table-every", type=int, default=5,
                         help="per-epoch tables show epochs divisible by this, and the last (default %(default)s)")
     parser.add_argument("--table-epochs", default="", help="extra epochs for the per-epoch tables, comma list")
+    parser.add_argument("--composition", type=Path,
+                        help="only print each strategy's batch composition on embeddings saved by "
+                             "tools/extract_embeddings.py (a directory with u.npy, v.npy, labels.npy)")
     parser.add_argument("--aggregate-only", action="store_true", help="do not train; aggregate what exists")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (or after --)")
     args = parser.parse_args(argv)
@@ -318,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for entry in entries:  # reject a bad strategy or override before hours of training
         load_config(args.config, [f"selection.strategy={entry.strategy}", *extra, *entry.overrides])
-    args.batch_size = load_config(args.config, extra).train.global_batch_size
+    base = load_config(args.config, extra)
+    args.batch_size = base.train.global_batch_size
+    if args.composition:
+        print(composition(entries, seeds, args.composition, args.batch_size, base.loss.tau))
+        return 0
     if not args.aggregate_only:
         started = time.perf_counter()
         for entry in entries:
