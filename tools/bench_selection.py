@@ -12,7 +12,6 @@ of --repeats runs; lift (DESIGN.md 4) is scored once, in float64, against a rand
 
 import argparse
 import multiprocessing
-import resource
 import statistics
 import sys
 import tempfile
@@ -65,21 +64,23 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _memory_mib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def _run_once(path: str, name: str, batch_size: int, tau: float, seed: int, options: dict, out) -> None:
     """Child process: load, select once, send back (seconds, peak MiB above the loaded state, plan)."""
     data = np.load(path)
     u, v = data["u"], data["v"]
-    baseline = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM, so loading the file's transient buffers does not count
+    baseline = _memory_mib("VmRSS")
     start = time.perf_counter()
     plan = select_batches(name, u, v, batch_size, seed=seed, tau=tau, **options)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-    out.send((seconds, peak, plan))
+    out.send((seconds, _memory_mib("VmHWM") - baseline, plan))
 
 
 def measure(path: str, name: str, batch_size: int, tau: float, seed: int, options: dict,
@@ -112,7 +113,8 @@ def bench(u: np.ndarray, v: np.ndarray, label: str, batch_sizes: list[int], stra
             for row in strategies:
                 name, options = VARIANTS[row][0], dict(VARIANTS[row][1])
                 if n > SLOW_AT_SCALE.get(row, n) and not args.all:
-                    print(f"{row:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  skipped above N={SLOW_AT_SCALE[row]} (--all)")
+                    print(f"{row:<10} {label:<10} {n:>8} {d:>4} {batch_size:>4}  "
+                          f"skipped above N={SLOW_AT_SCALE[row]} (--all)")
                     continue
                 if "k" in options:
                     options["k"] = min(1500, n // batch_size)
@@ -135,7 +137,7 @@ def bench(u: np.ndarray, v: np.ndarray, label: str, batch_sizes: list[int], stra
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embeddings", type=Path, help="npz file with arrays u and v (N, d); L2-normalised here")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--big", action="store_true", help="also N = 1,000,000")
     parser.add_argument("--all", action="store_true", help="run osgd and sc above 100k too")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
@@ -156,7 +158,8 @@ def main(argv=None) -> None:
             strategies.append(row)
         else:
             print(f"note: strategy {VARIANTS[row][0]!r} is not registered in dist_cl.selection; {row} skipped")
-    print(f"{'strategy':<10} {'data':<10} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'lift':>7} {'peak MiB':>9} {'runs':>5}")
+    print(f"{'strategy':<10} {'data':<10} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'lift':>7} "
+          f"{'peak MiB':>9} {'runs':>5}")
     if args.embeddings:
         data = np.load(args.embeddings)
         u, v = _unit(data["u"].astype(np.float32)), _unit(data["v"].astype(np.float32))

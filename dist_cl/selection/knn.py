@@ -19,7 +19,8 @@ def cross_knn(u: np.ndarray, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     n = len(u)
     k = min(k, n - 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = torch.as_tensor(u, dtype=torch.float32, device=device) @ torch.as_tensor(v, dtype=torch.float32, device=device).T
+    u, v = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (u, v))
+    s = u @ v.T
     s.fill_diagonal_(float("-inf"))  # the positive pair is not a candidate negative
     u_to_v = s.topk(k, dim=1).indices
     v_to_u = s.T.contiguous().topk(k, dim=1).indices
