@@ -108,3 +108,16 @@ def test_ranks_holding_different_plans_raise_instead_of_hanging():
     proc = torchrun([str(ROOT / "tests" / "scripts" / "divergent_ranks.py")], timeout=120)
     assert "rank 0 raised: rank 0: the batch plan differs between ranks" in proc.stdout
     assert "rank 1 raised" in proc.stdout
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_uses_the_previous(tmp_path, caplog):
+    assert run(tmp_path, "checkpoint.every_steps=2", "checkpoint.keep=5") == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    newest = ckpt / (ckpt / "latest").read_text()
+    assert newest.name == "step-00000012.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level("INFO", logger="dist_cl"):
+        assert run(tmp_path, "checkpoint.every_steps=2", "checkpoint.keep=5", "train.epochs=4") == 0
+    assert "skipped checkpoint step-00000012.pt: checksum mismatch (truncated or corrupt)" in caplog.text
+    assert "resumed from" in caplog.text and "at epoch 2 step 10" in caplog.text
+    assert (ckpt / "latest").read_text() == "step-00000016.pt"
