@@ -6,6 +6,7 @@
     python tools/compare_strategies.py --strategies sc_global-knn4:sc_global:selection.options.knn=4 \
         --out runs/compare-knob                                          # a labelled variant with its overrides
     python tools/compare_strategies.py ... -- loss.tau=0.2               # extra overrides for every run
+    python tools/compare_strategies.py --composition EMB/train           # same-label share + lift of each plan
 
 Every run goes to <out>/<label>-s<seed> (run.dir), its rank-0 log to train.log there and its wall time,
 command and load average to run_info.json. A run whose metrics.jsonl already holds the final epoch is
