@@ -6,6 +6,7 @@ values of the wrong type and inconsistent settings before any process group or d
 
 import dataclasses
 import difflib
+import inspect
 import re
 import types
 import typing
@@ -325,6 +326,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"selection.strategy={cfg.selection.strategy!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}"
         )
+    accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size"}
+    accepted |= {"random_fraction"}
+    for key in cfg.selection.options:
+        if key not in accepted:
+            raise ConfigError(f"selection.options.{key} is not an option of strategy {cfg.selection.strategy!r}; "
+                              f"known: {', '.join(sorted(accepted - {'seed', 'tau'}))}")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
     if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():

@@ -33,6 +33,8 @@ def test_yaml_file_then_overrides(tmp_path):
         (["data.name=shards", "data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),
         (["model.backbone=free"], "the 'free' embedding model goes with data.name=synthetic"),
         (["train"], "override 'train' must look like section.key=value"),
+        (["selection.strategy=sc", "selection.options.chunks=4"],
+         "selection.options.chunks is not an option of strategy 'sc'; known: chunk_batches"),
         (["data.augment.flip_prob=1.5"], "data.augment.flip_prob=1.5 is a probability; use a value in [0, 1]"),
         (["train=3"], "train must be a mapping of TrainConfig fields"),
     ],

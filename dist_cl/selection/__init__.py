@@ -25,14 +25,16 @@ class Strategy:
     """False: the plan depends on the seed alone (no bank needed)."""
     per_epoch: bool = True
     """False: one plan for the whole run; callers pass the run seed, not an epoch seed."""
+    partition: bool = True
+    """True: every index at most once (N // B batches), so batches can be mixed with random samples."""
 
 
 STRATEGIES = {
     "random": Strategy(random_partition, reads_embeddings=False),
     "fixed": Strategy(random_partition, reads_embeddings=False, per_epoch=False),
-    "full": Strategy(full_batch, reads_embeddings=False),
-    "ncb": Strategy(ncb_batches, reads_embeddings=False),
-    "osgd": Strategy(osgd, reads_embeddings=True),
+    "full": Strategy(full_batch, reads_embeddings=False, partition=False),
+    "ncb": Strategy(ncb_batches, reads_embeddings=False, partition=False),
+    "osgd": Strategy(osgd, reads_embeddings=True, partition=False),
     "sc": Strategy(spectral_clustering, reads_embeddings=True),
     "sc_global": Strategy(sc_global_partition, reads_embeddings=True),
 }
@@ -40,8 +42,14 @@ STRATEGIES = {
 __all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "plan_loss", "select_batches"]
 
 
-def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, **options) -> np.ndarray:
-    """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan."""
+def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
+                   **options) -> np.ndarray:
+    """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
+
+    ``random_fraction`` (partition strategies): that share of every batch is drawn at random and the
+    strategy fills the rest, trading hardness for diversity (hard batches on few classes are full of
+    same-class false negatives; docs/RESULTS.md). 0 is the strategy's own plan, 1 a random partition.
+    """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     u = np.asarray(u)
@@ -57,5 +65,25 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
     if not tau > 0:
         raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
-    plan = STRATEGIES[name].fn(u, v, batch_size, seed=seed, tau=tau, **options)
+    if not 0.0 <= random_fraction <= 1.0:
+        raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
+    n_random = round(random_fraction * batch_size)
+    if n_random and not STRATEGIES[name].partition:
+        raise SelectionError(f"random_fraction applies to partition strategies; {name!r} is not one")
+    if n_random == 0:
+        plan = STRATEGIES[name].fn(u, v, batch_size, seed=seed, tau=tau, **options)
+    else:
+        plan = _mix_random(name, u, v, batch_size, n_random, seed=seed, tau=tau, **options)
     return np.ascontiguousarray(plan, dtype=np.int64)
+
+
+def _mix_random(name: str, u, v, batch_size: int, n_random: int, *, seed: int, tau: float, **options) -> np.ndarray:
+    """Batches of ``batch_size - n_random`` chosen by the strategy, each completed by ``n_random`` random samples."""
+    n_batches = len(u) // batch_size
+    usable = np.random.default_rng(seed).permutation(len(u))[: n_batches * batch_size]
+    reserved, chosen = usable[: n_batches * n_random], np.sort(usable[n_batches * n_random :])
+    n_chosen = batch_size - n_random
+    if n_chosen < 2:  # a strategy needs pairs to compare: the whole batch is random
+        return usable.reshape(n_batches, batch_size)
+    hard = chosen[STRATEGIES[name].fn(u[chosen], v[chosen], n_chosen, seed=seed, tau=tau, **options)]
+    return np.concatenate([hard, reserved.reshape(n_batches, n_random)], axis=1)
