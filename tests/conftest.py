@@ -11,6 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))  # torchrun worker scripts double as importable helpers
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add overhead on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def torchrun(script_args: list[str], nproc: int = 2, extra: list[str] | None = None, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc_per_node=nproc`` with the given script and arguments."""

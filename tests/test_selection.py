@@ -13,13 +13,7 @@ from dist_cl.selection import STRATEGIES, SelectionError, batch_losses, lift, pl
 from dist_cl.selection.spectral import loss_affinity, spectral_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: intra-op threads only add overhead on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def unit_pairs(n: int, d: int, seed: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
