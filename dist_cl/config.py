@@ -326,7 +326,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"selection.strategy={cfg.selection.strategy!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}"
         )
-    accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size"}
+    accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size",
+                                                                                          "map_fn"}
     accepted |= {"random_fraction"}
     for key in cfg.selection.options:
         if key not in accepted:

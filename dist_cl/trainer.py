@@ -27,7 +27,7 @@ from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import Checkpointer, CheckpointError
 from dist_cl.config import FREE_FORM, Config, ConfigError, save_config
 from dist_cl.data import build_dataset
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks, distributed_map
 from dist_cl.embed import embed_indices
 from dist_cl.evaluation import evaluate
 from dist_cl.losses import build_loss
@@ -221,7 +221,7 @@ class Trainer:
             u, v = self.bank.u.numpy(), self.bank.v.numpy()
             tau = float(self.model.temperature())
             batches = select_batches(name, u, v, cfg.train.global_batch_size, seed=seed, tau=tau,
-                                     **cfg.selection.options)
+                                     map_fn=distributed_map, **cfg.selection.options)
             figures["selection/lift"] = lift(u, v, batches, tau=tau, seed=seed)
             figures["selection/bank_staleness"] = self.bank.staleness(self.step)
         else:

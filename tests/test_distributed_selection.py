@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bank_plan import B, N, embeddings
+from bank_plan import B, CELL, N, embeddings
 from conftest import ROOT, torchrun, train_cmd
 from dist_cl.bank import EmbeddingBank
 from dist_cl.selection import select_batches
@@ -21,7 +21,7 @@ def test_plan_from_gathered_bank_is_identical_on_all_ranks_and_to_one_process(tm
         np.testing.assert_array_equal(state["bank"]["v"].numpy(), v)
         assert (state["bank"]["written_at"] >= 0).all()
     np.testing.assert_array_equal(ranks[0]["plan"], ranks[1]["plan"])
-    np.testing.assert_array_equal(ranks[0]["plan"], select_batches("sc_global", u, v, B, seed=3, tau=0.2))
+    np.testing.assert_array_equal(ranks[0]["plan"], select_batches("sc_global", u, v, B, seed=3, tau=0.2, cell_size=CELL))
     rebuilt = [np.concatenate([ranks[0]["slices"][b], ranks[1]["slices"][b]]) for b in range(N // B)]
     np.testing.assert_array_equal(np.stack(rebuilt), ranks[0]["plan"])
 

@@ -5,6 +5,7 @@ Partitions (random, fixed, sc) use every index at most once; full, ncb and exact
 small-N strategies over the N-choose-B batch set. Register a new strategy with one STRATEGIES entry.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,12 +44,14 @@ __all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "
 
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
-                   **options) -> np.ndarray:
+                   map_fn: Callable | None = None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
     ``random_fraction`` (partition strategies): that share of every batch is drawn at random and the
     strategy fills the rest, trading hardness for diversity (hard batches on few classes are full of
     same-class false negatives; docs/RESULTS.md). 0 is the strategy's own plan, 1 a random partition.
+    ``map_fn(fn, items)``: how a strategy that splits into independent pieces (sc_global's cells) maps
+    them, e.g. over ranks with dist_cl.distributed.distributed_map; the plan does not depend on it.
     """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -65,6 +68,8 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
     if not tau > 0:
         raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
+    if map_fn is not None and "map_fn" in inspect.signature(STRATEGIES[name].fn).parameters:
+        options["map_fn"] = map_fn
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
     n_random = round(random_fraction * batch_size)

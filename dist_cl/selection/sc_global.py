@@ -12,6 +12,8 @@ over 1M samples costs minutes at poor recall, and one global eigsh costs minutes
    fits one cell. The pool shrinks by ~B / (2 cell_size) per round, so a round or two suffices.
 """
 
+from typing import Callable, Sequence
+
 import faiss
 import numpy as np
 import scipy.sparse as sp
@@ -122,7 +124,8 @@ def partition_cell(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
 
 
 def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, knn: int = 16,
-                        cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE) -> np.ndarray:
+                        cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE,
+                        map_fn: Callable[[Callable, Sequence], list] | None = None) -> np.ndarray:
     """Partition into N // B hard batches over the whole dataset; the N % B dropped are chosen by ``seed``.
 
     ``knn``: candidate negatives per sample and direction. ``cell_size``: samples per cell (at least
@@ -130,6 +133,8 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     k-means cluster, the unit cells are made of. Each cell gives its
     full batches; the < B rows it leaves over (a coherent fragment, e.g. the part of a cluster that did
     not fill a batch) are pooled and clustered again, so fragments join their nearest fragments.
+    ``map_fn(fn, cells)``: how the independent per-cell work is mapped (e.g. dealt over ranks by
+    dist_cl.distributed.distributed_map); the plan does not depend on it.
     """
     u = np.ascontiguousarray(u, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
@@ -137,14 +142,13 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     rng = np.random.default_rng(seed)
     pool = np.sort(rng.permutation(n)[: n - n % batch_size])
     cell_size = max(cell_size, 4 * batch_size)
+    map_fn = map_fn or (lambda fn, items: [fn(x) for x in items])
     batches = []
     while len(pool) > cell_size:
-        leftovers = []
-        for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size):
-            groups, leftover = partition_cell(u[pool[cell]], v[pool[cell]], batch_size, tau, knn, seed=seed)
-            batches.append(pool[cell][groups])
-            leftovers.append(pool[cell][leftover])
-        pool = np.concatenate(leftovers)
+        cells = [pool[cell] for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size)]
+        results = map_fn(lambda rows: partition_cell(u[rows], v[rows], batch_size, tau, knn, seed=seed), cells)
+        batches.extend(rows[groups] for rows, (groups, _) in zip(cells, results))
+        pool = np.concatenate([rows[leftover] for rows, (_, leftover) in zip(cells, results)])
     groups, _ = partition_cell(u[pool], v[pool], batch_size, tau, knn, seed=seed)
     batches.append(pool[groups])
     return np.concatenate(batches)

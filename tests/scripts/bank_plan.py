@@ -7,11 +7,11 @@ import numpy as np
 import torch
 
 from dist_cl.bank import EmbeddingBank
-from dist_cl.distributed import close_distributed, init_distributed
+from dist_cl.distributed import close_distributed, distributed_map, init_distributed
 from dist_cl.sampler import BatchPlan, PlanSampler
 from dist_cl.selection import select_batches
 
-N, D, B = 240, 16, 24
+N, D, B, CELL = 960, 16, 24, 96
 
 
 def embeddings() -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +34,10 @@ def main():
         local = torch.tensor(local)
         bank.update(local, torch.from_numpy(u[local]), torch.from_numpy(v[local]), step)
     bank.sync()
-    plan = BatchPlan(select_batches("sc_global", bank.u.numpy(), bank.v.numpy(), B, seed=3, tau=0.2), 1, "sc_global")
+    # small cells, so the per-cell work is dealt over the ranks
+    batches = select_batches("sc_global", bank.u.numpy(), bank.v.numpy(), B, seed=3, tau=0.2, cell_size=CELL,
+                             map_fn=distributed_map)
+    plan = BatchPlan(batches, 1, "sc_global")
     slices = list(PlanSampler(plan, info.rank, info.world_size))
     torch.save({"bank": bank.state_dict(), "plan": plan.batches, "slices": slices}, f"{out}/rank{info.rank}.pt")
     close_distributed()
