@@ -123,8 +123,6 @@ class TrainConfig:
 class SelectionConfig:
     strategy: str = "random"
     """Batch selection strategy (see dist_cl.selection.STRATEGIES)."""
-    every_steps: int = 0
-    """Re-select after this many steps; 0 means once per epoch."""
     embeddings: Literal["training", "refresh"] = "training"
     """Bank filled from the training forward passes, or by a refresh pass before each selection."""
     warmup_epochs: int = 1
@@ -304,7 +302,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     non_negative = {
         "train.weight_decay": t.weight_decay, "train.warmup_epochs": t.warmup_epochs,
         "train.grad_clip": t.grad_clip, "eval.every_epochs": cfg.eval.every_epochs,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps, "selection.every_steps": cfg.selection.every_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
     }
     for key, value in non_negative.items():
