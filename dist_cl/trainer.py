@@ -33,8 +33,7 @@ from dist_cl.evaluation import evaluate
 from dist_cl.losses import build_loss
 from dist_cl.models import build_model
 from dist_cl.sampler import BatchPlan, PlanSampler
-from dist_cl.selection import STRATEGIES, select_batches
-from dist_cl.selection.scoring import lift
+from dist_cl.selection import STRATEGIES, lift, select_batches
 
 log = logging.getLogger("dist_cl")
 
@@ -214,6 +213,7 @@ class Trainer:
         if strategy.reads_embeddings and epoch < cfg.selection.warmup_epochs and cfg.selection.embeddings == "training":
             name = "random"  # the bank is not filled yet
         seed = derive_seed(cfg.seed, epoch) if strategy.per_epoch else cfg.seed
+        options = cfg.selection.options if name == cfg.selection.strategy else {}
         started = time.perf_counter()
         figures = {}
         if STRATEGIES[name].reads_embeddings:
@@ -221,12 +221,12 @@ class Trainer:
             u, v = self.bank.u.numpy(), self.bank.v.numpy()
             tau = float(self.model.temperature())
             batches = select_batches(name, u, v, cfg.train.global_batch_size, seed=seed, tau=tau,
-                                     map_fn=distributed_map, **cfg.selection.options)
+                                     map_fn=distributed_map, **options)
             figures["selection/lift"] = lift(u, v, batches, tau=tau, seed=seed)
             figures["selection/bank_staleness"] = self.bank.staleness(self.step)
         else:
             empty = np.zeros((len(self.train_set), 1), dtype=np.float32)
-            batches = select_batches(name, empty, empty, cfg.train.global_batch_size, seed=seed)
+            batches = select_batches(name, empty, empty, cfg.train.global_batch_size, seed=seed, **options)
         figures["selection/seconds"] = time.perf_counter() - started
         plan = BatchPlan(batches, epoch, name)
         check_same_on_all_ranks("batch plan", plan.digest())
