@@ -33,11 +33,13 @@ class _CleanItems(Dataset):
 def embed_indices(
     model, dataset, indices: np.ndarray, *, rank: int, world_size: int, device: torch.device,
     batch_size: int = 256, augmented: bool = False, output: str = "projection", num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    side_b: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(u, v) rows for ``indices``, in that order, on every rank (CPU float32).
 
     ``augmented`` embeds the two augmented views of each sample (the pair), else its clean input twice
-    (tower a for u, tower b for v). ``model`` must be unwrapped (no DDP) and is run in eval mode.
+    (tower a for u, tower b for v). ``side_b=False`` skips v (returned as None) where only u is needed.
+    ``model`` must be unwrapped (no DDP) and is run in eval mode.
     """
     indices = np.asarray(indices, dtype=np.int64)
     n = len(indices)
@@ -50,7 +52,8 @@ def embed_indices(
     us, vs = [], []
     for x_a, x_b in loader:
         us.append(model.embed(x_a.to(device), side="a", output=output).float())
-        vs.append(model.embed(x_b.to(device), side="b", output=output).float())
+        if side_b:
+            vs.append(model.embed(x_b.to(device), side="b", output=output).float())
     model.train(was_training)
-    u, v = torch.cat(us), torch.cat(vs)
-    return gather_rows(u)[:n].cpu(), gather_rows(v)[:n].cpu()
+    u = gather_rows(torch.cat(us))[:n].cpu()
+    return u, gather_rows(torch.cat(vs))[:n].cpu() if side_b else None

@@ -54,8 +54,9 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
         "full_batch_loss": float(batch_infonce(u.double(), v.double(), tau)),
     }
     if heldout_set is not train_set and heldout_set.labels is not None and train_set.labels is not None:
-        train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", **common)
-        test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", **common)
+        train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", side_b=False,
+                                   **common)
+        test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
         metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
     return metrics
 

@@ -105,6 +105,7 @@ def embed_split(
             a, b = embed_indices(
                 model, dataset, indices, rank=info.rank, world_size=info.world_size, device=info.device,
                 batch_size=batch_size, augmented=augmented, output=kind, num_workers=num_workers,
+                side_b=stems[1] is not None,
             )
             for stem, rows in zip(stems, (a, b)):
                 if stem is not None:
