@@ -12,7 +12,7 @@ from pathlib import Path
 from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import ConfigError, load_config, validate
 from dist_cl.data.shards import ShardError, check_shards
-from dist_cl.distributed import close_distributed, init_distributed
+from dist_cl.distributed import close_distributed, exit_process, init_distributed
 from dist_cl.trainer import Trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -34,7 +34,7 @@ from extract_embeddings import SPLITS, add_extraction_args, extract  # noqa: E40
 
 from dist_cl.checkpoint import CheckpointError  # noqa: E402
 from dist_cl.config import ConfigError  # noqa: E402
-from dist_cl.distributed import close_distributed, init_distributed  # noqa: E402
+from dist_cl.distributed import close_distributed, exit_process, init_distributed  # noqa: E402
 from dist_cl.evaluation import knn_top1, linear_probe_top1, retrieval_recall  # noqa: E402
 
 log = logging.getLogger("dist_cl.evaluate")
@@ -144,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

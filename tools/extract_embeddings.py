@@ -41,7 +41,7 @@ from tqdm import tqdm
 from dist_cl.checkpoint import Checkpointer, CheckpointError
 from dist_cl.config import Config, ConfigError, config_from_dict
 from dist_cl.data import build_dataset
-from dist_cl.distributed import DistInfo, close_distributed, init_distributed
+from dist_cl.distributed import DistInfo, close_distributed, exit_process, init_distributed
 from dist_cl.embed import embed_indices
 from dist_cl.evaluation import EVAL_EPOCH
 from dist_cl.models import build_model
@@ -208,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from dist_cl.bank import EmbeddingBank
-from dist_cl.distributed import close_distributed, distributed_map, init_distributed
+from dist_cl.distributed import close_distributed, distributed_map, exit_process, init_distributed
 from dist_cl.sampler import BatchPlan, PlanSampler
 from dist_cl.selection import select_batches
 
@@ -45,3 +45,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_cl.distributed import close_distributed, init_distributed
+from dist_cl.distributed import close_distributed, exit_process, init_distributed
 from dist_cl.losses import build_loss
 
 
@@ -44,3 +44,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

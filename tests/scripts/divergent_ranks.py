@@ -1,8 +1,7 @@
 """Under torchrun: each rank claims a different plan digest; every rank must raise RankDivergenceError."""
 
-import sys
-
-from dist_cl.distributed import RankDivergenceError, check_same_on_all_ranks, close_distributed, init_distributed
+from dist_cl.distributed import (RankDivergenceError, check_same_on_all_ranks, close_distributed, exit_process,
+                                 init_distributed)
 
 info = init_distributed(30)
 check_same_on_all_ranks("config", "ab" * 32)
@@ -11,6 +10,6 @@ try:
 except RankDivergenceError as err:
     print(f"rank {info.rank} raised: {err}", flush=True)
     close_distributed()
-    sys.exit(0)
+    exit_process(0)
 close_distributed()
-sys.exit(1)
+exit_process(1)
