@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader, Dataset
 from dist_cl.distributed import gather_rows
 
 
-class _CleanItems(Dataset):
+class _EmbeddingInputs(Dataset):
+    """Model inputs for each requested index: its two augmented views, or its clean input twice."""
+
     def __init__(self, dataset, indices: np.ndarray, augmented: bool):
         self.dataset = dataset
         self.indices = indices
@@ -48,7 +50,7 @@ def embed_indices(
     mine = padded[rank * per_rank : (rank + 1) * per_rank]
     was_training = model.training
     model.eval()
-    loader = DataLoader(_CleanItems(dataset, mine, augmented), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_EmbeddingInputs(dataset, mine, augmented), batch_size=batch_size, num_workers=num_workers)
     us, vs = [], []
     for x_a, x_b in loader:
         us.append(model.embed(x_a.to(device), side="a", output=output).float())
