@@ -74,7 +74,7 @@ def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int,
     """
     d = x.shape[1]
     clustering = faiss.Clustering(d, n_centroids)
-    clustering.niter, clustering.seed, clustering.spherical = 10, seed, True
+    clustering.niter, clustering.seed, clustering.spherical = 10, seed % 2**31, True  # FAISS takes a C int
     clustering.min_points_per_centroid, clustering.max_points_per_centroid = 1, 64
     if n_centroids >= HNSW_ASSIGN_MIN:
         # 64 rows per centroid and efSearch 64 at N = 1M: still training after 9 minutes
