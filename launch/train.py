@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="'auto' (resume from the run directory's newest checkpoint if any), 'latest', or a path")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and its data, then exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 selection.strategy=sc")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
 
 def main(argv: list[str] | None = None) -> int:
