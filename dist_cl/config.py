@@ -129,6 +129,9 @@ class SelectionConfig:
     """Epochs trained on random batches before the first loss-aware selection (the bank must be full)."""
     options: dict = field(default_factory=dict)
     """Strategy options passed to select_batches (e.g. k, q, chunk_batches)."""
+    overlap: bool = False
+    """Compute the next epoch's plan on a worker thread while this epoch trains, from the bank as it was
+    when this epoch started: selection leaves the critical path, and the bank is one epoch older."""
 
 
 @dataclass

@@ -97,18 +97,19 @@ def check_same_on_all_ranks(what: str, digest: str) -> None:
                                   "rank runs the same code, config and data")
 
 
-def distributed_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+def distributed_map(fn: Callable[[Any], Any], items: Sequence[Any], group=None) -> list[Any]:
     """``[fn(x) for x in items]`` with the items dealt round-robin over the ranks; every rank gets all results.
 
     Each result is computed once, by one rank, and does not depend on which: the output is identical for
-    any world size. A collective: every rank must call it with the same items.
+    any world size. A collective over ``group`` (default: all ranks): every rank must call it with the
+    same items.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [fn(x) for x in items]
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     mine = {i: fn(items[i]) for i in range(rank, len(items), world_size)}
     gathered: list[dict] = [{} for _ in range(world_size)]
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine, group=group)
     merged = {i: result for part in gathered for i, result in part.items()}
     return [merged[i] for i in range(len(items))]
 

@@ -12,6 +12,7 @@ import math
 import random
 import sys
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ from dist_cl.embed import embed_indices
 from dist_cl.evaluation import evaluate
 from dist_cl.losses import build_loss
 from dist_cl.models import build_model
+from dist_cl.planning import BackgroundPlanner, PlanRequest, compute_plan, resolved
 from dist_cl.sampler import BatchPlan, PlanSampler
-from dist_cl.selection import STRATEGIES, lift, select_batches
+from dist_cl.selection import STRATEGIES
 
 log = logging.getLogger("dist_cl")
 
@@ -123,6 +125,9 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.sampler: PlanSampler | None = None
+        self.next_plan: Future | None = None
+        """The next epoch's (plan, figures), computed ahead by the planner under selection.overlap."""
+        self.planner = BackgroundPlanner() if cfg.selection.overlap else None
         torch.manual_seed(derive_seed(cfg.seed, info.rank))
         np.random.seed(derive_seed(cfg.seed, info.rank) % 2**32)
         random.seed(derive_seed(cfg.seed, info.rank))
@@ -137,6 +142,7 @@ class Trainer:
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "next_plan": self.next_plan_state(),
             "bank": self.bank.state_dict(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world_size,
@@ -191,6 +197,9 @@ class Trainer:
         if state["sampler"] is not None:
             plan = BatchPlan.from_state_dict(state["sampler"]["plan"])
             self.sampler = PlanSampler(plan, self.info.rank, self.info.world_size, state["sampler"]["cursor"])
+        if state.get("next_plan") is not None:
+            self.next_plan = resolved(BatchPlan.from_state_dict(state["next_plan"]["plan"]),
+                                      state["next_plan"]["figures"])
         if state["world_size"] == self.info.world_size:
             rng = state["rng"][self.info.rank]
             torch.set_rng_state(rng["torch"])
@@ -205,32 +214,59 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- selection
-    def make_plan(self, epoch: int) -> tuple[BatchPlan, dict]:
-        """The epoch's global batches, identical on every rank, and the figures that describe them."""
+    def plan_request(self, epoch: int, first_step: int) -> PlanRequest:
+        """What the plan for ``epoch`` is computed from, snapshotting the bank now (a collective).
+
+        The plan starts at global step ``first_step``. A loss-aware strategy waits until the bank holds
+        ``selection.warmup_epochs`` epochs of training embeddings; until then the plan is random.
+        """
         cfg = self.cfg
-        strategy = STRATEGIES[cfg.selection.strategy]
-        name = cfg.selection.strategy
-        if strategy.reads_embeddings and epoch < cfg.selection.warmup_epochs and cfg.selection.embeddings == "training":
-            name = "random"  # the bank is not filled yet
-        seed = derive_seed(cfg.seed, epoch) if strategy.per_epoch else cfg.seed
-        options = cfg.selection.options if name == cfg.selection.strategy else {}
         started = time.perf_counter()
-        figures = {}
+        name = cfg.selection.strategy
+        if (STRATEGIES[name].reads_embeddings and cfg.selection.embeddings == "training"
+                and self.epoch < cfg.selection.warmup_epochs):
+            name = "random"  # the bank is not filled yet
+        request = dict(epoch=epoch, strategy=name, batch_size=cfg.train.global_batch_size,
+                       seed=derive_seed(cfg.seed, epoch) if STRATEGIES[name].per_epoch else cfg.seed,
+                       num_samples=len(self.train_set),
+                       options=cfg.selection.options if name == cfg.selection.strategy else {})
         if STRATEGIES[name].reads_embeddings:
-            self.refresh_bank(epoch)
-            u, v = self.bank.u.numpy(), self.bank.v.numpy()
-            tau = float(self.model.temperature())
-            batches = select_batches(name, u, v, cfg.train.global_batch_size, seed=seed, tau=tau,
-                                     map_fn=distributed_map, **options)
-            figures["selection/lift"] = lift(u, v, batches, tau=tau, seed=seed)
-            figures["selection/bank_staleness"] = self.bank.staleness(self.step)
+            self.refresh_bank(self.epoch)
+            request.update(u=self.bank.u.numpy().copy(), v=self.bank.v.numpy().copy(),
+                           tau=float(self.model.temperature()),
+                           staleness=self.bank.staleness(first_step))
+        return PlanRequest(**request, prepare_seconds=time.perf_counter() - started)
+
+    def take_plan(self) -> tuple[BatchPlan, dict]:
+        """This epoch's global batches, identical on every rank: the one computed ahead, or one made now."""
+        started = time.perf_counter()
+        if self.next_plan is not None:
+            plan, figures = self.next_plan.result()
+            # the bank snapshot was taken on this thread, the rest overlapped the previous epoch
+            waited = figures["selection/prepare_seconds"] + time.perf_counter() - started
+            figures = {**figures, "selection/wait_seconds": waited}
+            self.next_plan = None
         else:
-            empty = np.zeros((len(self.train_set), 1), dtype=np.float32)
-            batches = select_batches(name, empty, empty, cfg.train.global_batch_size, seed=seed, **options)
-        figures["selection/seconds"] = time.perf_counter() - started
-        plan = BatchPlan(batches, epoch, name)
+            plan, figures = compute_plan(self.plan_request(self.epoch, self.step))
+            figures["selection/wait_seconds"] = time.perf_counter() - started
+        if plan.epoch != self.epoch:
+            raise RuntimeError(f"the plan computed ahead is for epoch {plan.epoch}, not {self.epoch}")
         check_same_on_all_ranks("batch plan", plan.digest())
         return plan, figures
+
+    def plan_ahead(self) -> None:
+        """Start computing the next epoch's plan on the planner, from the bank as it is now."""
+        if self.planner is not None and self.epoch + 1 < self.cfg.train.epochs:
+            first_step = self.step + len(self.sampler.plan) - self.sampler.cursor
+            self.next_plan = self.planner.submit(self.plan_request(self.epoch + 1, first_step))
+
+    def next_plan_state(self) -> dict | None:
+        """The plan computed ahead, waited for: a checkpoint must resume with it, not recompute it from a
+        bank that training has moved on."""
+        if self.next_plan is None:
+            return None
+        plan, figures = self.next_plan.result()
+        return {"plan": plan.state_dict(), "figures": figures}
 
     def refresh_bank(self, epoch: int) -> None:
         """Make the bank complete: everything (refresh mode) or only rows never written (training mode)."""
@@ -338,13 +374,16 @@ class Trainer:
         epoch_seconds = time.perf_counter() - started
         mean_loss = float(np.mean(losses)) if losses else float("nan")
         log.info(
-            "epoch %d step %d | data %.2fs total %.2fs | %.0f samples/s | lr %.3e | loss %.4f | selection %.2fs",
+            "epoch %d step %d | data %.2fs total %.2fs | %.0f samples/s | lr %.3e | loss %.4f | selection %.2fs "
+            "(waited %.2fs)",
             self.epoch, self.step, data_time, epoch_seconds,
             len(losses) * cfg.train.global_batch_size / max(epoch_seconds, 1e-9),
             self.optimizer.param_groups[0]["lr"], mean_loss, figures.get("selection/seconds", 0.0),
+            figures.get("selection/wait_seconds", 0.0),
         )
-        if "selection/seconds" in figures:
-            figures["selection/share"] = figures["selection/seconds"] / (figures["selection/seconds"] + epoch_seconds)
+        if "selection/wait_seconds" in figures:
+            waited = figures["selection/wait_seconds"]
+            figures["selection/share"] = waited / (waited + epoch_seconds)
         return mean_loss
 
     def log_eval(self, loss: float | None, figures: dict) -> None:
@@ -372,8 +411,9 @@ class Trainer:
         while self.epoch < cfg.train.epochs:
             figures = {}
             if self.sampler is None:
-                plan, figures = self.make_plan(self.epoch)
+                plan, figures = self.take_plan()
                 self.sampler = PlanSampler(plan, self.info.rank, self.info.world_size)
+                self.plan_ahead()
             loss = self.train_epoch(figures)
             if self.writer is not None:
                 for key, value in figures.items():
@@ -388,5 +428,7 @@ class Trainer:
             self.save_checkpoint()
 
     def close(self) -> None:
+        if self.planner is not None:
+            self.planner.close()
         if self.writer is not None:
             self.writer.close()

@@ -51,3 +51,26 @@ def test_sc_global_training_writes_every_selection_scalar_with_lift_above_one(tm
     assert len(lifts) == 2 and min(lifts) > 1.0  # epochs 1 and 2 (epoch 0 warms the bank up)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["selection/lift"] == pytest.approx(lifts[-1], rel=1e-6)
+
+
+def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
+    """selection.overlap: the plan for epoch e+1 is computed while epoch e trains, from the bank as epoch e
+    started (= the bank saved at the end of epoch e-1); its cells are dealt over both ranks on the planner's
+    own process group while DDP runs on the default one."""
+    from dist_cl.trainer import derive_seed
+
+    n, batch, tau = 64, 8, 0.5
+    torchrun(train_cmd(tmp_path, "--config", str(ROOT / "configs" / "synthetic.yaml"), f"data.num_samples={n}",
+                       f"train.global_batch_size={batch}", f"loss.tau={tau}", "train.epochs=3", "eval.every_epochs=0",
+                       "checkpoint.keep=10", "selection.strategy=sc_global", "selection.overlap=true",
+                       "selection.options={cell_size: 32}"))
+    ends = [torch.load(tmp_path / "checkpoints" / f"step-{8 * (e + 1):08d}.pt", weights_only=False) for e in range(3)]
+    assert ends[0]["next_plan"]["plan"]["strategy"] == "random"  # snapshot of epoch 0, inside the warm-up
+    ahead = ends[1]["next_plan"]["plan"]
+    assert (ahead["epoch"], ahead["strategy"]) == (2, "sc_global")
+    bank = ends[0]["bank"]
+    assert (bank["written_at"] >= 0).all()  # N divisible by B: epoch 0 wrote every row, none is refreshed
+    expected = select_batches("sc_global", bank["u"].numpy(), bank["v"].numpy(), batch, seed=derive_seed(0, 2),
+                              tau=tau, cell_size=32)
+    np.testing.assert_array_equal(ahead["batches"], expected)
+    assert ends[2]["next_plan"] is None  # no epoch 3 to plan for

@@ -34,11 +34,11 @@ def reference_runs(tmp_path_factory):
     """Uninterrupted runs by strategy, made once per module."""
     runs = {}
 
-    def get(strategy: str):
-        if strategy not in runs:
-            runs[strategy] = tmp_path_factory.mktemp(f"reference-{strategy}")
-            torchrun(train_cmd(runs[strategy], *FAST, f"selection.strategy={strategy}"))
-        return runs[strategy]
+    def get(*overrides: str):
+        if overrides not in runs:
+            runs[overrides] = tmp_path_factory.mktemp("reference")
+            torchrun(train_cmd(runs[overrides], *FAST, *overrides))
+        return runs[overrides]
 
     return get
 
@@ -55,7 +55,7 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
 
 
 def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_runs, tmp_path):
-    reference_run = reference_runs("random")
+    reference_run = reference_runs("selection.strategy=random")
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
     for path in (tmp_path / "checkpoints").glob("step-*"):
         if int(path.name[5:13]) > 15:
@@ -71,14 +71,20 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.mark.parametrize("strategy,kill_after_step", [("random", 10), ("sc_global", 30)])
-def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_runs, tmp_path, strategy,
+@pytest.mark.parametrize("overrides,kill_after_step", [
+    (("selection.strategy=random",), 10),
+    (("selection.strategy=sc_global",), 30),
+    (("selection.strategy=sc_global", "selection.overlap=true", "selection.warmup_epochs=0"), 10),
+], ids=["random", "sc_global", "sc_global-overlap"])
+def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_runs, tmp_path, overrides,
                                                                      kill_after_step):
-    """22 steps per epoch: step 10 is inside epoch 0; step 30 is inside epoch 1, the first sc_global plan."""
-    reference_run = reference_runs(strategy)
+    """22 steps per epoch: step 10 is inside epoch 0; step 30 is inside epoch 1, the first sc_global plan.
+    With overlap, epoch 1's plan is being computed when the kill comes at step 10: the checkpoints of
+    epoch 0 must carry it, since the bank it was computed from is gone by then."""
+    reference_run = reference_runs(*overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           *train_cmd(tmp_path, *FAST, f"selection.strategy={strategy}")]
+           *train_cmd(tmp_path, *FAST, *overrides)]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trigger = tmp_path / "checkpoints" / f"step-{kill_after_step:08d}.pt"
     deadline = time.time() + 120
