@@ -343,6 +343,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"model.backbone={cfg.model.backbone!r} with data.name={cfg.data.name!r}: the 'free' embedding model "
             "goes with data.name=synthetic and only there"
         )
+    if cfg.model.backbone == "free" and (t.optimizer != "sgd" or t.weight_decay):
+        raise ConfigError(
+            f"model.backbone=free with train.optimizer={t.optimizer}, train.weight_decay={t.weight_decay}: free "
+            "embeddings get sparse gradients (a step touches only its batch's rows), which only SGD without "
+            "weight decay applies; set train.optimizer=sgd train.weight_decay=0"
+        )
     if world_size is not None and t.global_batch_size % world_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by world_size={world_size}; "

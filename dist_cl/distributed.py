@@ -70,6 +70,10 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's rows (summed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

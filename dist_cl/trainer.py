@@ -101,7 +101,7 @@ class Trainer:
             raise ConfigError(f"model.in_chans={cfg.model.in_chans} but the data has {channels}-channel images; "
                               f"set model.in_chans={channels}")
         self.model = build_model(cfg, n).to(info.device)
-        self.ddp = DistributedDataParallel(
+        self.ddp = self.model if getattr(self.model, "averages_own_gradients", False) else DistributedDataParallel(
             self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
         self.loss_fn = build_loss(cfg.loss.name, info.rank, info.world_size)

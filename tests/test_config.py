@@ -32,6 +32,7 @@ def test_yaml_file_then_overrides(tmp_path):
         (["data.name=shards"], "data.name=shards needs data.path=<shard directory>"),
         (["data.name=shards", "data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),
         (["model.backbone=free"], "the 'free' embedding model goes with data.name=synthetic"),
+        (["data.name=synthetic", "model.backbone=free", "train.optimizer=adamw"], "which only SGD without weight decay"),
         (["train"], "override 'train' must look like section.key=value"),
         (["selection.strategy=sc", "selection.options.chunks=4"],
          "selection.options.chunks is not an option of strategy 'sc'; known: chunk_batches"),

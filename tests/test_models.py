@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import ROOT, torchrun
 from dist_cl.config import load_config
 from dist_cl.losses import InfoNCELoss
 from dist_cl.models import build_model
@@ -39,7 +40,7 @@ def test_learnable_temperature_receives_a_gradient_and_fixed_does_not_train():
 
 
 def test_free_embeddings_look_up_normalised_rows_by_index():
-    model = build_model(load_config(None, ["data.name=synthetic", "model.backbone=free", "model.embed_dim=4"]), 8)
+    model = build_model(load_config(ROOT / "configs" / "synthetic.yaml", ["model.embed_dim=4"]), 8)
     idx = torch.tensor([3, 0, 3])
     u, v, _ = model(idx, idx)
     torch.testing.assert_close(u[0], u[2])
@@ -52,3 +53,23 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert lr_factor(6.0, 2.0, 10.0) == pytest.approx(0.5)
     assert lr_factor(10.0, 2.0, 10.0) == pytest.approx(0.0)
     assert lr_factor(1.0, 0.0, 4.0) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi / 4)).item()))
+
+
+def test_free_embeddings_average_sparse_row_gradients_over_ranks_like_one_process(tmp_path):
+    """2 ranks, no DDP: each rank ends with the full-batch gradient, as sparse rows of the batch only."""
+    from free_grads import BATCH, make_model
+
+    torchrun([str(ROOT / "tests" / "scripts" / "free_grads.py"), str(tmp_path)])
+    reference = make_model()
+    u, v, tau = reference(BATCH, BATCH)
+    InfoNCELoss()(u, v, tau).backward()
+    outside = torch.ones(len(reference.u), dtype=torch.bool)
+    outside[BATCH] = False
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        for side in ("u", "v"):
+            assert grads[side].layout == torch.sparse_coo
+            dense = grads[side].to_dense()
+            torch.testing.assert_close(dense, getattr(reference, side).grad.to_dense(), rtol=1e-10, atol=1e-12)
+            assert (dense[outside] == 0).all() and (dense[BATCH].abs().sum(1) > 0).all()
+        torch.testing.assert_close(grads["log_tau"], reference.temperature.log_tau.grad, rtol=1e-10, atol=1e-12)
