@@ -132,6 +132,9 @@ class SelectionConfig:
     overlap: bool = False
     """Compute the next epoch's plan on a worker thread while this epoch trains, from the bank as it was
     when this epoch started: selection leaves the critical path, and the bank is one epoch older."""
+    every_steps: int = 0
+    """Also re-partition the rest of the epoch every this many steps, from the bank as it is then (0:
+    once per epoch). For epochs so long that a bank from the epoch's start is stale."""
 
 
 @dataclass
@@ -307,6 +310,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "train.grad_clip": t.grad_clip, "eval.every_epochs": cfg.eval.every_epochs,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
+        "selection.every_steps": cfg.selection.every_steps,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -327,6 +331,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"selection.strategy={cfg.selection.strategy!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}"
         )
+    strategy = STRATEGIES[cfg.selection.strategy]
+    if cfg.selection.every_steps and not (strategy.reads_embeddings and strategy.partition):
+        raise ConfigError(f"selection.every_steps re-partitions the rest of an epoch by loss; strategy "
+                          f"{cfg.selection.strategy!r} is not a loss-aware partition: use sc or sc_global, or "
+                          "selection.every_steps=0")
+    if cfg.selection.every_steps and cfg.selection.overlap:
+        raise ConfigError("selection.every_steps re-selects synchronously inside the epoch, selection.overlap "
+                          "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
     accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size",
                                                                                           "map_fn"}
     accepted |= {"random_fraction"}

@@ -35,7 +35,7 @@ from dist_cl.losses import build_loss
 from dist_cl.models import build_model
 from dist_cl.planning import BackgroundPlanner, PlanRequest, compute_plan, resolved
 from dist_cl.sampler import BatchPlan, PlanSampler
-from dist_cl.selection import STRATEGIES
+from dist_cl.selection import STRATEGIES, select_batches
 
 log = logging.getLogger("dist_cl")
 
@@ -341,38 +341,49 @@ class Trainer:
     def train_epoch(self, figures: dict) -> float:
         cfg, info = self.cfg, self.info
         self.train_set.set_epoch(self.epoch)
-        loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
-                            pin_memory=info.device.type == "cuda", persistent_workers=False)
-        self.ddp.train()
         bar = tqdm(total=len(self.sampler.plan), initial=self.sampler.cursor, desc=f"epoch {self.epoch}",
                    disable=not (info.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
         losses, started, data_time, tick = [], time.perf_counter(), 0.0, time.perf_counter()
-        for view_a, view_b, index in loader:
-            data_time += time.perf_counter() - tick
-            loss = self.train_step(view_a, view_b, index)
-            self.sampler.cursor += 1
-            self.step += 1
-            if loss is not None:
-                losses.append(loss)
-            elapsed = time.perf_counter() - started
-            samples_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed, 1e-9)
-            lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", lr=f"{lr:.2e}",
-                            samples_s=f"{samples_per_s:.0f}")
-            bar.update()
-            if self.writer is not None and self.step % cfg.run.log_every_steps == 0:
-                self.writer.add_scalar("train/loss", losses[-1] if losses else float("nan"), self.step)
-                self.writer.add_scalar("train/lr", lr, self.step)
-                self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
-                self.writer.add_scalar("train/data_time_s", data_time, self.step)
-                self.writer.add_scalar("train/tau", float(self.model.temperature()), self.step)
-                self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                self.save_checkpoint()
-            tick = time.perf_counter()
+        reselect_seconds = 0.0
+        self.ddp.train()
+        while self.sampler.cursor < len(self.sampler.plan):
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
+                                pin_memory=info.device.type == "cuda", persistent_workers=False)
+            for view_a, view_b, index in loader:
+                data_time += time.perf_counter() - tick
+                loss = self.train_step(view_a, view_b, index)
+                self.sampler.cursor += 1
+                self.step += 1
+                if loss is not None:
+                    losses.append(loss)
+                elapsed = time.perf_counter() - started
+                samples_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed, 1e-9)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{losses[-1] if losses else float('nan'):.4f}", lr=f"{lr:.2e}",
+                                samples_s=f"{samples_per_s:.0f}")
+                bar.update()
+                if self.writer is not None and self.step % cfg.run.log_every_steps == 0:
+                    self.writer.add_scalar("train/loss", losses[-1] if losses else float("nan"), self.step)
+                    self.writer.add_scalar("train/lr", lr, self.step)
+                    self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
+                    self.writer.add_scalar("train/data_time_s", data_time, self.step)
+                    self.writer.add_scalar("train/tau", float(self.model.temperature()), self.step)
+                    self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
+                # before the checkpoint, so that one taken here already holds the re-selected rest
+                reselected = self.reselect_due()
+                if reselected:
+                    reselect_seconds += self.reselect_rest()
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.save_checkpoint()
+                tick = time.perf_counter()
+                if reselected:
+                    break  # this loader walks the old plan
         bar.close()
-        epoch_seconds = time.perf_counter() - started
+        epoch_seconds = time.perf_counter() - started - reselect_seconds
         mean_loss = float(np.mean(losses)) if losses else float("nan")
+        if reselect_seconds:
+            figures["selection/seconds"] = figures.get("selection/seconds", 0.0) + reselect_seconds
+            figures["selection/wait_seconds"] = figures.get("selection/wait_seconds", 0.0) + reselect_seconds
         log.info(
             "epoch %d step %d | data %.2fs total %.2fs | %.0f samples/s | lr %.3e | loss %.4f | selection %.2fs "
             "(waited %.2fs)",
@@ -385,6 +396,26 @@ class Trainer:
             waited = figures["selection/wait_seconds"]
             figures["selection/share"] = waited / (waited + epoch_seconds)
         return mean_loss
+
+    def reselect_due(self) -> bool:
+        """selection.every_steps: time to re-partition the rest of a loss-aware epoch plan."""
+        every, cursor, plan = self.cfg.selection.every_steps, self.sampler.cursor, self.sampler.plan
+        return bool(every) and plan.strategy == self.cfg.selection.strategy and cursor % every == 0 \
+            and cursor < len(plan)
+
+    def reselect_rest(self) -> float:
+        """Re-partition the samples of the batches not trained yet this epoch, by the bank as it is now
+        (a collective); the seconds it took. The epoch still covers each of its samples once."""
+        started = time.perf_counter()
+        cfg, plan, cursor = self.cfg, self.sampler.plan, self.sampler.cursor
+        rest = np.sort(plan.batches[cursor:].ravel())
+        self.refresh_bank(self.epoch)
+        chosen = select_batches(cfg.selection.strategy, self.bank.u.numpy()[rest], self.bank.v.numpy()[rest],
+                                cfg.train.global_batch_size, seed=derive_seed(cfg.seed, self.epoch, cursor),
+                                tau=float(self.model.temperature()), map_fn=distributed_map, **cfg.selection.options)
+        plan.batches = np.concatenate([plan.batches[:cursor], rest[chosen]])
+        check_same_on_all_ranks("batch plan", plan.digest())
+        return time.perf_counter() - started
 
     def log_eval(self, loss: float | None, figures: dict) -> None:
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,

@@ -74,3 +74,23 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
                               tau=tau, cell_size=32)
     np.testing.assert_array_equal(ahead["batches"], expected)
     assert ends[2]["next_plan"] is None  # no epoch 3 to plan for
+
+
+def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_step(tmp_path):
+    """selection.every_steps=8 on digits (22 steps an epoch; epoch 1 is sc_global): at cursor 8 (step 30)
+    the 14 batches not trained yet are re-partitioned from the bank then; the first 8 stay as trained."""
+    from dist_cl.trainer import derive_seed
+
+    torchrun(train_cmd(tmp_path, "train.epochs=2", "eval.every_epochs=0", "selection.strategy=sc_global",
+                       "selection.every_steps=8", "checkpoint.every_steps=5", "checkpoint.keep=20"))
+    before, after = (torch.load(tmp_path / "checkpoints" / f"step-{s:08d}.pt", weights_only=False) for s in (25, 30))
+    assert (before["sampler"]["cursor"], after["sampler"]["cursor"]) == (3, 8)
+    old, new = before["sampler"]["plan"]["batches"], after["sampler"]["plan"]["batches"]
+    np.testing.assert_array_equal(new[:8], old[:8])
+    rest = np.sort(old[8:].ravel())
+    np.testing.assert_array_equal(np.sort(new[8:].ravel()), rest)  # same samples, each once
+    assert not np.array_equal(new[8:], old[8:])
+    bank = after["bank"]
+    expected = rest[select_batches("sc_global", bank["u"].numpy()[rest], bank["v"].numpy()[rest], 64,
+                                   seed=derive_seed(0, 1, 8), tau=0.1)]
+    np.testing.assert_array_equal(new[8:], expected)
