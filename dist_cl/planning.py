@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from dist_cl.distributed import distributed_map
@@ -44,7 +45,8 @@ def compute_plan(request: PlanRequest, map_fn=distributed_map) -> tuple[BatchPla
     if request.u is not None:
         batches = select_batches(request.strategy, request.u, request.v, request.batch_size, seed=request.seed,
                                  tau=request.tau, map_fn=map_fn, **request.options)
-        figures["selection/lift"] = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed)
+        figures["selection/lift"] = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed,
+                                         dtype=torch.float32)
         figures["selection/bank_staleness"] = request.staleness
     else:
         empty = np.zeros((request.num_samples, 1), dtype=np.float32)

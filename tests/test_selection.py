@@ -47,6 +47,15 @@ def test_plan_loss_and_batch_losses_match_float64_reference(dtype):
     assert plan_loss(u, v, plan, tau=0.1) == pytest.approx(np.mean(expected), rel=1e-10)
 
 
+def test_float32_scoring_the_trainer_logs_agrees_with_float64_to_six_digits():
+    u, v = unit_pairs(512, 32, seed=3)
+    plan = select_batches("sc_global", u, v, 64, seed=0, tau=0.1)
+    np.testing.assert_allclose(batch_losses(u, v, plan, tau=0.1, dtype=torch.float32),
+                               batch_losses(u, v, plan, tau=0.1), rtol=1e-6)
+    assert lift(u, v, plan, tau=0.1, seed=1, dtype=torch.float32) == pytest.approx(lift(u, v, plan, tau=0.1, seed=1),
+                                                                                   rel=1e-6)
+
+
 def test_lift_is_one_for_the_random_partition_it_compares_against_and_above_one_for_osgd():
     u, v = unit_pairs(12, 3, seed=3)
     reference = select_batches("random", u, v, 3, seed=7)
