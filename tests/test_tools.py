@@ -164,3 +164,11 @@ def test_cluster_configs_load_and_build_their_model(tmp_path, name, image_size, 
     with torch.no_grad():
         u, v, tau = model(torch.zeros(2, 3, image_size, image_size), torch.zeros(2, 3, image_size, image_size))
     assert u.shape == v.shape == (2, cfg.model.embed_dim)
+
+
+def test_bench_selection_ranks_prints_a_row_per_size_with_plans_identical_on_both_ranks():
+    """Two ranks deal sc_global's k-means assignment and cells; the tool checks the plans agree."""
+    proc = torchrun([str(ROOT / "tools" / "bench_selection_ranks.py"), "--sizes", "3000", "--dim", "16",
+                     "--batch-size", "32", "--repeats", "1"])
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
+    assert len(rows) == 1 and rows[0][1:4] == ["3000", "16", "32"] and float(rows[0][4]) > 0
