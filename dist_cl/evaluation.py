@@ -8,28 +8,47 @@ import numpy as np
 import torch
 
 from dist_cl.embed import embed_indices
-from dist_cl.losses import batch_infonce
 
 EVAL_EPOCH = 2**31 - 1
 """Augmentation epoch of the held-out pairs: the same views at every evaluation of every run."""
 
 
-def retrieval_recall(a: torch.Tensor, b: torch.Tensor, k: int = 1) -> float:
+BLOCK_ELEMENTS = 1 << 25
+"""Similarities held at once (256 MiB of float64): the metrics run over row blocks, so ImageNet-size
+splits (50k held-out against 1.28M training rows) never build the full similarity matrix."""
+
+
+def _row_blocks(n_rows: int, n_columns: int, block_elements: int) -> list[slice]:
+    rows = max(1, block_elements // max(n_columns, 1))
+    return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+def _partner_hits(queries: torch.Tensor, keys: torch.Tensor, k: int, block_elements: int) -> torch.Tensor:
+    """For each query row i: whether key row i is among its top-k keys by inner product."""
+    hits = []
+    for rows in _row_blocks(len(queries), len(keys), block_elements):
+        top = (queries[rows] @ keys.T).topk(k, dim=1).indices
+        hits.append((top == torch.arange(rows.start, rows.stop)[:, None]).any(1))
+    return torch.cat(hits)
+
+
+def retrieval_recall(a: torch.Tensor, b: torch.Tensor, k: int = 1, block_elements: int = BLOCK_ELEMENTS) -> float:
     """Fraction of rows whose partner is among the top-k by inner product, mean of a->b and b->a."""
-    sim = a.double() @ b.double().T
-    target = torch.arange(len(a))[:, None]
+    a, b = a.double(), b.double()
     k = min(k, len(a))
-    hit_ab = (sim.topk(k, dim=1).indices == target).any(1).double().mean()
-    hit_ba = (sim.T.topk(k, dim=1).indices == target).any(1).double().mean()
+    hit_ab = _partner_hits(a, b, k, block_elements).double().mean()
+    hit_ba = _partner_hits(b, a, k, block_elements).double().mean()
     return float((hit_ab + hit_ba) / 2)
 
 
-def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, k: int) -> float:
+def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, k: int,
+             block_elements: int = BLOCK_ELEMENTS) -> float:
     """Cosine kNN: majority label of the k nearest training rows (ties to the nearest such label)."""
     train_x = torch.nn.functional.normalize(train_x.double(), dim=1)
     test_x = torch.nn.functional.normalize(test_x.double(), dim=1)
     k = min(k, len(train_x))
-    nearest = (test_x @ train_x.T).topk(k, dim=1).indices.numpy()
+    nearest = np.concatenate([(test_x[rows] @ train_x.T).topk(k, dim=1).indices.numpy()
+                              for rows in _row_blocks(len(test_x), len(train_x), block_elements)])
     votes = np.asarray(train_y)[nearest]
     predictions = []
     for row in votes:
@@ -37,6 +56,20 @@ def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, t
         winners = np.flatnonzero(counts == counts.max())
         predictions.append(next(label for label in row if label in winners))
     return float((np.asarray(predictions) == np.asarray(test_y)).mean())
+
+
+def full_batch_loss(u: torch.Tensor, v: torch.Tensor, tau: float, block_elements: int = BLOCK_ELEMENTS) -> float:
+    """The symmetric InfoNCE of all pairs as one batch (dist_cl.losses.batch_infonce), over row blocks:
+    row log-sum-exps per block, column log-sum-exps accumulated across blocks."""
+    u, v = u.double(), v.double()
+    row_terms = torch.zeros((), dtype=torch.float64)
+    column_lse = torch.full((len(v),), float("-inf"), dtype=torch.float64)
+    for rows in _row_blocks(len(u), len(v), block_elements):
+        s = u[rows] @ v.T / tau
+        row_terms += s.logsumexp(1).sum()
+        column_lse = torch.logaddexp(column_lse, s.logsumexp(0))
+    positives = (u * v).sum(1) / tau
+    return float((row_terms + column_lse.sum() - 2 * positives.sum()) / len(u))
 
 
 def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float) -> dict:
@@ -51,7 +84,7 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
     metrics = {
         "retrieval_top1": retrieval_recall(u, v, 1),
         "retrieval_recall5": retrieval_recall(u, v, 5),
-        "full_batch_loss": float(batch_infonce(u.double(), v.double(), tau)),
+        "full_batch_loss": full_batch_loss(u, v, tau),
     }
     if heldout_set is not train_set and heldout_set.labels is not None and train_set.labels is not None:
         train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", side_b=False,

@@ -132,6 +132,25 @@ def test_metrics_equal_brute_force_numpy_and_sklearn(small_embeddings):
     assert metrics["probe_top1"] == pytest.approx(expected_probe, abs=1e-12)
 
 
+@pytest.mark.parametrize("block_rows", [1, 7, 1000])
+def test_metrics_over_row_blocks_equal_brute_force(small_embeddings, block_rows):
+    """ImageNet-size splits are scored block by block; any block size gives the whole-matrix answer."""
+    from dist_cl.evaluation import full_batch_loss, knn_top1, retrieval_recall
+    from dist_cl.losses import batch_infonce
+
+    train, heldout = small_embeddings
+    u, v = torch.from_numpy(heldout["u"]), torch.from_numpy(heldout["v"])
+    for k in (1, 5):
+        assert retrieval_recall(u, v, k, block_elements=block_rows * len(v)) == pytest.approx(
+            brute_force_recall(heldout["u"], heldout["v"], k), abs=1e-12)
+    expected_knn = brute_force_knn(train["backbone"], train["labels"], heldout["backbone"], heldout["labels"], 7)
+    assert knn_top1(torch.from_numpy(train["backbone"]), train["labels"], torch.from_numpy(heldout["backbone"]),
+                    heldout["labels"], 7, block_elements=block_rows * len(train["backbone"])) == pytest.approx(
+        expected_knn, abs=1e-12)
+    assert full_batch_loss(u, v, 0.3, block_elements=block_rows * len(v)) == pytest.approx(
+        float(batch_infonce(u.double(), v.double(), 0.3)), rel=1e-12)
+
+
 def test_metrics_without_labels_or_backbone_are_left_out(small_embeddings):
     train, heldout = small_embeddings
     only_pairs = {"u": heldout["u"], "v": heldout["v"]}
