@@ -14,7 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dist_cl.config import AugmentConfig
-from dist_cl.data.shards import INDEX_NAME, ShardError, ShardPairs, check_shards, split_dir
+from dist_cl.data.shards import (
+    INDEX_NAME, OFFSETS_SUFFIX, ShardError, ShardPairs, check_shards, offsets_path, split_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
@@ -155,14 +157,43 @@ def test_corrupt_image_member_is_an_error_naming_shard_and_member(tmp_path):
         dataset(out).load(6)
 
 
-def test_corrupt_tar_header_is_an_error_naming_the_shard(tmp_path):
-    out, _ = shards_from_npz(tmp_path)
+def test_corrupt_tar_header_is_an_error_naming_the_shard_when_it_must_be_parsed(tmp_path):
+    """With its offsets table a shard's headers are never parsed (the data is still checked by its .idx
+    and by decoding); without one (shards from other tools) wids parses them and a bad one is named."""
+    out, arrays = shards_from_npz(tmp_path)
     shard = out / "shard-000003.tar"
     data = bytearray(shard.read_bytes())
     data[124:136] = b"zzzzzzzzzzz\0"  # the size field of the first header
     shard.write_bytes(bytes(data))
+    np.testing.assert_array_equal(np.asarray(dataset(out).load(15)), arrays["images"][15])
+    offsets_path(shard).unlink()
     with pytest.raises(ShardError, match="shard-000003.tar"):
         dataset(out).load(15)
+
+
+def test_samples_read_through_offsets_tables_equal_samples_parsed_by_wids(tmp_path):
+    out, _ = shards_from_npz(tmp_path, n=12, labels=False)
+    with_tables = dataset(out)
+    members = {i: {k: v.read() if k != "__key__" else v for k, v in with_tables._shard(i // 5)[i % 5].items()}
+               for i in range(12)}
+    assert members[7].keys() == {"__key__", ".png", ".idx"}  # unlabelled: no .cls member
+    for table in out.glob("*" + OFFSETS_SUFFIX):
+        table.unlink()
+    parsed = dataset(out)
+    for i in range(12):
+        assert {k: v.read() if k != "__key__" else v for k, v in parsed._shard(i // 5)[i % 5].items()} == members[i]
+
+
+@pytest.mark.parametrize("damage", ["other_shards_table", "garbage"])
+def test_offsets_table_that_does_not_fit_its_shard_is_an_error_naming_it(tmp_path, damage):
+    out, _ = shards_from_npz(tmp_path)  # shard-000004 holds 3 samples, the others 5
+    table = offsets_path(out / "shard-000004.tar")
+    if damage == "garbage":
+        table.write_bytes(b"not an array")
+    else:
+        table.write_bytes(offsets_path(out / "shard-000000.tar").read_bytes())
+    with pytest.raises(ShardError, match=r"offsets table .*shard-000004\.tar\.offsets\.npy"):
+        dataset(out).load(21)
 
 
 @pytest.mark.parametrize("stored", [b"3", b"9"], ids=["duplicated", "out_of_range"])

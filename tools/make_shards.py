@@ -7,7 +7,8 @@
 Sample i goes to shard i // samples-per-shard under key %09d with members .png/.jpg (image), .cls (label,
 where known) and .idx (i). Resumable: each shard is written to a temporary name and renamed when complete,
 so a rerun with the same arguments keeps finished shards and writes the rest. A finished output (it has
-shardindex.json) or one begun with other arguments is only replaced with --force.
+shardindex.json) or one begun with other arguments is only replaced with --force. Each shard gets an
+offsets table beside it (``<shard>.offsets.npy``), so readers open it without parsing its tar headers.
 """
 
 import argparse
@@ -27,7 +28,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_cl.data.shards import IMAGE_EXTENSIONS, INDEX_KIND, INDEX_NAME, sample_key, shard_name  # noqa: E402
+from dist_cl.data.shards import (  # noqa: E402
+    IMAGE_EXTENSIONS, INDEX_KIND, INDEX_NAME, OFFSETS_COLUMNS, offsets_path, sample_key, shard_name,
+)
 
 PARAMS_NAME = "make_shards.json"
 
@@ -132,17 +135,28 @@ def write_shard(path: Path, source: Source, indices: range, progress: tqdm) -> N
 
 
 def describe_shard(path: Path) -> dict:
-    """The shard's wids index entry, read back from the file (so kept shards are described the same way)."""
-    labels, nsamples = [], 0
+    """The shard's wids index entry, read back from the file (so kept shards are described the same way);
+    writes the shard's offsets table beside it on the way (dist_cl.data.shards.OFFSETS_COLUMNS)."""
+    labels, rows = [], {}
     with tarfile.open(path) as tar:
         for member in tar:
-            if member.name.endswith(".idx"):
-                nsamples += 1
-            elif member.name.endswith(".cls"):
+            key, ext = member.name.split(".", 1)
+            row = rows.setdefault(key, [0, 0, 0, -1, 0, 0, 0])
+            if ext == "idx":
+                row[5:7] = member.offset_data, member.size
+            elif ext == "cls":
+                row[3:5] = member.offset_data, member.size
                 labels.append(int(tar.extractfile(member).read()))
+            else:
+                row[0:3] = member.offset_data, member.size, IMAGE_EXTENSIONS.index(ext)
+    table = np.array(list(rows.values()), dtype=np.int64).reshape(-1, len(OFFSETS_COLUMNS))
+    tmp = offsets_path(path).with_name(offsets_path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, table)
+    os.replace(tmp, offsets_path(path))
     entry = {
         "url": path.name,
-        "nsamples": nsamples,
+        "nsamples": len(table),
         "filesize": path.stat().st_size,
         "md5sum": hashlib.md5(path.read_bytes()).hexdigest(),
     }

@@ -7,12 +7,19 @@ under key ``%09d % i`` with members ``.png``/``.jpg`` (image), ``.cls`` (label) 
 checked on every read). A data.path may hold ``train/`` and ``heldout/`` shard directories, or be one
 shard directory used as the training split.
 
-Shards are opened with wids' memory-mapped ``IndexedTarSamples`` rather than ``wids.ShardListDataset``:
-the latter prints on construction and writes a ``.lock`` file beside every shard it opens, which fails on
-read-only data sets. wids itself is imported lazily because importing it creates ``$TMP/_wids_cache``.
+Beside every shard make_shards writes ``<shard>.offsets.npy`` (OFFSETS_COLUMNS): where each sample's
+members lie in the tar, so opening a shard is a memory map and a small table, not a parse of its tar
+headers. Parsing them cost each DataLoader worker ~26 ms per 1,000-sample shard, every epoch: ~33 s per
+worker at ImageNet scale (docs/BENCHMARKS.md). A table that does not fit its shard is an error, and a
+stale one cannot pass the ``.idx`` check of every read. Shards without one (written by other tools)
+are opened with wids' memory-mapped ``IndexedTarSamples`` rather than ``wids.ShardListDataset``: the latter
+prints on construction and writes a ``.lock`` file beside every shard it opens, which fails on read-only
+data sets. wids itself is imported lazily because importing it creates ``$TMP/_wids_cache``.
 """
 
+import io
 import json
+import mmap
 import os
 import resource
 import struct
@@ -31,6 +38,10 @@ INDEX_KIND = "wids-shard-index-v1"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
 MODES = {"L": 1, "RGB": 3}
 REPAIR = "delete it and shardindex.json, then rerun tools/make_shards.py with the same arguments to rewrite it"
+OFFSETS_SUFFIX = ".offsets.npy"
+OFFSETS_COLUMNS = ("image_offset", "image_size", "image_extension", "cls_offset", "cls_size", "idx_offset", "idx_size")
+"""int64 columns of a shard's offsets table, one row per sample: byte offsets and sizes of its members in
+the tar, the image's extension as a position in IMAGE_EXTENSIONS; cls_offset is -1 for unlabelled samples."""
 
 
 class ShardError(RuntimeError):
@@ -72,6 +83,48 @@ def read_index(directory: str | Path) -> dict:
         raise ShardError(f"{path}: image mode {meta['mode']!r} is not one of {', '.join(MODES)}")
     index["num_samples"] = start
     return index
+
+
+def offsets_path(shard_path: str | Path) -> Path:
+    return Path(str(shard_path) + OFFSETS_SUFFIX)
+
+
+class OffsetTableShard:
+    """One shard read through its offsets table: samples are slices of a memory map, as wids gives them."""
+
+    def __init__(self, path: str, first_index: int, nsamples: int):
+        table_path = offsets_path(path)
+        try:
+            self.table = np.load(table_path)
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"offsets table {table_path} cannot be read ({exc}); {REPAIR}") from exc
+        size = os.path.getsize(path)
+        fits = self.table.shape == (nsamples, len(OFFSETS_COLUMNS)) and self.table.dtype == np.int64
+        if not fits or (self.table[:, [0, 3, 5]] + self.table[:, [1, 4, 6]]).max(initial=0) > size:
+            raise ShardError(f"offsets table {table_path} does not describe shard {path} ({nsamples} samples, "
+                             f"{size} bytes); {REPAIR}")
+        self.file = open(path, "rb")
+        self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.first_index = first_index
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _member(self, offset: int, size: int) -> io.BytesIO:
+        return io.BytesIO(self.map[offset : offset + size])
+
+    def __getitem__(self, position: int) -> dict:
+        image_offset, image_size, extension, cls_offset, cls_size, idx_offset, idx_size = self.table[position].tolist()
+        sample = {"__key__": sample_key(self.first_index + position),
+                  f".{IMAGE_EXTENSIONS[extension]}": self._member(image_offset, image_size),
+                  ".idx": self._member(idx_offset, idx_size)}
+        if cls_offset >= 0:
+            sample[".cls"] = self._member(cls_offset, cls_size)
+        return sample
+
+    def close(self) -> None:
+        self.map.close()
+        self.file.close()
 
 
 def split_dir(path: str | Path, split: str) -> Path | None:
@@ -171,10 +224,12 @@ class ShardPairs(PairDataset):
         if k in self._open:
             self._open.move_to_end(k)
             return self._open[k]
-        from wids.wids import IndexedTarSamples
-
         shard = self.shards[k]
         _check_file(shard)
+        if offsets_path(shard["path"]).is_file():
+            return self._keep(k, OffsetTableShard(shard["path"], shard["start"], shard["nsamples"]))
+        from wids.wids import IndexedTarSamples
+
         try:
             samples = IndexedTarSamples(path=shard["path"])
         # wids raises these on a malformed tar header and asserts on member names without an extension.
@@ -184,6 +239,9 @@ class ShardPairs(PairDataset):
             raise ShardError(
                 f"shard {shard['path']} holds {len(samples)} samples, the index says {shard['nsamples']}; {REPAIR}"
             )
+        return self._keep(k, samples)
+
+    def _keep(self, k: int, samples):
         self._open[k] = samples
         if len(self._open) > self.open_shards:
             self._open.popitem(last=False)[1].close()
