@@ -6,9 +6,8 @@ one gather of N rows in total, not W copies of the whole bank.
 """
 
 import torch
-import torch.distributed as dist
 
-from dist_cl.distributed import gather_rows
+from dist_cl.distributed import gather_rows, world_size
 
 
 class EmbeddingBank:
@@ -42,7 +41,7 @@ class EmbeddingBank:
             idx, u, v, steps = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim), torch.zeros(0, dim),
                                 torch.zeros(0, dtype=torch.int64))
         self._pending.clear()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             counts = gather_rows(torch.tensor([len(idx)]))
             if (counts != counts[0]).any():
                 raise RuntimeError(f"ranks wrote unequal numbers of bank rows {counts.tolist()}; plans diverged")

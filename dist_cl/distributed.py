@@ -71,21 +71,22 @@ def close_distributed() -> None:
 
 
 def world_size() -> int:
+    """Ranks in the default group; 1 where none is initialised."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0; gradients flow back to each rank's rows (summed)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
     return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD).wait()
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate equally sized ``x`` from every rank along dim 0, without autograd."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
 
