@@ -30,7 +30,7 @@ class PlanRequest:
     options: dict
     tau: float = 0.1
     u: np.ndarray | None = None
-    """Bank snapshot (a copy: training goes on writing the bank); None for strategies that ignore it."""
+    """The bank (a copy where training goes on writing it meanwhile); None for strategies that ignore it."""
     v: np.ndarray | None = None
     staleness: float = 0.0
     """Mean age in steps of the snapshot's rows at the plan's first step."""

@@ -214,11 +214,13 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- selection
-    def plan_request(self, epoch: int, first_step: int) -> PlanRequest:
-        """What the plan for ``epoch`` is computed from, snapshotting the bank now (a collective).
+    def plan_request(self, epoch: int, first_step: int, copy_bank: bool = False) -> PlanRequest:
+        """What the plan for ``epoch`` is computed from: the bank as it is now (a collective).
 
-        The plan starts at global step ``first_step``. A loss-aware strategy waits until the bank holds
-        ``selection.warmup_epochs`` epochs of training embeddings; until then the plan is random.
+        The plan starts at global step ``first_step``. ``copy_bank`` for a plan computed while training
+        goes on writing the bank (N x d twice: 1 GB at N = 1M, d = 128, so not when computed at once).
+        A loss-aware strategy waits until the bank holds ``selection.warmup_epochs`` epochs of training
+        embeddings; until then the plan is random.
         """
         cfg = self.cfg
         started = time.perf_counter()
@@ -232,7 +234,8 @@ class Trainer:
                        options=cfg.selection.options if name == cfg.selection.strategy else {})
         if STRATEGIES[name].reads_embeddings:
             self.refresh_bank(self.epoch)
-            request.update(u=self.bank.u.numpy().copy(), v=self.bank.v.numpy().copy(),
+            u, v = self.bank.u.numpy(), self.bank.v.numpy()
+            request.update(u=u.copy() if copy_bank else u, v=v.copy() if copy_bank else v,
                            tau=float(self.model.temperature()),
                            staleness=self.bank.staleness(first_step))
         return PlanRequest(**request, prepare_seconds=time.perf_counter() - started)
@@ -258,7 +261,7 @@ class Trainer:
         """Start computing the next epoch's plan on the planner, from the bank as it is now."""
         if self.planner is not None and self.epoch + 1 < self.cfg.train.epochs:
             first_step = self.step + len(self.sampler.plan) - self.sampler.cursor
-            self.next_plan = self.planner.submit(self.plan_request(self.epoch + 1, first_step))
+            self.next_plan = self.planner.submit(self.plan_request(self.epoch + 1, first_step, copy_bank=True))
 
     def next_plan_state(self) -> dict | None:
         """The plan computed ahead, waited for: a checkpoint must resume with it, not recompute it from a
