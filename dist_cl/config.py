@@ -126,7 +126,8 @@ class SelectionConfig:
     embeddings: Literal["training", "refresh"] = "training"
     """Bank filled from the training forward passes, or by a refresh pass before each selection."""
     warmup_epochs: int = 1
-    """Epochs trained on random batches before the first loss-aware selection (the bank must be full)."""
+    """Epochs trained on random batches before the first loss-aware selection, in either embeddings mode
+    (with ``training``, rows the warm-up left unwritten are embedded before the first selection)."""
     options: dict = field(default_factory=dict)
     """Strategy options passed to select_batches (e.g. k, q, chunk_batches)."""
     overlap: bool = False
@@ -142,6 +143,9 @@ class EvalConfig:
     every_epochs: int = 5
     """Evaluate after every this many epochs (and at the end); 0 disables."""
     knn_k: int = 20
+    train_pairs: int = 100_000
+    """Training pairs of the training-set metrics (train/full_batch_loss, train/retrieval_top1): all of them
+    up to this many, a fixed random subset of this many beyond (N^2 similarities are computed in blocks)."""
 
 
 @dataclass
@@ -301,6 +305,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "loss.tau": cfg.loss.tau, "model.embed_dim": cfg.model.embed_dim, "checkpoint.keep": cfg.checkpoint.keep,
         "dist.timeout_s": cfg.dist.timeout_s, "data.num_samples": cfg.data.num_samples,
         "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
+        "eval.train_pairs": cfg.eval.train_pairs,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -341,11 +346,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
     accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size",
                                                                                           "map_fn"}
-    accepted |= {"random_fraction"}
+    accepted = (accepted | {"random_fraction", "group_size"}) - {"seed", "tau"}
+    options = cfg.selection.options
+    if (options.get("random_fraction") or options.get("group_size")) and not strategy.partition:
+        raise ConfigError(f"selection.options.random_fraction and group_size control the hardness of partition "
+                          f"strategies; {cfg.selection.strategy!r} is not one: use sc or sc_global")
+    group_size = options.get("group_size", 0)
+    if group_size and (not isinstance(group_size, int) or group_size < 0 or t.global_batch_size % group_size):
+        raise ConfigError(f"selection.options.group_size={group_size!r} must be a divisor of "
+                          f"train.global_batch_size={t.global_batch_size} (or 0: off)")
+    if options.get("random_fraction") and group_size:
+        raise ConfigError("selection.options.random_fraction and group_size are two hardness controls; set one")
     for key in cfg.selection.options:
+        if key in ("seed", "tau"):
+            raise ConfigError(f"selection.options.{key} is set by the trainer ({'seed and epoch' if key == 'seed' else 'loss.tau, or the learnt tau'}); "
+                              f"remove it and set {'seed' if key == 'seed' else 'loss.tau'} instead")
         if key not in accepted:
             raise ConfigError(f"selection.options.{key} is not an option of strategy {cfg.selection.strategy!r}; "
-                              f"known: {', '.join(sorted(accepted - {'seed', 'tau'}))}")
+                              f"known: {', '.join(sorted(accepted))}")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
     if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():

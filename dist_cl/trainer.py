@@ -36,6 +36,7 @@ from dist_cl.models import build_model
 from dist_cl.planning import BackgroundPlanner, PlanRequest, compute_plan, resolved
 from dist_cl.sampler import BatchPlan, PlanSampler
 from dist_cl.selection import STRATEGIES, select_batches
+from dist_cl.selection.diagnostics import label_purity, pair_repeat
 
 log = logging.getLogger("dist_cl")
 
@@ -125,6 +126,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.sampler: PlanSampler | None = None
+        self.previous_plan: BatchPlan | None = None
+        """The last epoch's plan, for selection/pair_repeat (not checkpointed: a diagnostic)."""
         self.next_plan: Future | None = None
         """The next epoch's (plan, figures), computed ahead by the planner under selection.overlap."""
         self.planner = BackgroundPlanner() if cfg.selection.overlap else None
@@ -219,15 +222,14 @@ class Trainer:
 
         The plan starts at global step ``first_step``. ``copy_bank`` for a plan computed while training
         goes on writing the bank (N x d twice: 1 GB at N = 1M, d = 128, so not when computed at once).
-        A loss-aware strategy waits until the bank holds ``selection.warmup_epochs`` epochs of training
-        embeddings; until then the plan is random.
+        A loss-aware strategy waits ``selection.warmup_epochs`` epochs (in either embeddings mode): until
+        then the plan is random.
         """
         cfg = self.cfg
         started = time.perf_counter()
         name = cfg.selection.strategy
-        if (STRATEGIES[name].reads_embeddings and cfg.selection.embeddings == "training"
-                and self.epoch < cfg.selection.warmup_epochs):
-            name = "random"  # the bank is not filled yet
+        if STRATEGIES[name].reads_embeddings and self.epoch < cfg.selection.warmup_epochs:
+            name = "random"  # warm-up: the bank is not filled yet, or the embeddings not yet worth selecting on
         request = dict(epoch=epoch, strategy=name, batch_size=cfg.train.global_batch_size,
                        seed=derive_seed(cfg.seed, epoch) if STRATEGIES[name].per_epoch else cfg.seed,
                        num_samples=len(self.train_set),
@@ -255,7 +257,18 @@ class Trainer:
         if plan.epoch != self.epoch:
             raise RuntimeError(f"the plan computed ahead is for epoch {plan.epoch}, not {self.epoch}")
         check_same_on_all_ranks("batch plan", plan.digest())
-        return plan, figures
+        return plan, {**figures, **self.plan_diagnostics(plan)}
+
+    def plan_diagnostics(self, plan: BatchPlan) -> dict:
+        """selection/label_purity where there are labels; selection/pair_repeat where this plan and the last
+        epoch's are both partitions."""
+        figures = {}
+        if self.train_set.labels is not None:
+            figures["selection/label_purity"] = label_purity(plan.batches, self.train_set.labels)
+        previous = self.previous_plan
+        if previous is not None and STRATEGIES[plan.strategy].partition and STRATEGIES[previous.strategy].partition:
+            figures["selection/pair_repeat"] = pair_repeat(plan.batches, previous.batches, len(self.train_set))
+        return figures
 
     def plan_ahead(self) -> None:
         """Start computing the next epoch's plan on the planner, from the bank as it is now."""
@@ -295,9 +308,7 @@ class Trainer:
         view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
         # a skipped step must not leave its NaNs in BatchNorm's running statistics either
         buffers = [b.clone() for b in self.model.buffers()] if self.cfg.train.nonfinite == "skip" else None
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            u, v, tau = self.ddp(view_a, view_b)
-            loss = self.loss_fn(u.float(), v.float(), tau)
+        u, v, loss = self.forward_loss(self.ddp, view_a, view_b)
         if not self.all_finite(loss.detach()):
             if buffers is not None:
                 torch._foreach_copy_(list(self.model.buffers()), buffers)
@@ -312,6 +323,28 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.bank.update(index, u, v, self.step)
+        return loss.item()
+
+    def forward_loss(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, v, loss of the global batch) of ``model`` (the DDP wrapper, or the bare model to score)."""
+        with torch.autocast(self.info.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            u, v, tau = model(view_a, view_b)
+            loss = self.loss_fn(u.float(), v.float(), tau)
+        return u, v, loss
+
+    @torch.no_grad()
+    def random_batch_loss(self) -> float:
+        """This rank's loss on a random global batch, under the model as it is before this step's update and
+        in train mode like the trained batch, BatchNorm's running statistics left as they were: the
+        reference of selection/realised_lift. A collective (the loss gathers)."""
+        cfg = self.cfg
+        rng = np.random.default_rng(derive_seed(cfg.seed, self.epoch, self.step))
+        batch = rng.choice(len(self.train_set), cfg.train.global_batch_size, replace=False)
+        samples = [self.train_set[int(i)] for i in self.sampler.local_slice(batch)]
+        view_a, view_b = (torch.stack(views).to(self.info.device) for views in list(zip(*samples))[:2])
+        buffers = [b.clone() for b in self.model.buffers()]
+        _, _, loss = self.forward_loss(self.model, view_a, view_b)
+        torch._foreach_copy_(list(self.model.buffers()), buffers)
         return loss.item()
 
     def set_lr(self) -> float:
@@ -348,13 +381,18 @@ class Trainer:
                    disable=not (info.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
         losses, started, data_time, tick = [], time.perf_counter(), 0.0, time.perf_counter()
         reselect_seconds = 0.0
+        scored: list[tuple[float, float]] = []  # (trained, random) batch losses at the logged steps
         self.ddp.train()
         while self.sampler.cursor < len(self.sampler.plan):
             loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
                                 pin_memory=info.device.type == "cuda", persistent_workers=False)
             for view_a, view_b, index in loader:
                 data_time += time.perf_counter() - tick
+                log_step = (self.step + 1) % cfg.run.log_every_steps == 0
+                random_loss = self.random_batch_loss() if log_step else None
                 loss = self.train_step(view_a, view_b, index)
+                if log_step and loss is not None:
+                    scored.append((loss, random_loss))
                 self.sampler.cursor += 1
                 self.step += 1
                 if loss is not None:
@@ -384,6 +422,9 @@ class Trainer:
         bar.close()
         epoch_seconds = time.perf_counter() - started - reselect_seconds
         mean_loss = float(np.mean(losses)) if losses else float("nan")
+        if scored:
+            trained, random_losses = np.mean(scored, axis=0)
+            figures["selection/realised_lift"] = float(trained / random_losses)
         if reselect_seconds:
             figures["selection/seconds"] = figures.get("selection/seconds", 0.0) + reselect_seconds
             figures["selection/wait_seconds"] = figures.get("selection/wait_seconds", 0.0) + reselect_seconds
@@ -423,11 +464,13 @@ class Trainer:
     def log_eval(self, loss: float | None, figures: dict) -> None:
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k,
-                           tau=float(self.model.temperature()))
+                           tau=float(self.model.temperature()), train_pairs=self.cfg.eval.train_pairs)
         if self.writer is None:
             return
         for key, value in metrics.items():
-            self.writer.add_scalar(f"eval/{key}", value, self.step)
+            # training-set metrics beside train/loss: train/full_batch_loss is the paper's objective
+            tag = f"train/{key.removeprefix('train_')}" if key.startswith("train_") else f"eval/{key}"
+            self.writer.add_scalar(tag, value, self.step)
         record = {"epoch": self.epoch, "step": self.step, "loss": loss, **metrics, **figures}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -453,7 +496,7 @@ class Trainer:
                 for key, value in figures.items():
                     self.writer.add_scalar(key, value, self.step)
             self.epoch += 1
-            self.sampler = None
+            self.previous_plan, self.sampler = self.sampler.plan, None
             last = self.epoch == cfg.train.epochs
             if cfg.eval.every_epochs and (
                 self.epoch % cfg.eval.every_epochs == 0 or last

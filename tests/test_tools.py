@@ -191,3 +191,27 @@ def test_bench_selection_ranks_prints_a_row_per_size_with_plans_identical_on_bot
                      "--batch-size", "32", "--repeats", "1"])
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
     assert len(rows) == 1 and rows[0][1:4] == ["3000", "16", "32"] and float(rows[0][4]) > 0
+
+
+def test_logged_training_full_batch_loss_equals_a_float64_brute_force(trained_run, single_process_embeddings):
+    """train_full_batch_loss / train_retrieval_top1 (the paper's objective and its "original data" metric) are
+    over all 1,437 training pairs at the evaluation views; recomputed here from the extracted embeddings."""
+    logged = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    u = np.load(single_process_embeddings / "train" / "u.npy").astype(np.float64)
+    v = np.load(single_process_embeddings / "train" / "v.npy").astype(np.float64)
+    s = u @ v.T / 0.1
+    lse_rows = np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1)
+    lse_cols = np.log(np.exp(s - s.max(0, keepdims=True)).sum(0)) + s.max(0)
+    expected = float(np.mean(lse_rows + lse_cols - 2 * np.diag(s)))
+    assert logged["train_pairs"] == 1437
+    assert logged["train_full_batch_loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged["train_retrieval_top1"] == pytest.approx(brute_force_recall(u, v, 1), abs=2 / 1437)
+
+
+def test_training_metrics_beyond_train_pairs_use_one_fixed_subset():
+    from dist_cl.evaluation import train_pair_indices
+
+    np.testing.assert_array_equal(train_pair_indices(10, 10), np.arange(10))
+    subset = train_pair_indices(1000, 100)
+    assert len(np.unique(subset)) == 100 and subset.max() < 1000 and (np.diff(subset) > 0).all()
+    np.testing.assert_array_equal(subset, train_pair_indices(1000, 100))

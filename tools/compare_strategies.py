@@ -38,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = "random,osgd,sc,sc_global"
+PROBE_NAME = "probe.json"
 EPOCH_LINE = re.compile(
     r"epoch (\d+) step (\d+) \| data ([\d.]+)s total ([\d.]+)s \| .* \| selection ([\d.]+)s"
 )
@@ -120,6 +121,18 @@ def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
         print(f"[fail] see {directory / 'train.log'}", flush=True)
 
 
+def probe(entry: Entry, seed: int, args) -> None:
+    """Linear probe of the final checkpoint (tools/evaluate.py), once per finished run."""
+    directory = run_dir(args.out, entry.label, seed)
+    if (directory / PROBE_NAME).is_file() or not finished(directory, args.epochs):
+        return
+    command = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--checkpoint", str(directory), "--json",
+               str(directory / PROBE_NAME)]
+    with open(directory / "probe.log", "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    print(f"[prob] {entry.label} seed {seed}: rc {code}", flush=True)
+
+
 def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
     """TensorBoard scalars selection/* by step (last write wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -147,6 +160,24 @@ def read_epoch_times(directory: Path) -> dict[int, tuple[int, float, float]]:
     return times
 
 
+def read_probe(directory: Path) -> float:
+    path = directory / PROBE_NAME
+    return json.loads(path.read_text())["metrics"].get("probe_top1", float("nan")) if path.is_file() else float("nan")
+
+
+METRICS = (  # (key in a run summary, metrics.jsonl field, table heading)
+    ("train_fbl", "train_full_batch_loss", "train full-batch loss"),
+    ("train_r1", "train_retrieval_top1", "train R@1"),
+    ("retrieval", "retrieval_top1", "held-out R@1"),
+    ("knn", "knn_top1", "kNN top-1"),
+    ("fbl", "full_batch_loss", "held-out full-batch loss"),
+)
+DIAGNOSTICS = (  # TensorBoard scalars averaged over the loss-aware epochs (all epochs for random)
+    ("lift", "selection/lift"), ("realised_lift", "selection/realised_lift"),
+    ("pair_repeat", "selection/pair_repeat"), ("purity", "selection/label_purity"),
+)
+
+
 def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
     metrics = read_metrics(directory / "metrics.jsonl")
     if epochs not in metrics:
@@ -154,32 +185,36 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
     info_path = directory / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     scalars = read_scalars(directory)
-    lift = list(scalars.get("selection/lift", {}).values())
     loss_aware_steps = set(scalars.get("selection/lift", {}))
     sel = scalars.get("selection/seconds", {})
     share = scalars.get("selection/share", {})
     times = read_epoch_times(directory)
     final = metrics[epochs]
+
+    def per_epoch_mean(tag: str) -> float:
+        values = scalars.get(tag, {})
+        kept = [values[s] for s in values if s in loss_aware_steps] if loss_aware_steps else list(values.values())
+        return float(np.mean(kept)) if kept else float("nan")
+
+    summary = {key: {e: r.get(field, float("nan")) for e, r in metrics.items()} for key, field, _ in METRICS}
+    summary.update({key: per_epoch_mean(tag) for key, tag in DIAGNOSTICS})
+    train_seconds = [t[1] for t in times.values()]
     return {
+        **summary,
         "epochs": sorted(metrics),
-        "retrieval": {e: r["retrieval_top1"] for e, r in metrics.items()},
-        "knn": {e: r.get("knn_top1", float("nan")) for e, r in metrics.items()},
-        "fbl": {e: r.get("full_batch_loss", float("nan")) for e, r in metrics.items()},
         "step": {e: r["step"] for e, r in metrics.items()},
         "final_step": final["step"],
         "samples": final["step"] * batch_size,
+        "probe": read_probe(directory),
         "wall_s": info.get("wall_s", float("nan")),
         "cpu_s": info.get("child_cpu_s", float("nan")),
         "load": float(np.mean([info["loadavg_before"][0], info["loadavg_after"][0]])) if info else float("nan"),
         "resumed": info.get("resumed", False),
-        "train_s": sum(t[1] for t in times.values()) if times else float("nan"),
-        "selection_total_s": sum(sel.values()) if sel else 0.0,
+        "train_s": sum(train_seconds) if times else float("nan"),
+        "epoch_s": float(np.median(train_seconds)) if times else float("nan"),
         # per loss-aware epoch (the epochs that wrote a lift); the random warm-up epochs cost ~0
-        "selection_s": float(np.mean([sel[s] for s in loss_aware_steps if s in sel])) if loss_aware_steps else
-        (float(np.mean(list(sel.values()))) if sel else 0.0),
-        "share": float(np.mean([share[s] for s in loss_aware_steps if s in share])) if loss_aware_steps else
-        (float(np.mean(list(share.values()))) if share else 0.0),
-        "lift": float(np.mean(lift)) if lift else float("nan"),
+        "selection_s": per_epoch_mean("selection/seconds") if sel else 0.0,
+        "share": per_epoch_mean("selection/share") if share else 0.0,
         "loss_aware_epochs": len(loss_aware_steps),
     }
 
@@ -191,6 +226,41 @@ def mean_std(values) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
+def curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs every run evaluated, the seed-mean step at each, and the per-seed values (seeds, epochs)."""
+    common = sorted(set.intersection(*[set(r["epochs"]) for r in runs]))
+    steps = np.array([[r["step"][e] for e in common] for r in runs]).mean(axis=0)
+    values = np.array([[r[key][e] for e in common] for r in runs], dtype=float)
+    return common, steps, values.mean(axis=0), values
+
+
+def against_reference(runs: list[dict], reference: list[dict]) -> tuple[str, str]:
+    """The issue's two tests of "converges faster" on the training full-batch loss, at equal optimizer steps
+    (the reference's seed-mean curve interpolated linearly between its evaluations):
+
+    - below the reference at every evaluation from the first third of the reference's steps on, by more than
+      the seed spread (the larger sample std of the two there; the reference's at its nearest evaluation):
+      "yes", or the first evaluation that fails;
+    - the steps it takes to reach the reference's final loss (seed means), as a share of the reference's.
+    """
+    _, steps, mean, values = curve(runs, "train_fbl")
+    _, ref_steps, ref_mean, ref_values = curve(reference, "train_fbl")
+    sample_std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0  # noqa: E731
+    verdict = "yes"
+    for i, step in enumerate(steps):
+        if step < ref_steps[-1] / 3 or step > ref_steps[-1]:
+            continue
+        nearest = int(np.abs(ref_steps - step).argmin())
+        spread = max(sample_std(values[:, i]), sample_std(ref_values[:, nearest]))
+        at_reference = float(np.interp(step, ref_steps, ref_mean))
+        if not mean[i] < at_reference - spread:
+            verdict = f"no (step {step:.0f}: {mean[i]:.3f} vs {at_reference:.3f}, spread {spread:.3f})"
+            break
+    reached = [step for step, m in zip(steps, mean) if m <= ref_mean[-1]]
+    share = f"{reached[0] / ref_steps[-1]:.2f}" if reached else "never"
+    return verdict, share
 
 
 def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
@@ -208,37 +278,47 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
                 missing.append(f"{entry.label}-s{seed}")
             else:
                 runs.setdefault(entry.label, []).append(summary)
+    reference = runs.get(args.reference)
     lines = [f"Final epoch {args.epochs}; mean ± std (sample std) over seeds {','.join(map(str, seeds))}; "
-             f"global batch {args.batch_size}. wall s: the torchrun command (start-up, training, every evaluation, "
-             "checkpoints); CPU s: user+system of all its processes; load: 1-min load average around the run; "
-             "train s: sum of the epochs' training loops; selection s and share: mean over the loss-aware "
-             "epochs (after selection.warmup_epochs); lift: plan loss / random-partition loss, same epochs.", ""]
+             f"global batch {args.batch_size}. Train full-batch loss: symmetric InfoNCE over the training pairs "
+             "at fixed evaluation views (the paper's objective); train R@1: positive-pair retrieval among them; "
+             "held-out R@1 / full-batch loss: the same on the held-out pairs; probe: linear probe on frozen "
+             "backbone features (tools/evaluate.py on the final checkpoint).", ""]
     lines += [
-        "| strategy | seeds | retrieval top-1 | kNN top-1 | held-out full-batch loss | steps | samples seen | "
-        "wall s | CPU s | load | train s | selection s / loss-aware epoch | selection share | lift |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | seeds | " + " | ".join(name for _, _, name in METRICS) + " | probe top-1 | steps |",
+        "|---|---|" + "---|" * (len(METRICS) + 2),
     ]
+    for entry in entries:
+        rs = runs.get(entry.label, [])
+        if rs:
+            lines.append(f"| {entry.label} | {len(rs)} | "
+                         + " | ".join(mean_std(r[key][args.epochs] for r in rs) for key, _, _ in METRICS)
+                         + f" | {mean_std(r['probe'] for r in rs)} | {np.mean([r['final_step'] for r in rs]):.0f} |")
+    lines += ["", f"Training full-batch loss against `{args.reference}` at equal optimizer steps, and selection "
+              "diagnostics (means over the loss-aware epochs; lift: the plan's loss over a random partition's on "
+              "the bank; realised: trained batches over random batches under the same model at the same steps; "
+              "pair repeat: batch-mate pairs already batch-mates in the previous epoch; purity: same-label "
+              "batch-mate pairs). Seconds: median training seconds per epoch, selection seconds per loss-aware "
+              "epoch and its share of the epoch's wall time (from the runs' logs).", "",
+              "| strategy | below reference from 1/3 on, beyond seed spread | steps to reference's final loss | "
+              "lift | realised lift | pair repeat | purity | s / epoch | selection s | selection share | "
+              "wall s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in entries:
         rs = runs.get(entry.label, [])
         if not rs:
             continue
+        verdict, share = against_reference(rs, reference) if reference else ("-", "-")
         resumed = " (resumed)" if any(r["resumed"] for r in rs) else ""
-        lifts = [r["lift"] for r in rs if r["lift"] == r["lift"]]
-        lift = f"{np.mean(lifts):.3f}" if lifts else "-"
-        lines.append(
-            f"| {entry.label} | {len(rs)} | {mean_std(r['retrieval'][args.epochs] for r in rs)} | "
-            f"{mean_std(r['knn'][args.epochs] for r in rs)} | {mean_std(r['fbl'][args.epochs] for r in rs)} | "
-            f"{np.mean([r['final_step'] for r in rs]):.0f} | "
-            f"{np.mean([r['samples'] for r in rs]):.0f} | {np.mean([r['wall_s'] for r in rs]):.1f}{resumed} | "
-            f"{np.mean([r['cpu_s'] for r in rs]):.1f} | {np.mean([r['load'] for r in rs]):.1f} | "
-            f"{np.mean([r['train_s'] for r in rs]):.1f} | {np.mean([r['selection_s'] for r in rs]):.3f} | "
-            f"{np.mean([r['share'] for r in rs]):.3f} | {lift} |"
-        )
-    # per evaluated epoch
+        cells = [f"{np.nanmean([r[key] for r in rs]):.3f}" if any(r[key] == r[key] for r in rs) else "-"
+                 for key, _ in DIAGNOSTICS]
+        lines.append(f"| {entry.label} | {verdict} | {share} | " + " | ".join(cells) + " | "
+                     f"{np.mean([r['epoch_s'] for r in rs]):.1f} | {np.mean([r['selection_s'] for r in rs]):.3f} | "
+                     f"{np.mean([r['share'] for r in rs]):.3f} | {np.mean([r['wall_s'] for r in rs]):.0f}{resumed} | "
+                     f"{np.mean([r['load'] for r in rs]):.1f} |")
     epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
     epochs = [e for e in epochs if e % args.table_every == 0 or e == args.epochs or e in args.table_epochs]
-    for key, name in (("retrieval", "Held-out retrieval top-1"), ("knn", "kNN top-1"),
-                      ("fbl", "Held-out full-batch InfoNCE (360 pairs)")):
+    for key, _, name in METRICS:
         lines += ["", f"{name} per evaluated epoch (mean over seeds; step in brackets):", "",
                   "| strategy | " + " | ".join(f"ep {e}" for e in epochs) + " |",
                   "|---|" + "---|" * len(epochs)]
@@ -252,29 +332,32 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
                 steps = [r["step"][e] for r in rs if e in r["step"]]
                 cells.append(f"{np.mean(vals):.3f} [{np.mean(steps):.0f}]" if vals else "-")
             lines.append(f"| {entry.label} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed at the final epoch (train full-batch loss / held-out R@1 / kNN top-1):", ""]
+    for entry in entries:
+        rs = runs.get(entry.label, [])
+        if rs:
+            lines.append(f"- {entry.label}: " + ", ".join(
+                f"{r['train_fbl'][args.epochs]:.3f} / {r['retrieval'][args.epochs]:.3f} / {r['knn'][args.epochs]:.3f}"
+                for r in rs))
     if missing:
         lines += ["", f"Missing or unfinished runs: {', '.join(missing)}"]
     text = "\n".join(lines) + "\n"
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey="row")
+    panels = (("train_fbl", "train full-batch loss", "step"), ("retrieval", "held-out R@1", "epoch"),
+              ("knn", "kNN top-1", "epoch"), ("train_r1", "train R@1", "epoch"))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for entry in entries:
         rs = runs.get(entry.label, [])
         if not rs:
             continue
-        common = sorted(set.intersection(*[set(r["epochs"]) for r in rs]))
-        for row, (key, name) in enumerate((("retrieval", "held-out retrieval top-1"), ("knn", "kNN top-1"))):
-            vals = np.array([[r[key][e] for e in common] for r in rs])
-            steps = np.array([[r["step"][e] for e in common] for r in rs]).mean(axis=0)
-            mean = vals.mean(axis=0)
-            for col, x in enumerate((np.array(common), steps)):
-                ax = axes[row, col]
-                (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{entry.label} (n={len(rs)})")
-                ax.fill_between(x, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.2)
-                ax.set_ylabel(name)
-                ax.set_xlabel("epoch" if col == 0 else "optimizer step (global batches)")
-                ax.grid(alpha=0.3)
-    axes[0, 0].set_title("against epoch (equal epochs)")
-    axes[0, 1].set_title("against step (equal steps)")
+        for ax, (key, name, x_axis) in zip(axes.ravel(), panels):
+            common, steps, mean, values = curve(rs, key)
+            x = steps if x_axis == "step" else np.array(common)
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{entry.label} (n={len(rs)})")
+            ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+            ax.set_ylabel(name)
+            ax.set_xlabel("optimizer step (global batches)" if x_axis == "step" else "epoch")
+            ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{Path(args.config).name}: mean over seeds {','.join(map(str, seeds))}, band = min-max")
     fig.tight_layout()
@@ -335,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--composition", type=Path,
                         help="only print each strategy's batch composition on embeddings saved by "
                              "tools/extract_embeddings.py (a directory with u.npy, v.npy, labels.npy)")
+    parser.add_argument("--reference", default="random",
+                        help="the label the training full-batch loss is compared against (default %(default)s)")
     parser.add_argument("--aggregate-only", action="store_true", help="do not train; aggregate what exists")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (or after --)")
     args = parser.parse_args(argv)
@@ -359,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in entries:
             for seed in seeds:
                 train(entry, seed, args, extra)
+                probe(entry, seed, args)
         print(f"[all ] {time.perf_counter() - started:.1f}s wall", flush=True)
     text = aggregate(entries, seeds, args)
     print(text)

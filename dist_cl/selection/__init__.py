@@ -43,13 +43,28 @@ STRATEGIES = {
 __all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "plan_loss", "select_batches"]
 
 
+ORDER_STREAM = 1
+"""Seed stream (``[seed, ORDER_STREAM]``) of the order of a loss-aware partition's rows."""
+GROUP_STREAM = 2
+"""Seed stream of which hard groups ``group_size`` puts together into a batch."""
+
+
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
-                   map_fn: Callable | None = None, **options) -> np.ndarray:
+                   group_size: int = 0, map_fn: Callable | None = None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
-    ``random_fraction`` (partition strategies): that share of every batch is drawn at random and the
-    strategy fills the rest, trading hardness for diversity (hard batches on few classes are full of
-    same-class false negatives; docs/RESULTS.md). 0 is the strategy's own plan, 1 a random partition.
+    Two hardness controls for partition strategies (docs/DESIGN.md, "Hardness"), each exact at its ends:
+
+    - ``random_fraction``: that share of every batch is drawn at random and the strategy fills the rest,
+      trading hardness for diversity (hard batches on few classes are full of same-class false negatives;
+      docs/RESULTS.md). 0 is the strategy's own plan, 1 a random partition.
+    - ``group_size`` g (a divisor of B): the strategy partitions the data into hard groups of g, and each
+      batch is B / g of those groups drawn at random, afresh every epoch. Every sample keeps its g - 1
+      hardest negatives while the rest of its batch, and so which neighbourhoods meet, changes each epoch.
+      g = B is the strategy's own plan, g = 1 a random partition; 0 is off.
+
+    A loss-aware partition's rows come in a seeded random order: strategies list batches cluster by
+    cluster, and consecutive steps on one cluster would make the optimizer's momentum cluster-specific.
     ``map_fn(fn, items)``: how a strategy that splits into independent pieces (sc_global's cells) maps
     them, e.g. over ranks with dist_cl.distributed.distributed_map; the plan does not depend on it.
     """
@@ -75,11 +90,32 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     n_random = round(random_fraction * batch_size)
     if n_random and not STRATEGIES[name].partition:
         raise SelectionError(f"random_fraction applies to partition strategies; {name!r} is not one")
-    if n_random == 0:
+    if group_size:
+        if not STRATEGIES[name].partition:
+            raise SelectionError(f"group_size applies to partition strategies; {name!r} is not one")
+        if group_size < 0 or batch_size % group_size:
+            raise SelectionError(f"group_size={group_size} must divide batch_size={batch_size}")
+        if n_random:
+            raise SelectionError("group_size and random_fraction are two hardness controls; set one of them")
+        plan = _hard_groups(name, u, v, batch_size, group_size, seed=seed, tau=tau, **options)
+    elif n_random == 0:
         plan = STRATEGIES[name].fn(u, v, batch_size, seed=seed, tau=tau, **options)
     else:
         plan = _mix_random(name, u, v, batch_size, n_random, seed=seed, tau=tau, **options)
+    if STRATEGIES[name].reads_embeddings and STRATEGIES[name].partition:
+        plan = plan[np.random.default_rng([seed, ORDER_STREAM]).permutation(len(plan))]
     return np.ascontiguousarray(plan, dtype=np.int64)
+
+
+def _hard_groups(name: str, u, v, batch_size: int, group_size: int, *, seed: int, tau: float,
+                 **options) -> np.ndarray:
+    """Batches of ``batch_size // group_size`` hard groups, the groups put together at random."""
+    if group_size == 1:  # groups of one sample: nothing is hard, the plan is a random partition
+        return random_partition(u, v, batch_size, seed=seed)
+    groups = STRATEGIES[name].fn(u, v, group_size, seed=seed, tau=tau, **options)
+    n_groups = len(u) // batch_size * (batch_size // group_size)
+    chosen = np.random.default_rng([seed, GROUP_STREAM]).permutation(len(groups))[:n_groups]
+    return groups[chosen].reshape(-1, batch_size)
 
 
 def _mix_random(name: str, u, v, batch_size: int, n_random: int, *, seed: int, tau: float, **options) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dist_cl.selection.balanced import balanced_spectral_partition
+from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.knn import cross_knn
 
 FINE_CLUSTER_SIZE = 128
@@ -149,7 +150,7 @@ def partition_cell(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
 
 
 def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, knn: int = 16,
-                        cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE,
+                        cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE, chunk_batches: int = 0,
                         map_fn: Callable[[Callable, Sequence], list] | None = None) -> np.ndarray:
     """Partition into N // B hard batches over the whole dataset; the N % B dropped are chosen by ``seed``.
 
@@ -158,6 +159,9 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     k-means cluster, the unit cells are made of. Each cell gives its
     full batches; the < B rows it leaves over (a coherent fragment, e.g. the part of a cluster that did
     not fill a batch) are pooled and clustered again, so fragments join their nearest fragments.
+    ``chunk_batches`` k > 0: partition each chunk of k B samples of a seeded random permutation on its
+    own instead, as the paper's SC does on real data: a stochastic partition whose neighbourhoods meet
+    in other combinations every epoch (1 is a random partition, k >= N // B the global one).
     ``map_fn(fn, cells)``: how the independent per-cell work is mapped (e.g. dealt over ranks by
     dist_cl.distributed.distributed_map); the plan does not depend on it.
     """
@@ -165,9 +169,25 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     v = np.ascontiguousarray(v, dtype=np.float32)
     n = len(u)
     rng = np.random.default_rng(seed)
-    pool = np.sort(rng.permutation(n)[: n - n % batch_size])
+    usable = rng.permutation(n)[: n - n % batch_size]
     cell_size = max(cell_size, 4 * batch_size)
     map_fn = map_fn or local_map
+    if chunk_batches < 0:
+        raise SelectionError(f"chunk_batches={chunk_batches} must be >= 0 (0: one global partition)")
+    chunk = chunk_batches * batch_size
+    if not chunk_batches or chunk >= len(usable):
+        return _partition_pool(u, v, np.sort(usable), batch_size, tau, knn, cell_size, fine_size, seed, map_fn)
+    chunks = [np.sort(rows) for rows in np.split(usable, range(chunk, len(usable), chunk))]
+    if chunk > cell_size:
+        return np.concatenate([_partition_pool(u, v, rows, batch_size, tau, knn, cell_size, fine_size, seed, map_fn)
+                               for rows in chunks])
+    results = map_fn(lambda rows: partition_cell(u[rows], v[rows], batch_size, tau, knn, seed=seed)[0], chunks)
+    return np.concatenate([rows[groups] for rows, groups in zip(chunks, results)])
+
+
+def _partition_pool(u: np.ndarray, v: np.ndarray, pool: np.ndarray, batch_size: int, tau: float, knn: int,
+                    cell_size: int, fine_size: int, seed: int, map_fn: Callable) -> np.ndarray:
+    """Full batches of the rows ``pool`` (a multiple of B): cells, batches per cell, fragments pooled again."""
     batches = []
     while len(pool) > cell_size:
         cells = [pool[cell] for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size,
