@@ -44,7 +44,10 @@ class InfoNCELoss(nn.Module):
 class NTXentLoss(nn.Module):
     """SimCLR NT-Xent: each of the 2B views against the other 2B-1 (one positive, 2B-2 negatives).
 
-    Returned as the mean over anchors of both sides summed, so its scale matches ``InfoNCELoss``.
+    At the official scale (the mean over the 2B anchors, as the paper's code and SimCLR report it), which is
+    half of ``InfoNCELoss``'s (a sum of two directions): the paper's learning rates for its NT-Xent runs
+    (configs/cifar100_simclr.yaml) then mean what they meant there under SGD-style optimizers, where a loss
+    twice as large is a learning rate twice as large.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1):
@@ -62,7 +65,7 @@ class NTXentLoss(nn.Module):
         self_mask = torch.cat([local, local + n])
         logits[torch.arange(2 * b, device=u.device), self_mask] = float("-inf")
         labels = torch.cat([local + n, local])
-        return 2 * F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels)
 
 
 LOSSES = {"infonce": InfoNCELoss, "ntxent": NTXentLoss}

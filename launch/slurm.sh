@@ -3,7 +3,7 @@
 # one run directory on a file system every node sees (checkpoints, TensorBoard, metrics).
 #
 #   sbatch launch/slurm.sh                                          # configs/imagenet.yaml, 4 nodes x 8 GPUs
-#   sbatch --nodes=1 --gpus-per-node=4 launch/slurm.sh configs/cifar100.yaml
+#   sbatch --nodes=1 --gpus-per-node=4 launch/slurm.sh configs/cifar100_32px.yaml
 #   RUN_DIR=/shared/runs/in1k-sc sbatch launch/slurm.sh configs/imagenet.yaml selection.strategy=sc_global
 #
 # Arguments: the config, then dotted overrides for launch/train.py. Submitting the same command again resumes

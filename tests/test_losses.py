@@ -28,7 +28,7 @@ def reference_ntxent(u: np.ndarray, v: np.ndarray, tau: float) -> float:
         partner = (i + n) % (2 * n)
         others = [j for j in range(2 * n) if j != i]
         total -= np.log(np.exp(s[i, partner]) / np.exp(s[i, others]).sum())
-    return 2 * total / (2 * n)
+    return total / (2 * n)
 
 
 def unit_rows(shape, seed):

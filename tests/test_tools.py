@@ -172,7 +172,7 @@ def test_missing_checkpoint_is_a_named_error(tmp_path, capsys):
     assert f"--checkpoint {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,image_size,batch", [("cifar100", 32, 32), ("imagenet", 224, 1024)])
+@pytest.mark.parametrize("name,image_size,batch", [("cifar100_32px", 32, 32), ("imagenet", 224, 1024)])
 def test_cluster_configs_load_and_build_their_model(tmp_path, name, image_size, batch):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.path={tmp_path}"])
     assert (cfg.data.name, cfg.data.image_size, cfg.model.in_chans) == ("shards", image_size, 3)
