@@ -14,7 +14,7 @@ from dist_cl.distributed import gather_with_grad
 def batch_infonce(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
     """Symmetric InfoNCE L(S) of each batch in ``u, v`` of shape (..., B, d) -> (...).
 
-    L(S) = 1/B sum_i [-log softmax_j(s_ij)_i - log softmax_j(s_ji)_i] (the paper's loss; DESIGN.md 1).
+    L(S) = 1/B sum_i [-log softmax_j(s_ij)_i - log softmax_j(s_ji)_i] (the paper's loss; docs/DESIGN.md §1).
     """
     s = u @ v.transpose(-1, -2) / tau
     diag = s.diagonal(dim1=-2, dim2=-1)

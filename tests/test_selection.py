@@ -24,7 +24,7 @@ def unit_pairs(n: int, d: int, seed: int, dtype=np.float64) -> tuple[np.ndarray,
 
 
 def reference_loss(u: np.ndarray, v: np.ndarray, batch, tau: float) -> float:
-    """L(S) written out term by term in float64 (DESIGN.md 1)."""
+    """L(S) written out term by term in float64 (docs/DESIGN.md §1)."""
     s = u[list(batch)].astype(np.float64) @ v[list(batch)].astype(np.float64).T / tau
     total = 0.0
     for i in range(len(batch)):

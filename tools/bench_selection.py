@@ -7,7 +7,7 @@
 
 Every run is a fresh subprocess, so "peak MiB" is that process's peak resident memory above its
 resident memory once the embeddings are loaded (the strategy's own footprint). Seconds are the median
-of --repeats runs; lift (DESIGN.md 4) is scored once, in float64, against a random partition.
+of --repeats runs; lift (docs/DESIGN.md §4) is scored once, in float64, against a random partition.
 """
 
 import argparse

@@ -105,7 +105,7 @@ def epoch_batches(name: str, xu: torch.Tensor, xv: torch.Tensor, b: int, seeds, 
 
 
 def embed(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """Unit norm, then / sqrt(tau): logits are plain inner products (tau folded in, DESIGN.md 1)."""
+    """Unit norm, then / sqrt(tau): logits are plain inner products (tau folded in, docs/DESIGN.md §1)."""
     return F.normalize(x, dim=-1) / tau**0.5
 
 

@@ -53,7 +53,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
                    group_size: int = 0, map_fn: Callable | None = None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
-    Two hardness controls for partition strategies (measured in docs/RESULTS.md), each exact at its ends:
+    Two hardness controls for partition strategies (docs/DESIGN.md §5), each exact at its ends:
 
     - ``random_fraction``: that share of every batch is drawn at random and the strategy fills the rest,
       trading hardness for diversity (hard batches on few classes are full of same-class false negatives;

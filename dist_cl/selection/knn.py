@@ -1,6 +1,6 @@
 """Exact cross k-nearest neighbours between the two sides of the pairs: the candidate edges of SC-global.
 
-Only pairs with a large s_ij or s_ji carry loss affinity (DESIGN.md 1), so each u_i is linked to its k
+Only pairs with a large s_ij or s_ji carry loss affinity (docs/DESIGN.md §1), so each u_i is linked to its k
 nearest v's and each v_i to its k nearest u's. SC-global calls this inside cells of a few thousand
 samples, where one dense block U V^T is cheap and exact (approximate IVF search reached recall 0.13 on
 1M random vectors while costing minutes).

@@ -1,4 +1,4 @@
-"""SC-global: one loss-aware partition of the whole dataset into hard batches (DESIGN.md 1, "What dist_cl adds").
+"""SC-global: one loss-aware partition of the whole dataset into hard batches (docs/DESIGN.md §1, "SC-global").
 
 Coarse to fine, because the textbook global pipeline does not scale (docs/BENCHMARKS.md): approximate kNN
 over 1M samples costs minutes at poor recall, and one global eigsh costs minutes more.

@@ -1,4 +1,4 @@
-"""How hard a plan's batches are: per-batch symmetric InfoNCE, plan loss and lift (DESIGN.md 4)."""
+"""How hard a plan's batches are: per-batch symmetric InfoNCE, plan loss and lift (docs/DESIGN.md §4)."""
 
 import numpy as np
 import torch

@@ -15,7 +15,7 @@ from dist_cl.selection.errors import SelectionError
 
 
 def loss_affinity(u, v, batch_size: int, tau: float) -> np.ndarray:
-    """log-affinity W (n, n): the pairwise terms that approximate a batch's loss (DESIGN.md 1)."""
+    """log-affinity W (n, n): the pairwise terms that approximate a batch's loss (docs/DESIGN.md §1)."""
     s = np.asarray(u, dtype=np.float64) @ np.asarray(v, dtype=np.float64).T / tau
     margin = np.log(batch_size - 1) - np.diag(s)[:, None]
     # w_ij = log(1 + (B-1) e^{s_ij - s_ii}) + log(1 + (B-1) e^{s_ji - s_ii}); then W <- W + W^T
