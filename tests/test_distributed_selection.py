@@ -45,10 +45,19 @@ def test_sc_global_training_writes_every_selection_scalar_with_lift_above_one(tm
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    wanted = {"selection/seconds", "selection/share", "selection/lift", "selection/bank_staleness"}
+    wanted = {"selection/seconds", "selection/share", "selection/lift", "selection/bank_staleness",
+              "selection/realised_lift", "selection/pair_repeat", "selection/label_purity",
+              "train/full_batch_loss", "train/retrieval_top1"}
     assert wanted <= tags
     lifts = [e.value for e in events.Scalars("selection/lift")]
     assert len(lifts) == 2 and min(lifts) > 1.0  # epochs 1 and 2 (epoch 0 warms the bank up)
+    # the batches trained on are harder than random ones under the same model at the same steps
+    realised = [e.value for e in events.Scalars("selection/realised_lift")]
+    assert len(realised) == 3 and min(realised[1:]) > 1.0
+    # pair repeat from epoch 1 on (epoch 0 has no previous plan); purity of every plan, random's ~ 1/10
+    assert len(events.Scalars("selection/pair_repeat")) == 2
+    purity = [e.value for e in events.Scalars("selection/label_purity")]
+    assert len(purity) == 3 and 0.05 < purity[0] < 0.15 and max(purity[1:]) > purity[0]
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["selection/lift"] == pytest.approx(lifts[-1], rel=1e-6)
 
@@ -94,3 +103,14 @@ def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_st
     expected = rest[select_batches("sc_global", bank["u"].numpy()[rest], bank["v"].numpy()[rest], 64,
                                    seed=derive_seed(0, 1, 8), tau=0.1)]
     np.testing.assert_array_equal(new[8:], expected)
+
+
+def test_warmup_epochs_are_random_under_refresh_too(tmp_path):
+    """selection.warmup_epochs holds in refresh mode: two random epochs, then the first loss-aware plan."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torchrun(train_cmd(tmp_path, "train.epochs=3", "eval.every_epochs=0", "selection.strategy=sc_global",
+                       "selection.embeddings=refresh", "selection.warmup_epochs=2"), nproc=1)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("selection/lift")] == [66]  # written at the end of epoch 2 only
