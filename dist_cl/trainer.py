@@ -462,6 +462,7 @@ class Trainer:
         return time.perf_counter() - started
 
     def log_eval(self, loss: float | None, figures: dict) -> None:
+        self.broadcast_buffers()
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k,
                            tau=float(self.model.temperature()), train_pairs=self.cfg.eval.train_pairs)
@@ -476,6 +477,13 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         log.info("eval epoch %d step %d | %s", self.epoch, self.step,
                  " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def broadcast_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, as in the checkpoint. DDP broadcasts them
+        at the start of each forward, so after the last step every rank holds its own update; evaluating
+        with those made the logged metrics of a multi-rank run differ from its checkpoint's."""
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer, src=0)
 
     def fit(self) -> None:
         cfg = self.cfg

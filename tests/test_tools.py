@@ -215,3 +215,16 @@ def test_training_metrics_beyond_train_pairs_use_one_fixed_subset():
     subset = train_pair_indices(1000, 100)
     assert len(np.unique(subset)) == 100 and subset.max() < 1000 and (np.diff(subset) > 0).all()
     np.testing.assert_array_equal(subset, train_pair_indices(1000, 100))
+
+
+def test_two_rank_logged_metrics_equal_the_evaluation_of_the_saved_checkpoint(tmp_path):
+    """Each rank embeds a share of the evaluation; they must all use the checkpoint's (rank 0's) BatchNorm
+    statistics, not the ones their last local step left."""
+    run_dir = tmp_path / "run"
+    torchrun([str(ROOT / "launch" / "train.py"), "train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"])
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    report = tmp_path / "eval.json"
+    assert evaluate_tool.main(["--checkpoint", str(run_dir), "--no-probe", "--json", str(report)]) == 0
+    metrics = json.loads(report.read_text())["metrics"]
+    for key in ("retrieval_top1", "retrieval_recall5", "knn_top1"):
+        assert logged[key] == metrics[key], key
