@@ -62,14 +62,17 @@ def test_group_size_keeps_hard_groups_whole_and_mixes_them(strategy):
     assert not np.array_equal(plan, select_batches(strategy, u, u, 8, seed=2, group_size=4))
 
 
-def test_group_size_is_checked():
+@pytest.mark.parametrize("strategy,options,message", [
+    ("sc_global", {"group_size": 3}, "group_size=3 must divide batch_size=8"),
+    ("osgd", {"group_size": 4, "k": 2}, "group_size applies to partition strategies; 'osgd'"),
+    ("sc", {"group_size": 4, "random_fraction": 0.5}, "set one of them"),
+    ("sc", {"random_fraction": 1.5}, "random_fraction=1.5 must be in"),
+    ("osgd", {"random_fraction": 0.5, "k": 2}, "random_fraction applies to partition strategies; 'osgd'"),
+])
+def test_hardness_controls_are_checked(strategy, options, message):
     u, _ = planted(4, 8)
-    with pytest.raises(SelectionError, match="group_size=3 must divide batch_size=8"):
-        select_batches("sc_global", u, u, 8, seed=0, group_size=3)
-    with pytest.raises(SelectionError, match="group_size applies to partition strategies; 'osgd'"):
-        select_batches("osgd", u, u, 8, seed=0, group_size=4, k=2)
-    with pytest.raises(SelectionError, match="set one of them"):
-        select_batches("sc", u, u, 8, seed=0, group_size=4, random_fraction=0.5)
+    with pytest.raises(SelectionError, match=message):
+        select_batches(strategy, u, u, 8, seed=0, **options)
 
 
 def test_random_fraction_one_is_a_random_partition():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dist_cl.selection import SelectionError, select_batches
+from dist_cl.selection import select_batches
 
 
 def planted(groups: int, size: int, dim: int = 16, seed: int = 0):
@@ -39,10 +39,3 @@ def test_hardness_falls_as_the_random_fraction_grows(strategy):
     assert share[0] == 8
     assert share[0] > share[1] > share[2] > share[3]
 
-
-def test_random_fraction_is_checked():
-    u, _ = planted(4, 4)
-    with pytest.raises(SelectionError, match="random_fraction=1.5 must be in"):
-        select_batches("sc", u, u, 4, seed=0, random_fraction=1.5)
-    with pytest.raises(SelectionError, match="random_fraction applies to partition strategies; 'osgd'"):
-        select_batches("osgd", u, u, 4, seed=0, random_fraction=0.5, k=2)
