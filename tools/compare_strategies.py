@@ -248,10 +248,10 @@ def against_reference(runs: list[dict], reference: list[dict]) -> tuple[str, str
     _, steps, mean, values = curve(runs, "train_fbl")
     _, ref_steps, ref_mean, ref_values = curve(reference, "train_fbl")
     sample_std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0  # noqa: E731
-    verdict = "yes"
-    for i, step in enumerate(steps):
-        if step < ref_steps[-1] / 3 or step > ref_steps[-1]:
-            continue
+    in_range = [i for i, step in enumerate(steps) if ref_steps[-1] / 3 <= step <= ref_steps[-1]]
+    verdict = "yes" if in_range else f"n/a (ends at step {steps[-1]:.0f})"
+    for i in in_range:
+        step = steps[i]
         nearest = int(np.abs(ref_steps - step).argmin())
         spread = max(sample_std(values[:, i]), sample_std(ref_values[:, nearest]))
         at_reference = float(np.interp(step, ref_steps, ref_mean))
