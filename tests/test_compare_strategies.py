@@ -1,0 +1,43 @@
+"""tools/compare_strategies.py's test of "converges faster": the training full-batch loss at equal steps."""
+
+import importlib.util
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("compare_strategies", ROOT / "tools" / "compare_strategies.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def run(losses: list[float], steps_per_epoch: int = 10) -> dict:
+    epochs = list(range(0, 3 * len(losses), 3))
+    return {"epochs": epochs, "step": {e: e * steps_per_epoch for e in epochs},
+            "train_fbl": dict(zip(epochs, losses))}
+
+
+REFERENCE = [run([10, 8, 6, 5, 4]), run([10, 8.2, 6.2, 5.2, 4.2])]  # steps 0..120, final mean 4.1
+
+
+def test_below_the_reference_beyond_the_seed_spread_from_the_first_third_on_passes():
+    faster = [run([10, 7, 5, 4, 3.5]), run([10, 7.1, 5.1, 4.1, 3.6])]
+    # step 60: 5.05 <= 6.1 - 0.14; it first reaches the reference's final 4.1 at step 90 of 120
+    assert compare.against_reference(faster, REFERENCE) == ("yes", "0.75")
+
+
+def test_within_the_seed_spread_fails_at_the_first_such_evaluation():
+    close = [run([10, 7, 5.95, 4, 3.5]), run([10, 7.1, 6.05, 4.1, 3.6])]
+    verdict, _ = compare.against_reference(close, REFERENCE)
+    assert verdict.startswith("no (step 60: 6.000 vs 6.100")
+
+
+def test_a_strategy_whose_evaluations_end_before_the_compared_range_is_not_applicable():
+    short = [run([10, 9], steps_per_epoch=2), run([10, 9.1], steps_per_epoch=2)]  # ends at step 6
+    assert compare.against_reference(short, REFERENCE) == ("n/a (ends at step 6)", "never")
+
+
+def test_equal_steps_are_interpolated_on_the_reference_curve():
+    """Evaluations at steps 0, 45, 90 against a reference evaluated every 30 steps."""
+    offset = [run([10, 5.0, 4.0], steps_per_epoch=15), run([10, 5.0, 4.0], steps_per_epoch=15)]
+    verdict, share = compare.against_reference(offset, REFERENCE)
+    # step 45 is past the first third (40): the reference there is 7.1, halfway between 8.1 and 6.1
+    assert (verdict, share) == ("yes", "0.75")
