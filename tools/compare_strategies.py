@@ -370,28 +370,37 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
 
 def composition(entries: list[Entry], seeds: list[int], directory: Path, batch_size: int, tau: float) -> str:
     """Batch composition of each strategy's plan on fixed embeddings (tools/extract_embeddings.py output):
-    the share of same-label pairs in a batch (false negatives for a class-level metric) and the lift."""
+    the lift, the share of same-label batch-mate pairs (false negatives for a class-level metric), and the
+    share of samples whose nearest negatives (largest s_ij, j != i) share their batch."""
     import yaml
 
     from dist_cl.selection import lift, select_batches
+    from dist_cl.selection.diagnostics import label_purity
 
     u, v = np.load(directory / "u.npy"), np.load(directory / "v.npy")
     labels = np.load(directory / "labels.npy")
     u, v = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+    s = u @ v.T
+    np.fill_diagonal(s, -np.inf)
+    nearest = np.argsort(-s, axis=1)[:, :5]
     lines = [f"Plans on the embeddings in {directory} (B = {batch_size}, tau = {tau}), mean over seeds "
              f"{','.join(map(str, seeds))}:", "",
-             "| strategy | batches | same-label pairs in a batch | lift |", "|---|---|---|---|"]
+             "| strategy | batches | lift | same-label pairs in a batch | nearest negative in the batch | "
+             "5 nearest in the batch |", "|---|---|---|---|---|---|"]
     for entry in entries:
         options = {o.split("=", 1)[0].removeprefix("selection.options."): yaml.safe_load(o.split("=", 1)[1])
                    for o in entry.overrides if o.startswith("selection.options.")}
-        shares, lifts, sizes = [], [], []
+        rows = []
         for seed in seeds:
             plan = select_batches(entry.strategy, u, v, batch_size, seed=seed, tau=tau, **options)
-            same = (labels[plan][:, :, None] == labels[plan][:, None, :]).sum(axis=(1, 2)) - batch_size
-            shares.append(float(np.mean(same / (batch_size * (batch_size - 1)))))
-            lifts.append(lift(u, v, plan, tau=tau, seed=seed))
-            sizes.append(len(plan))
-        lines.append(f"| {entry.label} | {np.mean(sizes):.0f} | {np.mean(shares):.3f} | {np.mean(lifts):.3f} |")
+            batch_of = np.full(len(u), -1)
+            batch_of[plan] = np.arange(len(plan))[:, None]
+            members = plan.ravel()
+            together = batch_of[nearest[members]] == batch_of[members][:, None]
+            rows.append((len(plan), lift(u, v, plan, tau=tau, seed=seed), label_purity(plan, labels),
+                         together[:, 0].mean(), together.mean()))
+        n, *means = np.mean(rows, axis=0)
+        lines.append(f"| {entry.label} | {n:.0f} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return "\n".join(lines) + "\n"
 
 
