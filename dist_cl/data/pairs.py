@@ -19,7 +19,8 @@ def sample_rng(seed: int, epoch: int, index: int):
     sample_seed = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed)
+        # the CPU generator alone: torch.manual_seed also queues a CUDA seeding and formats a stack trace
+        torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)
         try:
             yield
