@@ -57,18 +57,24 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "synthetic", "shards"] = "digits"
-    """Data set: the embedded scikit-learn digits, the paper's synthetic free embeddings, or webdataset shards."""
+    name: Literal["digits", "synthetic", "shards", "fashion_mnist"] = "digits"
+    """Data set: the embedded scikit-learn digits, the paper's synthetic free embeddings, webdataset shards, or
+    Fashion-MNIST's IDX files."""
     path: str = ""
-    """Shard directory (data.name=shards)."""
+    """Shard directory (data.name=shards), or the IDX files' folder (fashion_mnist; empty means
+    /usr/share/datasets/fashion-mnist, where `apt-get install dataset-fashion-mnist` puts them)."""
     holdout_fraction: float = 0.2
     """Digits: fraction of images held out for evaluation (stratified by label, fixed by data.split_seed)."""
     split_seed: int = 0
     """Seed of the train/held-out split, independent of the run seed so runs compare on one split."""
+    subset: int = 0
+    """Fashion-MNIST: train on a stratified sample of this many training images, fixed by data.split_seed (0: all)."""
+    heldout_subset: int = 0
+    """Fashion-MNIST: evaluate on a stratified sample of this many test images, fixed by data.split_seed (0: all)."""
     num_samples: int = 64
     """Synthetic: number of positive pairs N."""
     image_size: int = 32
-    """Shards: side of the square crop fed to the model."""
+    """Shards, Fashion-MNIST: side of the square crop fed to the model."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -311,6 +317,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
         "selection.every_steps": cfg.selection.every_steps,
+        "data.subset": cfg.data.subset, "data.heldout_subset": cfg.data.heldout_subset,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -346,6 +353,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if key not in accepted:
             raise ConfigError(f"selection.options.{key} is not an option of strategy {cfg.selection.strategy!r}; "
                               f"known: {', '.join(sorted(accepted - {'seed', 'tau'}))}")
+    if (cfg.data.subset or cfg.data.heldout_subset) and cfg.data.name != "fashion_mnist":
+        raise ConfigError(f"data.subset and data.heldout_subset sample Fashion-MNIST; data.name={cfg.data.name!r} "
+                          "reads all its data: set them to 0")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
     if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():
