@@ -148,6 +148,11 @@ class EvalConfig:
     every_epochs: int = 5
     """Evaluate after every this many epochs (and at the end); 0 disables."""
     knn_k: int = 20
+    corruptions: bool = False
+    """Also score corrupted-view retrieval on the held-out images (dist_cl.corruptions), as the paper does."""
+    corruption_samples: int = 1000
+    """Held-out images the corrupted-view retrieval uses, evenly spaced (0: all); each costs
+    2 severities x 6 corruptions x 2 views forward passes."""
 
 
 @dataclass
@@ -318,6 +323,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
         "selection.every_steps": cfg.selection.every_steps,
         "data.subset": cfg.data.subset, "data.heldout_subset": cfg.data.heldout_subset,
+        "eval.corruption_samples": cfg.eval.corruption_samples,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -356,6 +362,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if (cfg.data.subset or cfg.data.heldout_subset) and cfg.data.name != "fashion_mnist":
         raise ConfigError(f"data.subset and data.heldout_subset sample Fashion-MNIST; data.name={cfg.data.name!r} "
                           "reads all its data: set them to 0")
+    if cfg.eval.corruptions and cfg.data.name == "synthetic":
+        raise ConfigError("eval.corruptions corrupts images; data.name=synthetic has none: set eval.corruptions=false")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
     if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():

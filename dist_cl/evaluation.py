@@ -7,6 +7,7 @@ applies them, so every rank returns the same numbers.
 import numpy as np
 import torch
 
+from dist_cl.corrupted_retrieval import corrupted_retrieval
 from dist_cl.embed import embed_indices
 
 EVAL_EPOCH = 2**31 - 1
@@ -72,9 +73,11 @@ def full_batch_loss(u: torch.Tensor, v: torch.Tensor, tau: float, block_elements
     return float((row_terms + column_lse.sum() - 2 * positives.sum()) / len(u))
 
 
-def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float) -> dict:
+def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float,
+             corruptions: bool = False, corruption_samples: int = 0) -> dict:
     """On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
     retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone features.
+    ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of them (dist_cl.corrupted_retrieval).
     """
     heldout_set = heldout_set if heldout_set is not None else train_set
     heldout_set.set_epoch(EVAL_EPOCH)
@@ -91,6 +94,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
                                    **common)
         test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
         metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
+    if corruptions:
+        metrics.update(corrupted_retrieval(model, heldout_set, corruption_samples, epoch=EVAL_EPOCH, **common))
     return metrics
 
 

@@ -66,6 +66,7 @@ def test_splits_hold_the_files_images_and_labels_in_order(idx_dir):
         assert len(dataset) == SIZES[split] and dataset.channels == 1
         assert np.array_equal(dataset.labels, labels)
         assert torch.equal(dataset.load(3), torch.from_numpy(images[3])[None])
+        assert torch.equal(dataset.raw(3), torch.from_numpy(images[3])[None].float() / 255)
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])

@@ -110,6 +110,9 @@ class FashionMnistPairs(PairDataset):
     def load(self, index: int) -> torch.Tensor:
         return self.images[index]
 
+    def raw(self, index: int) -> torch.Tensor:
+        return self.images[index].float() / 255
+
     def augment(self, image: torch.Tensor) -> torch.Tensor:
         return self.train_transform(image)
 
