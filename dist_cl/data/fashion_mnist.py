@@ -101,8 +101,8 @@ class FashionMnistPairs(PairDataset):
         super().__init__(seed)
         self.images = torch.from_numpy(np.ascontiguousarray(images))[:, None]
         self.labels = labels
-        self.train_transform = simclr_transform(augment, image_size, self.channels)
-        self.eval_transform = eval_transform(image_size, self.channels)
+        self.train_transform = simclr_transform(augment, image_size, self.channels, from_pil=False)
+        self.eval_transform = eval_transform(image_size, self.channels, from_pil=False)
 
     def __len__(self) -> int:
         return len(self.images)
