@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from dist_cl.config import ConfigError, load_config
+from dist_cl.config import AugmentConfig, ConfigError, load_config
 from dist_cl.corrupted_retrieval import EVAL_SEVERITIES, CorruptedViews, corrupted_retrieval, group_recall
 from dist_cl.corruptions import CORRUPTIONS, SEVERITIES, brightness, contrast, corrupt, gaussian_blur
 from dist_cl.data.digits import DigitsPairs, digits_split
 from dist_cl.data.pairs import sample_rng
+from dist_cl.data.shards import ShardPairs
 from dist_cl.evaluation import EVAL_EPOCH, evaluate
+from test_shards import shards_from_npz
 
 
 def image(channels: int, side: int = 28) -> torch.Tensor:
@@ -170,3 +172,13 @@ def test_evaluate_adds_corrupted_retrieval_only_when_asked(digits):
 def test_corruption_settings_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 3), (12, 10)], ids=["RGB", "L"])
+def test_shard_images_are_corrupted_from_their_pixels(tmp_path, shape):
+    directory, arrays = shards_from_npz(tmp_path, shape=shape)
+    shards = ShardPairs(directory, AugmentConfig(), image_size=8, seed=0)
+    pixels = torch.from_numpy(arrays["images"][4]).reshape(12, 10, -1).permute(2, 0, 1)
+    assert torch.equal(shards.raw(4), pixels.float() / 255)
+    a, b, _ = CorruptedViews(shards, np.array([4]), 5, EVAL_EPOCH)[5]
+    assert a.shape == b.shape == (shards.channels, 8, 8) and not torch.equal(a, b)

@@ -280,7 +280,7 @@ table again (~0.7 ms), or re-parses all its tar headers (~26 ms) where it has no
 
     def raw(self, index: int) -> torch.Tensor:
         # the SimCLR transform takes float tensors in [0, 1] as it takes PIL images
-        return v2.functional.to_dtype(v2.functional.to_image(self.load(index)), torch.float32, scale=True)
+        return v2.functional.pil_to_tensor(self.load(index)).float() / 255
 
     def augment(self, image: Image.Image):
         return self.train_transform(image)
