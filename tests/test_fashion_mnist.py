@@ -12,7 +12,8 @@ from dist_cl.config import ConfigError, load_config
 from dist_cl.data import build_dataset
 from dist_cl.data.fashion_mnist import FILES, INSTALL, IdxError, read_idx, stratified_subset
 from dist_cl.data.shards import ShardPairs
-from test_shards import make_shards
+from dist_cl.models import build_model
+from test_shards import ROOT, make_shards
 
 SIZES = {"train": 60, "heldout": 20}  # 6 and 2 of each of the 10 classes
 
@@ -162,3 +163,14 @@ def test_make_shards_names_a_missing_fashion_mnist_file(tmp_path, capsys):
     assert make_shards.main(["--source", "fashion-mnist", "--input", str(tmp_path), "--out",
                              str(tmp_path / "out")]) == 2
     assert INSTALL in capsys.readouterr().err
+
+
+def test_config_file_builds_its_data_and_model(idx_dir):
+    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [f"data.path={idx_dir}", "data.subset=30"])
+    assert (cfg.train.global_batch_size, cfg.data.image_size, cfg.eval.corruptions) == (32, 28, True)
+    dataset = build_dataset(cfg, "train")
+    assert dataset.channels == cfg.model.in_chans and len(dataset) == 30
+    views = torch.stack([dataset[i][0] for i in range(2)])
+    with torch.no_grad():
+        u, v, _ = build_model(cfg, num_samples=30).eval()(views, views)
+    assert u.shape == (2, cfg.model.embed_dim) and torch.allclose(u, v)
