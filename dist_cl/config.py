@@ -57,18 +57,24 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "synthetic", "shards"] = "digits"
-    """Data set: the embedded scikit-learn digits, the paper's synthetic free embeddings, or webdataset shards."""
+    name: Literal["digits", "synthetic", "shards", "fashion_mnist"] = "digits"
+    """Data set: the embedded scikit-learn digits, the paper's synthetic free embeddings, webdataset shards, or
+    Fashion-MNIST's IDX files."""
     path: str = ""
-    """Shard directory (data.name=shards)."""
+    """Shard directory (data.name=shards), or the IDX files' folder (fashion_mnist; empty means
+    /usr/share/datasets/fashion-mnist, where `apt-get install dataset-fashion-mnist` puts them)."""
     holdout_fraction: float = 0.2
     """Digits: fraction of images held out for evaluation (stratified by label, fixed by data.split_seed)."""
     split_seed: int = 0
     """Seed of the train/held-out split, independent of the run seed so runs compare on one split."""
+    subset: int = 0
+    """Fashion-MNIST: train on a stratified sample of this many training images, fixed by data.split_seed (0: all)."""
+    heldout_subset: int = 0
+    """Fashion-MNIST: evaluate on a stratified sample of this many test images, fixed by data.split_seed (0: all)."""
     num_samples: int = 64
     """Synthetic: number of positive pairs N."""
     image_size: int = 32
-    """Shards: side of the square crop fed to the model."""
+    """Shards, Fashion-MNIST: side of the square crop fed to the model."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -146,6 +152,11 @@ class EvalConfig:
     train_pairs: int = 100_000
     """Training pairs of the training-set metrics (train/full_batch_loss, train/retrieval_top1): all of them
     up to this many, a fixed random subset of this many beyond (N^2 similarities are computed in blocks)."""
+    corruptions: bool = False
+    """Also score corrupted-view retrieval on the held-out images (dist_cl.corruptions), as the paper does."""
+    corruption_samples: int = 1000
+    """Held-out images the corrupted-view retrieval uses, evenly spaced (0: all); each costs
+    2 severities x 6 corruptions x 2 views forward passes."""
 
 
 @dataclass
@@ -316,6 +327,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
         "selection.every_steps": cfg.selection.every_steps,
+        "data.subset": cfg.data.subset, "data.heldout_subset": cfg.data.heldout_subset,
+        "eval.corruption_samples": cfg.eval.corruption_samples,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -365,6 +378,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if key not in accepted:
             raise ConfigError(f"selection.options.{key} is not an option of strategy {cfg.selection.strategy!r}; "
                               f"known: {', '.join(sorted(accepted))}")
+    if (cfg.data.subset or cfg.data.heldout_subset) and cfg.data.name != "fashion_mnist":
+        raise ConfigError(f"data.subset and data.heldout_subset sample Fashion-MNIST; data.name={cfg.data.name!r} "
+                          "reads all its data: set them to 0")
+    if cfg.eval.corruptions and cfg.data.name == "synthetic":
+        raise ConfigError("eval.corruptions corrupts images; data.name=synthetic has none: set eval.corruptions=false")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
     if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():

@@ -7,6 +7,7 @@ applies them, so every rank returns the same numbers.
 import numpy as np
 import torch
 
+from dist_cl.corrupted_retrieval import corrupted_retrieval
 from dist_cl.embed import embed_indices
 
 EVAL_EPOCH = 2**31 - 1
@@ -90,14 +91,15 @@ def pair_metrics(u: torch.Tensor, v: torch.Tensor, tau: float) -> dict:
 
 
 def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float,
-             train_pairs: int = 100_000) -> dict:
+             train_pairs: int = 100_000, corruptions: bool = False, corruption_samples: int = 0) -> dict:
     """The paper's metrics on fixed-seed views (augmentation epoch EVAL_EPOCH).
 
     On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
     retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone
     features. On the training pairs (``train_*``; at most ``train_pairs`` of them, their number logged as
     ``train_pairs``): the full-batch loss, the objective the paper's theory is about, and retrieval top-1,
-    its "original data" metric.
+    its "original data" metric. ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of
+    the held-out images (dist_cl.corrupted_retrieval).
     """
     common = dict(rank=rank, world_size=world_size, device=device)
     train_idx = train_pair_indices(len(train_set), train_pairs)
@@ -117,6 +119,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
                                    **common)
         test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
         metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
+    if corruptions:
+        metrics.update(corrupted_retrieval(model, heldout_set, corruption_samples, epoch=EVAL_EPOCH, **common))
     return metrics
 
 

@@ -465,7 +465,9 @@ class Trainer:
         self.broadcast_buffers()
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k,
-                           tau=float(self.model.temperature()), train_pairs=self.cfg.eval.train_pairs)
+                           tau=float(self.model.temperature()), train_pairs=self.cfg.eval.train_pairs,
+                           corruptions=self.cfg.eval.corruptions,
+                           corruption_samples=self.cfg.eval.corruption_samples)
         if self.writer is None:
             return
         for key, value in metrics.items():

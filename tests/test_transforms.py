@@ -68,3 +68,15 @@ def test_zero_strengths_and_probabilities_leave_colour_and_blur_steps_out():
 
 def test_blur_kernel_is_odd_and_a_tenth_of_the_image():
     assert [blur_kernel_size(s) for s in (8, 32, 96, 224)] == [3, 3, 9, 23]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tensor_input_without_to_image_gives_the_same_views_as_plain_tensors(channels):
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (channels, 20, 14), dtype=np.uint8))
+    for wrapped, plain in ((simclr_transform(FULL, 16, channels), simclr_transform(FULL, 16, channels, False)),
+                           (eval_transform(16, channels), eval_transform(16, channels, from_pil=False))):
+        with sample_rng(0, 1, 2):
+            expected = wrapped(pixels)
+        with sample_rng(0, 1, 2):
+            out = plain(pixels)
+        assert type(out) is torch.Tensor and torch.equal(out, expected.as_subclass(torch.Tensor))

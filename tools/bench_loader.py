@@ -1,6 +1,9 @@
-"""Samples/s of ShardPairs through a DataLoader: plan order (random indices) against sequential order.
+"""Samples/s of a training set through a DataLoader: plan order (random indices) against sequential order.
 
     python tools/bench_loader.py --path data/digits/train --workers 0 2 --repeats 5
+    python tools/bench_loader.py --config configs/fashion_mnist.yaml --workers 0 --repeats 5
+
+--path reads ShardPairs (default augmentation, --image-size); --config the configured data set's training split.
 
 A plan batch is B random indices, as a BatchPlan hands them out. Each (order, workers) pair gets one
 loader with persistent workers and an untimed warm-up pass (opens the shards, fills the page cache),
@@ -20,14 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_cl.config import AugmentConfig  # noqa: E402
+from dist_cl.config import AugmentConfig, load_config  # noqa: E402
+from dist_cl.data import build_dataset  # noqa: E402
+from dist_cl.data.pairs import PairDataset  # noqa: E402
 from dist_cl.data.shards import ShardPairs  # noqa: E402
 
 
 class Decoded(Dataset):
-    """Sample i as the decoded PIL image only: isolates shard access from the augmentation cost."""
+    """Sample i as loaded (a decoded PIL image for shards) only: isolates access from the augmentation cost."""
 
-    def __init__(self, pairs: ShardPairs):
+    def __init__(self, pairs: PairDataset):
         self.pairs = pairs
 
     def __len__(self) -> int:
@@ -51,7 +56,9 @@ def samples_per_second(loader: DataLoader, num_samples: int) -> tuple[float, flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--path", required=True, help="shard directory (holding shardindex.json)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--path", help="shard directory (holding shardindex.json)")
+    source.add_argument("--config", help="a run config: its training split, as the trainer builds it")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to try")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
@@ -62,15 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-only", action="store_true", help="time reading and decoding, no augmentation")
     args = parser.parse_args(argv)
 
-    ds = ShardPairs(args.path, AugmentConfig(), args.image_size, seed=args.seed, open_shards=args.open_shards)
+    if args.config:
+        ds = build_dataset(load_config(args.config, [f"seed={args.seed}"]), "train")
+    else:
+        ds = ShardPairs(args.path, AugmentConfig(), args.image_size, seed=args.seed, open_shards=args.open_shards)
     data = Decoded(ds) if args.decode_only else ds
     n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
     orders = {
         "sequential": np.arange(n),
         "plan": np.random.default_rng(args.seed).permutation(len(ds))[:n],
     }
-    print(f"{args.path}: {len(ds)} samples in {len(ds.shards)} shards, {n} per pass, batch {args.batch_size}, "
-          f"image {args.image_size}, {args.repeats} timed passes{', decode only' if args.decode_only else ''}")
+    where = args.config or f"{args.path} ({len(ds.shards)} shards, image {args.image_size})"
+    print(f"{where}: {len(ds)} samples, {n} per pass, batch {args.batch_size}, {args.repeats} timed passes"
+          f"{', decode only' if args.decode_only else ''}")
     print(f"{'workers':>7}  {'order':<10}  {'median/s':>9}  {'min/s':>8}  {'max/s':>8}  {'cpu/s':>8}  plan/seq")
     for workers in args.workers:
         loaders = {

@@ -1,6 +1,7 @@
-"""Write indexed webdataset shards (tar + wids shardindex.json) from digits, an image folder or an .npz.
+"""Write indexed webdataset shards (tar + wids shardindex.json) from digits, Fashion-MNIST, an image folder or an .npz.
 
     python tools/make_shards.py --source digits --split train --out data/digits/train --samples-per-shard 256
+    python tools/make_shards.py --source fashion-mnist --split heldout --out data/fashion-mnist/heldout
     python tools/make_shards.py --source folder --input imagenet/train --out data/in1k/train
     python tools/make_shards.py --source npz --input cifar_train.npz --out data/cifar/train
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dist_cl.config import ConfigError  # noqa: E402
 from dist_cl.data.shards import (  # noqa: E402
     IMAGE_EXTENSIONS, INDEX_KIND, INDEX_NAME, OFFSETS_COLUMNS, offsets_path, sample_key, shard_name,
 )
@@ -79,6 +81,14 @@ def digits_source(split: str, holdout_fraction: float, split_seed: int) -> Sourc
     images, labels = digits_split(holdout_fraction, split_seed, split)
     pixels = np.rint(images[:, 0] * 255).astype(np.uint8)
     return array_source(pixels, labels, [str(d) for d in range(10)])
+
+
+def fashion_mnist_source(path: Path, split: str, subset: int, split_seed: int) -> Source:
+    """Fashion-MNIST's train (60k) or test (10k) IDX files; ``subset`` keeps the rows data.subset keeps."""
+    from dist_cl.data.fashion_mnist import CLASSES, fashion_mnist_split
+
+    images, labels = fashion_mnist_split(path, split, subset, split_seed)
+    return array_source(images, labels, CLASSES)
 
 
 def npz_source(path: Path) -> Source:
@@ -220,6 +230,10 @@ def make_shards(source: Source, out: Path, samples_per_shard: int, params: dict,
 def build_source(args: argparse.Namespace) -> Source:
     if args.source == "digits":
         return digits_source(args.split, args.holdout_fraction, args.split_seed)
+    if args.source == "fashion-mnist":
+        from dist_cl.data.fashion_mnist import DEFAULT_PATH
+
+        return fashion_mnist_source(Path(args.input or DEFAULT_PATH), args.split, args.subset, args.split_seed)
     if args.input is None:
         raise ShardWriteError(f"--source {args.source} needs --input")
     if args.source == "npz":
@@ -229,22 +243,28 @@ def build_source(args: argparse.Namespace) -> Source:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["digits", "folder", "npz"], default="digits")
-    parser.add_argument("--input", help="folder: directory of class sub-folders; npz: file with images[, labels]")
+    parser.add_argument("--source", choices=["digits", "fashion-mnist", "folder", "npz"], default="digits")
+    parser.add_argument("--input", help="folder: directory of class sub-folders; npz: file with images[, labels]; "
+                        "fashion-mnist: folder of the IDX files (default /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--out", required=True, help="output directory for shard-*.tar and shardindex.json")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--split", choices=["train", "heldout"], default="train", help="digits: which split")
+    parser.add_argument("--split", choices=["train", "heldout"], default="train",
+                        help="digits, fashion-mnist: which split")
     parser.add_argument("--holdout-fraction", type=float, default=0.2, help="digits: as data.holdout_fraction")
-    parser.add_argument("--split-seed", type=int, default=0, help="digits: as data.split_seed")
+    parser.add_argument("--split-seed", type=int, default=0, help="digits, fashion-mnist: as data.split_seed")
+    parser.add_argument("--subset", type=int, default=0,
+                        help="fashion-mnist: a stratified sample of this many, as data.subset / data.heldout_subset")
     parser.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="folder: image mode samples are read in")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     args = parser.parse_args(argv)
     if args.samples_per_shard <= 0:
         parser.error(f"--samples-per-shard={args.samples_per_shard} must be positive")
+    if args.subset < 0 or (args.subset and args.source != "fashion-mnist"):
+        parser.error(f"--subset={args.subset}: a non-negative sample size, for --source fashion-mnist only")
     params = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
     try:
         index = make_shards(build_source(args), Path(args.out), args.samples_per_shard, params, args.force)
-    except ShardWriteError as exc:
+    except (ShardWriteError, ConfigError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
     total = sum(shard["nsamples"] for shard in index["shardlist"])

@@ -23,4 +23,10 @@ def build_dataset(cfg: Config, split: str) -> PairDataset | None:
 
         directory = split_dir(d.path, split)
         return ShardPairs(directory, d.augment, d.image_size, seed=cfg.seed) if directory else None
+    if d.name == "fashion_mnist":
+        from dist_cl.data.fashion_mnist import DEFAULT_PATH, FashionMnistPairs, fashion_mnist_split
+
+        subset = d.subset if split == "train" else d.heldout_subset
+        images, labels = fashion_mnist_split(d.path or DEFAULT_PATH, split, subset, d.split_seed)
+        return FashionMnistPairs(images, labels, d.augment, d.image_size, seed=cfg.seed)
     raise ValueError(f"data.name={d.name!r} has no loader yet")

@@ -41,6 +41,9 @@ class DigitsPairs(PairDataset):
     def clean(self, image: torch.Tensor) -> torch.Tensor:
         return image
 
+    def raw(self, index: int) -> torch.Tensor:
+        return self.load(index)
+
     def augment(self, image: torch.Tensor) -> torch.Tensor:
         c, h, w = image.shape
         s = self.cfg.crop_shift

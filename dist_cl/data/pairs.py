@@ -14,12 +14,14 @@ from torch.utils.data import Dataset
 
 
 @contextmanager
-def sample_rng(seed: int, epoch: int, index: int):
-    """Seed torch and python RNGs for one sample, restoring the caller's state afterwards."""
-    sample_seed = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_rng(seed: int, epoch: int, index: int, *variant: int):
+    """Seed torch and python RNGs for one sample (``variant`` tells apart several drawings of one sample, e.g.
+    its corrupted versions), restoring the caller's state afterwards."""
+    sample_seed = int(np.random.SeedSequence([seed, epoch, index, *variant]).generate_state(1)[0])
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed)
+        # the CPU generator alone: torch.manual_seed also queues a CUDA seeding and formats a stack trace
+        torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)
         try:
             yield
@@ -30,7 +32,8 @@ def sample_rng(seed: int, epoch: int, index: int):
 class PairDataset(Dataset):
     """Map-style two-view data set. Subclasses give ``__len__``, ``load(i)``, ``augment(x)``, ``clean(x)``.
 
-    ``labels`` is an int array (or None); evaluation uses ``clean_item(i)`` (no augmentation).
+    ``labels`` is an int array (or None); evaluation uses ``clean_item(i)`` (no augmentation). Image data
+    sets also give ``raw(i)`` for the corrupted-view evaluation (dist_cl.corruptions).
     """
 
     labels: np.ndarray | None = None
@@ -50,6 +53,11 @@ class PairDataset(Dataset):
 
     def clean(self, sample) -> torch.Tensor:
         raise NotImplementedError
+
+    def raw(self, index: int) -> torch.Tensor:
+        """Sample i as a float (C, H, W) image in [0, 1] that ``augment`` takes like a loaded sample: the
+        input corruptions are applied to, before augmentation and normalisation."""
+        raise NotImplementedError(f"{type(self).__name__} has no images to corrupt")
 
     def __getitem__(self, index: int):
         sample = self.load(index)

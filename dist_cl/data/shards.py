@@ -27,7 +27,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from dist_cl.config import AugmentConfig
 from dist_cl.data.pairs import PairDataset
@@ -275,6 +277,10 @@ table again (~0.7 ms), or re-parses all its tar headers (~26 ms) where it has no
         except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ShardError(f"shard {path} member {key}.{ext} cannot be decoded ({exc}); {REPAIR}") from exc
         return image if image.mode == self.mode else image.convert(self.mode)
+
+    def raw(self, index: int) -> torch.Tensor:
+        # the SimCLR transform takes float tensors in [0, 1] as it takes PIL images
+        return v2.functional.pil_to_tensor(self.load(index)).float() / 255
 
     def augment(self, image: Image.Image):
         return self.train_transform(image)

@@ -22,8 +22,10 @@ def normalize(channels: int) -> v2.Normalize:
     raise ValueError(f"channels={channels}: images must have 1 (L) or 3 (RGB) channels")
 
 
-def _to_tensor(channels: int) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalize(channels)]
+def _to_tensor(channels: int, from_pil: bool) -> list:
+    # a tensor input stays a plain tensor: v2.ToImage would wrap it in a tv_tensors.Image, whose every later
+    # operation goes through torch_function dispatch, a large share of a small image's transform
+    return ([v2.ToImage()] if from_pil else []) + [v2.ToDtype(torch.float32, scale=True), normalize(channels)]
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -31,8 +33,10 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def simclr_transform(cfg: AugmentConfig, image_size: int, channels: int) -> v2.Compose:
-    """Random resized crop, flip, colour jitter, grayscale, blur (Chen et al. 2020, appendix A)."""
+def simclr_transform(cfg: AugmentConfig, image_size: int, channels: int, from_pil: bool = True) -> v2.Compose:
+    """Random resized crop, flip, colour jitter, grayscale, blur (Chen et al. 2020, appendix A).
+
+    ``from_pil=False`` takes (C, H, W) uint8 or [0, 1] float tensors only, and returns plain tensors."""
     steps: list = [v2.RandomResizedCrop(image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True)]
     if cfg.flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.flip_prob))
@@ -43,11 +47,11 @@ def simclr_transform(cfg: AugmentConfig, image_size: int, channels: int) -> v2.C
         steps.append(v2.RandomGrayscale(cfg.grayscale_prob))
     if cfg.blur_prob > 0:
         steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), (0.1, 2.0))], p=cfg.blur_prob))
-    return v2.Compose(steps + _to_tensor(channels))
+    return v2.Compose(steps + _to_tensor(channels, from_pil))
 
 
-def eval_transform(image_size: int, channels: int) -> v2.Compose:
+def eval_transform(image_size: int, channels: int, from_pil: bool = True) -> v2.Compose:
     """Resize the short side and centre-crop: the deterministic view used for kNN and retrieval."""
     return v2.Compose(
-        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)] + _to_tensor(channels)
+        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)] + _to_tensor(channels, from_pil)
     )
