@@ -171,6 +171,8 @@ METRICS = (  # (key in a run summary, metrics.jsonl field, table heading)
     ("retrieval", "retrieval_top1", "held-out R@1"),
     ("knn", "knn_top1", "kNN top-1"),
     ("fbl", "full_batch_loss", "held-out full-batch loss"),
+    ("corrupted_s1", "corrupted_r1/s1", "corrupted R@1, severity 1"),
+    ("corrupted_s5", "corrupted_r1/s5", "corrupted R@1, severity 5"),
 )
 DIAGNOSTICS = (  # TensorBoard scalars averaged over the loss-aware epochs (all epochs for random)
     ("lift", "selection/lift"), ("realised_lift", "selection/realised_lift"),
@@ -319,6 +321,8 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
     epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
     epochs = [e for e in epochs if e % args.table_every == 0 or e == args.epochs or e in args.table_epochs]
     for key, _, name in METRICS:
+        if not any(value == value for rs in runs.values() for r in rs for value in r[key].values()):
+            continue  # not measured in these runs (e.g. corrupted views without eval.corruptions)
         lines += ["", f"{name} per evaluated epoch (mean over seeds; step in brackets):", "",
                   "| strategy | " + " | ".join(f"ep {e}" for e in epochs) + " |",
                   "|---|" + "---|" * len(epochs)]
