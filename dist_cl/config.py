@@ -88,6 +88,10 @@ class ModelConfig:
     """Hidden width of the projection MLP; 0 means a single linear layer."""
     two_towers: bool = False
     """CLIP mode: separate backbone+head for view_a and view_b."""
+    sync_bn: bool = False
+    """BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's slice, as the paper's
+    code does: a hard batch split over ranks gives each rank an even more homogeneous slice. CUDA only
+    (torch's SyncBatchNorm has no CPU kernel); on the CPU BatchNorm stays per rank, with a warning."""
 
 
 @dataclass
@@ -150,12 +154,18 @@ class CheckpointConfig:
     """Save every this many steps (and at every epoch end); 0 means epoch ends only."""
     keep: int = 3
     """Keep the newest this many checkpoints."""
+    timeout_s: float = 1800.0
+    """How long the other ranks wait for rank 0 to write a checkpoint: it holds the whole bank (1.3 GB at
+    ImageNet scale), which a shared file system may take minutes to take."""
 
 
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0
     """Bound on any collective; a rank that hangs longer brings the job down."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: gloo and the CPU, or CUDA where it is visible (nccl for CUDA tensors, gloo for CPU ones);
+    gloo: the CPU even where CUDA is visible; nccl: CUDA, or an error where there is none."""
 
 
 @dataclass
@@ -299,7 +309,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     positive = {
         "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
         "loss.tau": cfg.loss.tau, "model.embed_dim": cfg.model.embed_dim, "checkpoint.keep": cfg.checkpoint.keep,
-        "dist.timeout_s": cfg.dist.timeout_s, "data.num_samples": cfg.data.num_samples,
+        "dist.timeout_s": cfg.dist.timeout_s,
+        "checkpoint.timeout_s": cfg.checkpoint.timeout_s, "data.num_samples": cfg.data.num_samples,
         "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
     }
     for key, value in positive.items():
