@@ -351,7 +351,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("selection.every_steps re-selects synchronously inside the epoch, selection.overlap "
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
     accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size",
-                                                                                          "map_fn"}
+                                                                                          "map_fn", "device"}
     accepted |= {"random_fraction"}
     for key in cfg.selection.options:
         if key not in accepted:

@@ -135,13 +135,6 @@ def check_same_on_all_ranks(what: str, digest: str) -> None:
                                   "rank runs the same code, config and data")
 
 
-def on_one_rank(fn: Callable[[], Any], group=None) -> Any:
-    """``fn()`` computed by one rank and received by all (a collective over ``group``): where a result
-    must be identical on every rank, e.g. a plan whose BLAS arithmetic may differ between nodes."""
-    [result] = distributed_map(lambda _: fn(), [None], group=group)
-    return result
-
-
 def distributed_map(fn: Callable[[Any], Any], items: Sequence[Any], group=None) -> list[Any]:
     """``[fn(x) for x in items]`` with the items dealt round-robin over the ranks; every rank gets all results.
 

@@ -1,12 +1,13 @@
 """Evaluation metrics: positive-pair retrieval (the paper's metric), recall@k and kNN classification.
 
-The metrics are pure functions of embeddings; ``evaluate`` embeds the data sharded over ranks and
-applies them, so every rank returns the same numbers.
+The metrics are pure functions of embeddings; ``evaluate`` embeds the data sharded over ranks, one rank
+applies them and every rank returns its numbers.
 """
 
 import numpy as np
 import torch
 
+from dist_cl.distributed import distributed_map
 from dist_cl.embed import embed_indices
 
 EVAL_EPOCH = 2**31 - 1
@@ -72,26 +73,38 @@ def full_batch_loss(u: torch.Tensor, v: torch.Tensor, tau: float, block_elements
     return float((row_terms + column_lse.sum() - 2 * positives.sum()) / len(u))
 
 
-def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float) -> dict:
+def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float,
+             num_workers: int = 0) -> dict:
     """On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
     retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone features.
+
+    A collective. Every rank embeds its share (``num_workers`` loader workers each); the float64 metrics
+    are computed once, by one rank, and sent to the others.
     """
     heldout_set = heldout_set if heldout_set is not None else train_set
     heldout_set.set_epoch(EVAL_EPOCH)
     idx = np.arange(len(heldout_set))
-    common = dict(rank=rank, world_size=world_size, device=device)
+    common = dict(rank=rank, world_size=world_size, device=device, num_workers=num_workers)
     u, v = embed_indices(model, heldout_set, idx, augmented=True, **common)
-    metrics = {
-        "retrieval_top1": retrieval_recall(u, v, 1),
-        "retrieval_recall5": retrieval_recall(u, v, 5),
-        "full_batch_loss": full_batch_loss(u, v, tau),
-    }
+    features = None
     if heldout_set is not train_set and heldout_set.labels is not None and train_set.labels is not None:
         train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", side_b=False,
                                    **common)
         test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
-        metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
-    return metrics
+        features = train_x, test_x
+
+    def metrics(_) -> dict:
+        values = {
+            "retrieval_top1": retrieval_recall(u, v, 1),
+            "retrieval_recall5": retrieval_recall(u, v, 5),
+            "full_batch_loss": full_batch_loss(u, v, tau),
+        }
+        if features is not None:
+            values["knn_top1"] = knn_top1(features[0], train_set.labels, features[1], heldout_set.labels, knn_k)
+        return values
+
+    [values] = distributed_map(metrics, [None])
+    return values
 
 
 def linear_probe_top1(

@@ -44,7 +44,7 @@ __all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "
 
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
-                   map_fn: Callable | None = None, **options) -> np.ndarray:
+                   map_fn: Callable | None = None, device=None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
     ``random_fraction`` (partition strategies): that share of every batch is drawn at random and the
@@ -52,6 +52,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     same-class false negatives; docs/RESULTS.md). 0 is the strategy's own plan, 1 a random partition.
     ``map_fn(fn, items)``: how a strategy that splits into independent pieces (sc_global's cells) maps
     them, e.g. over ranks with dist_cl.distributed.distributed_map; the plan does not depend on it.
+    ``device``: the torch device a strategy that computes on one (sc_global) uses; None: the current one.
     """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -68,8 +69,11 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
     if not tau > 0:
         raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
-    if map_fn is not None and "map_fn" in inspect.signature(STRATEGIES[name].fn).parameters:
+    parameters = inspect.signature(STRATEGIES[name].fn).parameters
+    if map_fn is not None and "map_fn" in parameters:
         options["map_fn"] = map_fn
+    if device is not None and "device" in parameters:
+        options["device"] = device
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
     n_random = round(random_fraction * batch_size)
