@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200, help="timed steps of the minimal loop")
     parser.add_argument("overrides", nargs="*", help="throughput: dotted config overrides of the trained run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
