@@ -2,7 +2,7 @@
 
     python tools/gpu_check.py loss-precision --amp bf16      # the loss under autocast is the float32 loss
     python tools/gpu_check.py selection --n 1000000           # sc_global on the GPU against the CPU path
-    python tools/gpu_check.py throughput [key=value ...]      # the trainer against a minimal DDP loop
+    python tools/gpu_check.py throughput [--config C] [k=v ...] # the trainer against a minimal DDP loop
 
 Every check runs on --device (default cuda, the process's local GPU on a one-rank group); ``--device cpu``
 runs the same code on the CPU (the selection check then compares the CPU path with itself), so the script's
@@ -98,12 +98,12 @@ def selection(device: torch.device, n: int, d: int, batch_size: int) -> bool:
     return report(f"selection-n{n}", ok, **rows)
 
 
-def throughput(device: torch.device, overrides: list[str], steps: int) -> bool:
-    """Samples/s of the trainer's last epoch, as its log line reports it, against a minimal DDP loop on the
-    same model, optimizer and AMP with one random batch (no data loading, bank or selection)."""
-    cfg = load_config(ROOT / "configs" / "digits.yaml",
-                      ["train.epochs=2", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
-                       f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}", *overrides])
+def throughput(device: torch.device, config: str, overrides: list[str], steps: int) -> bool:
+    """Samples/s of the trainer's middle epoch of 3 (one whose next plan is computed meanwhile under
+    selection.overlap), from its log line and counting its wait for the plan, against a minimal DDP loop
+    on the same model, optimizer and AMP with one random batch (no data loading, bank or selection)."""
+    cfg = load_config(config, ["train.epochs=3", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
+                               f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}", *overrides])
     info = init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     lines = _EpochLines()
     logging.getLogger("dist_cl").addHandler(lines)
@@ -112,9 +112,14 @@ def throughput(device: torch.device, overrides: list[str], steps: int) -> bool:
         trainer = Trainer(cfg, info)
         trainer.fit()
         trainer.close()
-        trained = float(re.search(r"\| (\d+) samples/s", lines.last).group(1))
+        line = lines.epochs[1]
+        total, rate, waited = (float(re.search(pattern, line).group(1)) for pattern in (
+            r"total ([\d.]+)s", r"\| (\d+) samples/s", r"waited ([\d.]+)s"))
+        trained = rate * total / (total + waited)
         view = trainer.train_set[0][0]
-        x = torch.rand(cfg.train.global_batch_size, *view.shape, device=info.device).to(view.dtype)
+        shape = (cfg.train.global_batch_size, *view.shape)
+        x = (torch.rand(shape, device=info.device) if view.is_floating_point()  # images, or sample indices
+             else torch.randint(len(trainer.train_set), shape, device=info.device))
         for step in range(steps + 5):  # 5 warm-up steps
             if step == 5:
                 _synchronize(info.device)
@@ -135,14 +140,15 @@ def throughput(device: torch.device, overrides: list[str], steps: int) -> bool:
 
 
 class _EpochLines(logging.Handler):
-    """Keeps the trainer's last epoch line."""
+    """Keeps the trainer's epoch lines, by epoch."""
 
-    last = ""
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("epoch "):
-            self.last = message
+        if record.getMessage().startswith("epoch "):
+            self.epochs.append(record.getMessage())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200, help="timed steps of the minimal loop")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "digits.yaml"), help="throughput: the run's config")
     parser.add_argument("overrides", nargs="*", help="throughput: dotted config overrides of the trained run")
     args = parser.parse_intermixed_args(argv)
     device = torch.device(args.device)
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.check == "selection":
         ok = selection(device, args.n, args.dim, args.batch_size)
     else:
-        ok = throughput(device, args.overrides, args.steps)
+        ok = throughput(device, args.config, args.overrides, args.steps)
     return 0 if ok else 1
 
 
