@@ -46,12 +46,8 @@ expect() {
     ROWS+=("$(printf '| %-28s | %-9s | %6s | %s |' "$1" "$result" "" "$3 in ${2#"$OUT"/}")")
 }
 
-"$PY" - >"$OUT/versions.log" 2>&1 <<'EOF'
-import faiss, torch
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.cuda.get_device_name()}, "
-      f"faiss {faiss.__version__} with {faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0} GPUs")
-EOF
-check versions 60 cat "$OUT/versions.log"
+check versions 60 "$PY" -c "import faiss, torch; print(torch.__version__, 'CUDA', torch.version.cuda, \
+    torch.cuda.get_device_name(), 'faiss', faiss.__version__, 'GPUs', faiss.get_num_gpus())"
 
 # 1. nccl, 2 epochs: mid-epoch checkpoints, evaluations, sc_global computed ahead on the planner thread,
 #    SyncBatchNorm, GPU FAISS (digits: 1437 pairs, small cells so the k-means and the cells run)
