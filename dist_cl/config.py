@@ -162,7 +162,9 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0
-    """Bound on any collective; a rank that hangs longer brings the job down."""
+    """Bound on any collective; a rank that hangs longer brings the job down. It must cover the work one
+    rank does while the others wait for its result: an sc or osgd plan, sc_global's k-means training, the
+    evaluation metrics."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto: gloo and the CPU, or CUDA where it is visible (nccl for CUDA tensors, gloo for CPU ones);
     gloo: the CPU even where CUDA is visible; nccl: CUDA, or an error where there is none."""
