@@ -37,13 +37,13 @@ check() {
         figures=$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-150)
     fi
     if (( status == 0 )); then result=ok; else result="FAIL ($status)"; FAILED=1; fi
-    ROWS+=("$(printf '| %-28s | %-9s | %5ss | %s |' "$name" "$result" "$(( $(date +%s) - started ))" "$figures")")
+    ROWS+=("$(printf '| %-28s | %-10s | %5ss | %s |' "$name" "$result" "$(( $(date +%s) - started ))" "$figures")")
 }
 
 # expect NAME FILE PATTERN: a row that fails unless FILE holds PATTERN (what a run must have left behind)
 expect() {
     if grep -q -- "$3" "$2" 2>/dev/null; then result=ok; else result=FAIL; FAILED=1; fi
-    ROWS+=("$(printf '| %-28s | %-9s | %6s | %s |' "$1" "$result" "" "$3 in ${2#"$OUT"/}")")
+    ROWS+=("$(printf '| %-28s | %-10s | %6s | %s |' "$1" "$result" "" "$3 in ${2#"$OUT"/}")")
 }
 
 check versions 60 "$PY" -c "import faiss, torch; print(torch.__version__, 'CUDA', torch.version.cuda, \
@@ -110,8 +110,8 @@ check throughput-free-sc_global 120 "$PY" tools/gpu_check.py throughput "${SYNTH
 check throughput-digits-sc_global 120 "$PY" tools/gpu_check.py throughput data.num_workers=8 \
     selection.strategy=sc_global selection.overlap=true selection.warmup_epochs=0 run.dir="$OUT/throughput-digits"
 
-printf '| %-28s | %-9s | %6s | %s |\n' check result time figures
-printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..30})" "$(printf -- '-%.0s' {1..11})" "--------" "--------"
+printf '| %-28s | %-10s | %6s | %s |\n' check result time figures
+printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..30})" "$(printf -- '-%.0s' {1..12})" "--------" "--------"
 printf '%s\n' "${ROWS[@]}"
 echo "logs: $OUT"
 exit $FAILED
