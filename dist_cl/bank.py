@@ -1,8 +1,10 @@
 """Embedding bank: the latest detached (u, v) of every sample by index, identical on all ranks after sync.
 
-Training steps write their local rows for free; ``sync`` all-gathers only the rows written since the last
-sync (each rank has written the same number: its slice of the same global batches), so one epoch costs
-one gather of N rows in total, not W copies of the whole bank.
+Training steps write their local rows for free: they stay on the training device, where the step made
+them, so a step never waits for a copy to the host. ``sync`` all-gathers only the rows written since the
+last sync (each rank has written the same number: its slice of the same global batches) on that device,
+then copies them to the host bank once; one epoch costs one gather of N rows in total, not W copies of
+the whole bank. The bank itself lives on the host, where the strategies read it.
 """
 
 import torch
@@ -11,7 +13,9 @@ from dist_cl.distributed import gather_rows, world_size
 
 
 class EmbeddingBank:
-    def __init__(self, num_samples: int, dim: int):
+    def __init__(self, num_samples: int, dim: int, device: torch.device = torch.device("cpu")):
+        self.device = device
+        """Where pending rows wait for the next sync, and where it gathers them."""
         self.u = torch.zeros(num_samples, dim)
         self.v = torch.zeros(num_samples, dim)
         self.written_at = torch.full((num_samples,), -1, dtype=torch.int64)
@@ -20,7 +24,8 @@ class EmbeddingBank:
 
     def update(self, indices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, step: int) -> None:
         """Record this rank's rows; they reach the other ranks at the next ``sync``."""
-        self._pending.append((indices.detach().cpu(), u.detach().float().cpu(), v.detach().float().cpu(), step))
+        self._pending.append((indices.to(self.device, non_blocking=True), u.detach().float(), v.detach().float(),
+                              step))
 
     def _write(self, indices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: torch.Tensor) -> None:
         # Rows are applied in step order, so the newest write wins whichever rank made it.
@@ -32,23 +37,24 @@ class EmbeddingBank:
     def sync(self) -> None:
         """Exchange pending rows so every rank holds the same bank. A collective: call on all ranks."""
         dim = self.u.shape[1]
+        rows = {"device": self.device}
         if self._pending:
             idx = torch.cat([p[0] for p in self._pending])
             u = torch.cat([p[1] for p in self._pending])
             v = torch.cat([p[2] for p in self._pending])
-            steps = torch.cat([torch.full((len(p[0]),), p[3], dtype=torch.int64) for p in self._pending])
+            steps = torch.cat([torch.full((len(p[0]),), p[3], dtype=torch.int64, **rows) for p in self._pending])
         else:
-            idx, u, v, steps = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim), torch.zeros(0, dim),
-                                torch.zeros(0, dtype=torch.int64))
+            idx, u, v, steps = (torch.zeros(0, dtype=torch.int64, **rows), torch.zeros(0, dim, **rows),
+                                torch.zeros(0, dim, **rows), torch.zeros(0, dtype=torch.int64, **rows))
         self._pending.clear()
         if world_size() > 1:
-            counts = gather_rows(torch.tensor([len(idx)]))
+            counts = gather_rows(torch.tensor([len(idx)], **rows))
             if (counts != counts[0]).any():
                 raise RuntimeError(f"ranks wrote unequal numbers of bank rows {counts.tolist()}; plans diverged")
-            packed = gather_rows(torch.cat([idx[:, None].double(), steps[:, None].double(), u.double(), v.double()], 1))
-            idx, steps = packed[:, 0].long(), packed[:, 1].long()
-            u, v = packed[:, 2 : 2 + dim].float(), packed[:, 2 + dim :].float()
-        self._write(idx, u, v, steps)
+            meta = gather_rows(torch.stack([idx, steps], 1))
+            idx, steps = meta[:, 0], meta[:, 1]
+            u, v = gather_rows(torch.cat([u, v], 1)).split(dim, dim=1)
+        self._write(idx.cpu(), u.cpu(), v.cpu(), steps.cpu())
 
     def missing(self) -> torch.Tensor:
         """Indices never written (e.g. the remainder dropped from every batch so far)."""

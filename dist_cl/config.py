@@ -94,6 +94,10 @@ class ModelConfig:
     """Hidden width of the projection MLP; 0 means a single linear layer."""
     two_towers: bool = False
     """CLIP mode: separate backbone+head for view_a and view_b."""
+    sync_bn: bool = False
+    """BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's slice, as the paper's
+    code does: a hard batch split over ranks gives each rank an even more homogeneous slice. CUDA only
+    (torch's SyncBatchNorm has no CPU kernel); on the CPU BatchNorm stays per rank, with a warning."""
 
 
 @dataclass
@@ -165,12 +169,20 @@ class CheckpointConfig:
     """Save every this many steps (and at every epoch end); 0 means epoch ends only."""
     keep: int = 3
     """Keep the newest this many checkpoints."""
+    timeout_s: float = 1800.0
+    """How long the other ranks wait for rank 0 to write a checkpoint: it holds the whole bank (1.3 GB at
+    ImageNet scale), which a shared file system may take minutes to take."""
 
 
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0
-    """Bound on any collective; a rank that hangs longer brings the job down."""
+    """Bound on any collective; a rank that hangs longer brings the job down. It must cover the work one
+    rank does while the others wait for its result: an sc or osgd plan, sc_global's k-means training, the
+    evaluation metrics."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: gloo and the CPU, or CUDA where it is visible (nccl for CUDA tensors, gloo for CPU ones);
+    gloo: the CPU even where CUDA is visible; nccl: CUDA, or an error where there is none."""
 
 
 @dataclass
@@ -314,7 +326,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     positive = {
         "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
         "loss.tau": cfg.loss.tau, "model.embed_dim": cfg.model.embed_dim, "checkpoint.keep": cfg.checkpoint.keep,
-        "dist.timeout_s": cfg.dist.timeout_s, "data.num_samples": cfg.data.num_samples,
+        "dist.timeout_s": cfg.dist.timeout_s,
+        "checkpoint.timeout_s": cfg.checkpoint.timeout_s, "data.num_samples": cfg.data.num_samples,
         "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
         "eval.train_pairs": cfg.eval.train_pairs,
     }
@@ -358,7 +371,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("selection.every_steps re-selects synchronously inside the epoch, selection.overlap "
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
     accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size",
-                                                                                          "map_fn"}
+                                                                                          "map_fn", "device"}
     accepted = (accepted | {"random_fraction", "group_size"}) - {"seed", "tau"}
     options = cfg.selection.options
     if (options.get("random_fraction") or options.get("group_size")) and not strategy.partition:

@@ -1,7 +1,8 @@
 """Process group set-up from torchrun's environment, and the collectives the trainer needs.
 
-gloo on CPU, nccl on CUDA, chosen automatically. A plain ``python`` process gets a one-rank gloo group,
-so every code path runs the same collectives whatever the world size.
+On a CUDA host the default group serves both devices (gloo for CPU tensors, nccl for CUDA tensors); on
+the CPU, or with ``dist.backend: gloo``, it is gloo alone. A plain ``python`` process gets a one-rank
+group, so every code path runs the same collectives whatever the world size.
 """
 
 import datetime
@@ -9,11 +10,13 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_gather_single_autograd
+
+from dist_cl.config import ConfigError
 
 
 class RankDivergenceError(RuntimeError):
@@ -32,7 +35,39 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+Backend = Literal["auto", "gloo", "nccl"]
+
+MIXED_BACKEND = "cpu:gloo,cuda:nccl"
+"""The default group on CUDA. nccl takes CUDA tensors only, and several collectives are CPU-native by
+nature: config and plan digests, the RNG states and strategy results that object collectives pickle,
+the bank that FAISS and the strategies read on the host. A group that serves both devices sends each
+tensor to the backend of its device, so none of them needs a host-device round trip (or a CUDA
+context on the planner thread) to be collective-safe; the hot ones (gradients, gathered features, the
+step's finite flag, bank rows) are CUDA tensors and go through nccl."""
+
+
+def resolve_backend(requested: Backend, cuda_available: bool) -> tuple[str, str]:
+    """(process group backend, device type) for ``dist.backend`` on a host with or without CUDA.
+
+    auto: the mixed CUDA group where CUDA is visible, gloo on the CPU otherwise; gloo: the CPU even
+    where CUDA is visible; nccl: CUDA or an error.
+    """
+    if requested == "gloo" or (requested == "auto" and not cuda_available):
+        return "gloo", "cpu"
+    if not cuda_available:
+        raise ConfigError("dist.backend=nccl needs CUDA, and no CUDA device is visible; use dist.backend=auto "
+                          "or gloo")
+    return MIXED_BACKEND, "cuda"
+
+
+def served_devices(backend: str) -> set[str]:
+    """Device types whose tensors a group of ``backend`` takes."""
+    if ":" in backend:
+        return {pair.split(":")[0] for pair in backend.split(",")}
+    return {"gloo": {"cpu"}, "nccl": {"cuda"}}[backend]
+
+
+def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> DistInfo:
     """Join (or create) the process group described by torchrun's environment variables.
 
     After a torchrun restart the agent's store still holds the previous round's gloo addresses, and a
@@ -42,13 +77,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    backend, device_type = resolve_backend(backend, torch.cuda.is_available())
+    device = torch.device("cpu")
+    if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ and world_size > 1:
         client = dist.TCPStore(
@@ -60,7 +93,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         store = dist.HashStore()
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-        device_id=device if backend == "nccl" else None,
+        device_id=device if device.type == "cuda" else None,
     )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
@@ -93,7 +126,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 def check_same_on_all_ranks(what: str, digest: str) -> None:
     """Raise on every rank if the hex ``digest`` of ``what`` is not the same on all ranks."""
-    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)
+    value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64)  # a CPU tensor: gloo's, in any group
     lo, hi = value.clone(), value.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dist_cl.data import loader_options
 from dist_cl.distributed import gather_rows
 
 
@@ -50,12 +51,13 @@ def embed_indices(
     mine = padded[rank * per_rank : (rank + 1) * per_rank]
     was_training = model.training
     model.eval()
-    loader = DataLoader(_EmbeddingInputs(dataset, mine, augmented), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(_EmbeddingInputs(dataset, mine, augmented), batch_size=batch_size,
+                        **loader_options(num_workers, device))
     us, vs = [], []
     for x_a, x_b in loader:
-        us.append(model.embed(x_a.to(device), side="a", output=output).float())
+        us.append(model.embed(x_a.to(device, non_blocking=True), side="a", output=output).float())
         if side_b:
-            vs.append(model.embed(x_b.to(device), side="b", output=output).float())
+            vs.append(model.embed(x_b.to(device, non_blocking=True), side="b", output=output).float())
     model.train(was_training)
     u = gather_rows(torch.cat(us))[:n].cpu()
     return u, gather_rows(torch.cat(vs))[:n].cpu() if side_b else None

@@ -1,13 +1,14 @@
 """Evaluation metrics: positive-pair retrieval (the paper's metric), recall@k and kNN classification.
 
-The metrics are pure functions of embeddings; ``evaluate`` embeds the data sharded over ranks and
-applies them, so every rank returns the same numbers.
+The metrics are pure functions of embeddings; ``evaluate`` embeds the data sharded over ranks, one rank
+applies them and every rank returns its numbers.
 """
 
 import numpy as np
 import torch
 
 from dist_cl.corrupted_retrieval import corrupted_retrieval
+from dist_cl.distributed import distributed_map
 from dist_cl.embed import embed_indices
 
 EVAL_EPOCH = 2**31 - 1
@@ -91,7 +92,8 @@ def pair_metrics(u: torch.Tensor, v: torch.Tensor, tau: float) -> dict:
 
 
 def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float,
-             train_pairs: int = 100_000, corruptions: bool = False, corruption_samples: int = 0) -> dict:
+             train_pairs: int = 100_000, corruptions: bool = False, corruption_samples: int = 0,
+             num_workers: int = 0) -> dict:
     """The paper's metrics on fixed-seed views (augmentation epoch EVAL_EPOCH).
 
     On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
@@ -100,28 +102,39 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
     ``train_pairs``): the full-batch loss, the objective the paper's theory is about, and retrieval top-1,
     its "original data" metric. ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of
     the held-out images (dist_cl.corrupted_retrieval).
+
+    A collective. Every rank embeds its share (``num_workers`` loader workers each); the float64 metrics
+    are computed once, by one rank, and sent to the others.
     """
-    common = dict(rank=rank, world_size=world_size, device=device)
+    common = dict(rank=rank, world_size=world_size, device=device, num_workers=num_workers)
     train_idx = train_pair_indices(len(train_set), train_pairs)
     train_set.set_epoch(EVAL_EPOCH)
-    train_u, train_v = embed_indices(model, train_set, train_idx, augmented=True, **common)
-    train = pair_metrics(train_u, train_v, tau)
-    metrics = {"train_full_batch_loss": train["full_batch_loss"], "train_retrieval_top1": train["retrieval_top1"],
-               "train_pairs": len(train_idx)}
-    if heldout_set is None:
-        return {**train, **metrics}
-    heldout_set.set_epoch(EVAL_EPOCH)
-    idx = np.arange(len(heldout_set))
-    u, v = embed_indices(model, heldout_set, idx, augmented=True, **common)
-    metrics.update(pair_metrics(u, v, tau))
-    if heldout_set.labels is not None and train_set.labels is not None:
-        train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone", side_b=False,
-                                   **common)
-        test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
-        metrics["knn_top1"] = knn_top1(train_x, train_set.labels, test_x, heldout_set.labels, knn_k)
+    train_pair = embed_indices(model, train_set, train_idx, augmented=True, **common)
+    heldout_pair, features = None, None
+    if heldout_set is not None:
+        heldout_set.set_epoch(EVAL_EPOCH)
+        idx = np.arange(len(heldout_set))
+        heldout_pair = embed_indices(model, heldout_set, idx, augmented=True, **common)
+        if heldout_set.labels is not None and train_set.labels is not None:
+            train_x, _ = embed_indices(model, train_set, np.arange(len(train_set)), output="backbone",
+                                       side_b=False, **common)
+            test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
+            features = train_x, test_x
+
+    def metrics(_) -> dict:
+        train = pair_metrics(*train_pair, tau)
+        values = {"train_full_batch_loss": train["full_batch_loss"], "train_retrieval_top1": train["retrieval_top1"],
+                  "train_pairs": len(train_idx)}
+        values.update(pair_metrics(*heldout_pair, tau) if heldout_pair is not None else train)
+        if features is not None:
+            values["knn_top1"] = knn_top1(features[0], train_set.labels, features[1], heldout_set.labels, knn_k)
+        return values
+
+    [values] = distributed_map(metrics, [None])
     if corruptions:
-        metrics.update(corrupted_retrieval(model, heldout_set, corruption_samples, epoch=EVAL_EPOCH, **common))
-    return metrics
+        values.update(corrupted_retrieval(model, heldout_set, corruption_samples, epoch=EVAL_EPOCH, rank=rank,
+                                          world_size=world_size, device=device))
+    return values
 
 
 def linear_probe_top1(

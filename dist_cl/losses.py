@@ -21,11 +21,17 @@ def batch_infonce(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
     return (s.logsumexp(-1) - diag + s.logsumexp(-2) - diag).mean(-1)
 
 
-class InfoNCELoss(nn.Module):
-    """Symmetric InfoNCE (CLIP-style: B-1 negatives per direction) over the gathered global batch.
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    Every rank computes its local rows against the global columns; the mean over ranks of the local
-    losses is the global L(S), and DDP's gradient averaging makes the step that of the global loss.
+
+class GlobalBatchLoss(nn.Module):
+    """A loss over the gathered global batch, computed in float32 whatever the autocast around it.
+
+    autocast runs matmuls in bf16/fp16 even on float32 inputs: at tau = 0.1 the logits of hard negatives,
+    the ones loss-aware batches are made of, would be rounded by up to ~0.03. The features the model
+    made under autocast are cast up to float32 (float64 stays float64) and the logits are computed with
+    autocast off.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1):
@@ -34,6 +40,22 @@ class InfoNCELoss(nn.Module):
         self.world_size = world_size
 
     def forward(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+        with torch.autocast(u.device.type, enabled=False):
+            tau = _at_least_float32(tau) if isinstance(tau, torch.Tensor) else tau
+            return self.loss(_at_least_float32(u), _at_least_float32(v), tau)
+
+    def loss(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InfoNCELoss(GlobalBatchLoss):
+    """Symmetric InfoNCE (CLIP-style: B-1 negatives per direction) over the gathered global batch.
+
+    Every rank computes its local rows against the global columns; the mean over ranks of the local
+    losses is the global L(S), and DDP's gradient averaging makes the step that of the global loss.
+    """
+
+    def loss(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
         u_all, v_all = gather_with_grad(u), gather_with_grad(v)
         labels = torch.arange(u.shape[0], device=u.device) + self.rank * u.shape[0]
         loss_uv = F.cross_entropy(u @ v_all.T / tau, labels)
@@ -41,7 +63,7 @@ class InfoNCELoss(nn.Module):
         return loss_uv + loss_vu
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(GlobalBatchLoss):
     """SimCLR NT-Xent: each of the 2B views against the other 2B-1 (one positive, 2B-2 negatives).
 
     At the official scale (the mean over the 2B anchors, as the paper's code and SimCLR report it), which is
@@ -50,12 +72,7 @@ class NTXentLoss(nn.Module):
     twice as large is a learning rate twice as large.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.rank = rank
-        self.world_size = world_size
-
-    def forward(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    def loss(self, u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
         b = u.shape[0]
         u_all, v_all = gather_with_grad(u), gather_with_grad(v)
         n = u_all.shape[0]

@@ -5,6 +5,7 @@ depends on is either in the checkpoint or derived from (seed, epoch, index), so 
 step and resumed ends with the weights of a run that was never interrupted.
 """
 
+import datetime
 import hashlib
 import json
 import logging
@@ -27,15 +28,15 @@ import dist_cl
 from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import Checkpointer, CheckpointError
 from dist_cl.config import FREE_FORM, Config, ConfigError, save_config
-from dist_cl.data import build_dataset
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks, distributed_map
+from dist_cl.data import build_dataset, loader_options
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks
 from dist_cl.embed import embed_indices
 from dist_cl.evaluation import evaluate
 from dist_cl.losses import build_loss
 from dist_cl.models import build_model
-from dist_cl.planning import BackgroundPlanner, PlanRequest, compute_plan, resolved
+from dist_cl.planning import BackgroundPlanner, PlanRequest, compute_plan, resolved, select_everywhere
 from dist_cl.sampler import BatchPlan, PlanSampler
-from dist_cl.selection import STRATEGIES, select_batches
+from dist_cl.selection import STRATEGIES
 from dist_cl.selection.diagnostics import label_purity, pair_repeat
 
 log = logging.getLogger("dist_cl")
@@ -102,6 +103,11 @@ class Trainer:
             raise ConfigError(f"model.in_chans={cfg.model.in_chans} but the data has {channels}-channel images; "
                               f"set model.in_chans={channels}")
         self.model = build_model(cfg, n).to(info.device)
+        if cfg.model.sync_bn and info.device.type == "cuda":
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif cfg.model.sync_bn:
+            log.warning("model.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on %s each "
+                        "rank's BatchNorm keeps normalising over its own slice of the batch", info.device)
         self.ddp = self.model if getattr(self.model, "averages_own_gradients", False) else DistributedDataParallel(
             self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
@@ -119,7 +125,7 @@ class Trainer:
             log.warning("train.amp=%s needs CUDA; training in float32 on %s", t.amp, info.device)
             self.amp_dtype = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
-        self.bank = EmbeddingBank(n, cfg.model.embed_dim)
+        self.bank = EmbeddingBank(n, cfg.model.embed_dim, info.device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.writer: SummaryWriter | None = None
         self.epoch = 0
@@ -130,7 +136,10 @@ class Trainer:
         """The last epoch's plan, for selection/pair_repeat (not checkpointed: a diagnostic)."""
         self.next_plan: Future | None = None
         """The next epoch's (plan, figures), computed ahead by the planner under selection.overlap."""
-        self.planner = BackgroundPlanner() if cfg.selection.overlap else None
+        self.planner = BackgroundPlanner(info.device) if cfg.selection.overlap else None
+        self.checkpoint_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=cfg.checkpoint.timeout_s))
+        """Where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s."""
         torch.manual_seed(derive_seed(cfg.seed, info.rank))
         np.random.seed(derive_seed(cfg.seed, info.rank) % 2**32)
         random.seed(derive_seed(cfg.seed, info.rank))
@@ -164,6 +173,8 @@ class Trainer:
             raise NonFiniteError(f"non-finite weights after the update of step {self.step - 1} {where}; not saving "
                                  f"them over the last good checkpoint; lower train.lr or set train.grad_clip")
         self.bank.sync()
+        if self.next_plan is not None:
+            self.next_plan.result()  # rank 0 saves it: every rank waits for it here, not in the barrier
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if self.info.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.info.device)
@@ -174,7 +185,7 @@ class Trainer:
             state["rng"] = rngs
             path = self.checkpointer.save(state, self.step)
             log.info("saved checkpoint %s", path)
-        dist.barrier()
+        dist.barrier(group=self.checkpoint_group)
 
     def resume(self, which: str) -> bool:
         """Load ``which`` ('auto', 'latest' or a path); 'auto' resumes only where a checkpoint exists."""
@@ -252,7 +263,7 @@ class Trainer:
             figures = {**figures, "selection/wait_seconds": waited}
             self.next_plan = None
         else:
-            plan, figures = compute_plan(self.plan_request(self.epoch, self.step))
+            plan, figures = compute_plan(self.plan_request(self.epoch, self.step), device=self.info.device)
             figures["selection/wait_seconds"] = time.perf_counter() - started
         if plan.epoch != self.epoch:
             raise RuntimeError(f"the plan computed ahead is for epoch {plan.epoch}, not {self.epoch}")
@@ -302,34 +313,41 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train_step(self, view_a, view_b, index) -> float | None:
-        """One optimizer step on this rank's slice of the global batch; None if skipped."""
+        """One optimizer step on this rank's slice of the global batch; None if skipped.
+
+        One host sync: the step's finite flags and loss value, read together after the backward pass.
+        """
         device = self.info.device
         self.set_lr()
         view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
         # a skipped step must not leave its NaNs in BatchNorm's running statistics either
         buffers = [b.clone() for b in self.model.buffers()] if self.cfg.train.nonfinite == "skip" else None
         u, v, loss = self.forward_loss(self.ddp, view_a, view_b)
-        if not self.all_finite(loss.detach()):
-            if buffers is not None:
-                torch._foreach_copy_(list(self.model.buffers()), buffers)
-            return self.fault("loss")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if not torch.isfinite(grad_norm) and self.amp_dtype is not torch.float16:
-            return self.fault("gradient")
-        self.scaler.step(self.optimizer)
+        finite_loss, finite_grad, value = self.step_outcome(loss, grad_norm)
+        overflow = not finite_grad and self.amp_dtype is torch.float16
+        if not finite_loss or (not finite_grad and not overflow):
+            if buffers is not None and not finite_loss:
+                torch._foreach_copy_(list(self.model.buffers()), buffers)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # closes the step unscale_ opened; the non-finite grads lower the scale
+            return self.fault("loss" if not finite_loss else "gradient")
+        self.scaler.step(self.optimizer)  # under fp16, skips the update where the gradients overflowed
         self.scaler.update()
+        if overflow:
+            self.skipped_steps += 1
         self.bank.update(index, u, v, self.step)
-        return loss.item()
+        return value
 
     def forward_loss(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u, v, loss of the global batch) of ``model`` (the DDP wrapper, or the bare model to score)."""
         with torch.autocast(self.info.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             u, v, tau = model(view_a, view_b)
-            loss = self.loss_fn(u.float(), v.float(), tau)
+            loss = self.loss_fn(u, v, tau)  # float32 with autocast off (dist_cl.losses)
         return u, v, loss
 
     @torch.no_grad()
@@ -355,10 +373,16 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
 
-    def all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.isfinite(value).all().to(torch.int32).reshape(1).cpu()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    def step_outcome(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool, float]:
+        """(loss finite on every rank, gradients finite, this rank's loss) in one device-to-host copy.
+
+        The flags are reduced on the device, so every rank takes the same branch. Under fp16 the gradient
+        flag is GradScaler's overflow test: unscale_ leaves a gradient inf or NaN exactly where it found one.
+        """
+        flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm)]).to(torch.float32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite_loss, finite_grad, value = torch.cat([flags, loss.detach().float().reshape(1)]).tolist()
+        return bool(finite_loss), bool(finite_grad), value
 
     def describe_batch(self, cursor: int) -> str:
         batch = self.sampler.plan.batches[cursor]
@@ -384,8 +408,8 @@ class Trainer:
         scored: list[tuple[float, float]] = []  # (trained, random) batch losses at the logged steps
         self.ddp.train()
         while self.sampler.cursor < len(self.sampler.plan):
-            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
-                                pin_memory=info.device.type == "cuda", persistent_workers=False)
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler,
+                                **loader_options(cfg.data.num_workers, info.device))
             for view_a, view_b, index in loader:
                 data_time += time.perf_counter() - tick
                 log_step = (self.step + 1) % cfg.run.log_every_steps == 0
@@ -454,9 +478,10 @@ class Trainer:
         cfg, plan, cursor = self.cfg, self.sampler.plan, self.sampler.cursor
         rest = np.sort(plan.batches[cursor:].ravel())
         self.refresh_bank(self.epoch)
-        chosen = select_batches(cfg.selection.strategy, self.bank.u.numpy()[rest], self.bank.v.numpy()[rest],
-                                cfg.train.global_batch_size, seed=derive_seed(cfg.seed, self.epoch, cursor),
-                                tau=float(self.model.temperature()), map_fn=distributed_map, **cfg.selection.options)
+        chosen = select_everywhere(cfg.selection.strategy, self.bank.u.numpy()[rest], self.bank.v.numpy()[rest],
+                                   cfg.train.global_batch_size, seed=derive_seed(cfg.seed, self.epoch, cursor),
+                                   tau=float(self.model.temperature()), device=self.info.device,
+                                   **cfg.selection.options)
         plan.batches = np.concatenate([plan.batches[:cursor], rest[chosen]])
         check_same_on_all_ranks("batch plan", plan.digest())
         return time.perf_counter() - started
@@ -466,8 +491,8 @@ class Trainer:
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=self.cfg.eval.knn_k,
                            tau=float(self.model.temperature()), train_pairs=self.cfg.eval.train_pairs,
-                           corruptions=self.cfg.eval.corruptions,
-                           corruption_samples=self.cfg.eval.corruption_samples)
+                           corruptions=self.cfg.eval.corruptions, corruption_samples=self.cfg.eval.corruption_samples,
+                           num_workers=self.cfg.data.num_workers)
         if self.writer is None:
             return
         for key, value in metrics.items():

@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        info = init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    info = init_distributed(cfg.dist.timeout_s)
     logging.basicConfig(
         level=logging.INFO if info.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s",

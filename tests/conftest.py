@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The suite runs on the CPU (gloo) even on a GPU host: bit-identity and plan-equality references are CPU
+# results, and two ranks on one GPU would be refused by nccl. Hiding the devices, rather than setting
+# dist.backend=gloo, also keeps the GPU paths that need no process group (cross_knn, GPU FAISS, autocast)
+# off; torchrun workers inherit it. tools/gpu_check.sh exercises those paths.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))  # torchrun worker scripts double as importable helpers
 
 

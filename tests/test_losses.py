@@ -66,3 +66,17 @@ def test_gathered_loss_gradients_match_single_process(tmp_path, loss_name, loss_
     assert distributed["loss"] == pytest.approx(loss.item(), rel=1e-12)
     torch.testing.assert_close(distributed["weight"], model.weight.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(distributed["bias"], model.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_cls", [InfoNCELoss, NTXentLoss])
+def test_loss_under_bf16_autocast_is_the_float32_loss(loss_cls):
+    """autocast(bf16) runs matmuls in bf16 even on float32 inputs (on the CPU as on CUDA); the loss must
+    not. With autocast left on inside the loss, this is off by ~1e-2."""
+    u, v = (torch.from_numpy(unit_rows((64, 32), seed)).float() for seed in (6, 7))
+    tau = torch.tensor(0.1)
+    want = loss_cls()(u, v, tau).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (u @ v.T).dtype == torch.bfloat16  # the premise: autocast casts this matmul down
+        got = loss_cls()(u, v, tau)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want) < 1e-5

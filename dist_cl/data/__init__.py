@@ -1,7 +1,21 @@
 """Data sets that yield (view_a, view_b, index) with a dense integer index; built from the config."""
 
+import torch
+
 from dist_cl.config import Config
 from dist_cl.data.pairs import PairDataset
+
+
+def loader_options(num_workers: int, device: torch.device) -> dict:
+    """DataLoader arguments of every pass over the data (training, bank refresh, evaluation).
+
+    Workers are started by a forkserver, not forked: when a loader starts, the planner thread and the
+    FAISS/BLAS/OpenMP thread pools are live, and a forked child inherits their locks as they were (a
+    deadlock when it next takes one). Workers are not persistent: each loader's workers get the dataset
+    as it is then, with the augmentation epoch set. Pinned batches make the copies to CUDA asynchronous.
+    """
+    return dict(num_workers=num_workers, pin_memory=device.type == "cuda",
+                multiprocessing_context="forkserver" if num_workers else None)
 
 
 def build_dataset(cfg: Config, split: str) -> PairDataset | None:

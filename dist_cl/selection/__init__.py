@@ -50,7 +50,7 @@ GROUP_STREAM = 2
 
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
-                   group_size: int = 0, map_fn: Callable | None = None, **options) -> np.ndarray:
+                   group_size: int = 0, map_fn: Callable | None = None, device=None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
     Two hardness controls for partition strategies (docs/DESIGN.md §5), each exact at its ends:
@@ -67,6 +67,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     cluster, and consecutive steps on one cluster would make the optimizer's momentum cluster-specific.
     ``map_fn(fn, items)``: how a strategy that splits into independent pieces (sc_global's cells) maps
     them, e.g. over ranks with dist_cl.distributed.distributed_map; the plan does not depend on it.
+    ``device``: the torch device a strategy that computes on one (sc_global) uses; None: the current one.
     """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -83,8 +84,11 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
     if not tau > 0:
         raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
-    if map_fn is not None and "map_fn" in inspect.signature(STRATEGIES[name].fn).parameters:
+    parameters = inspect.signature(STRATEGIES[name].fn).parameters
+    if map_fn is not None and "map_fn" in parameters:
         options["map_fn"] = map_fn
+    if device is not None and "device" in parameters:
+        options["device"] = device
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
     n_random = round(random_fraction * batch_size)

@@ -10,16 +10,25 @@ import numpy as np
 import torch
 
 
-def cross_knn(u: np.ndarray, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device``, or where none is given the calling thread's current CUDA device, else the CPU; a CUDA
+    device without an index is the current one."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cross_knn(u: np.ndarray, v: np.ndarray, k: int,
+              device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour indices (n, k): the k largest <u_i, v_j> over j != i, and the k largest <v_i, u_j>.
 
     One product U V^T serves both directions (its rows and its columns); k is clipped to n - 1.
-    Runs on the GPU when one is present.
+    Runs on ``device`` (see ``resolve_device``).
     """
     n = len(u)
     k = min(k, n - 1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    u, v = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (u, v))
+    u, v = (torch.as_tensor(x, dtype=torch.float32, device=resolve_device(device)) for x in (u, v))
     s = u @ v.T
     s.fill_diagonal_(float("-inf"))  # the positive pair is not a candidate negative
     u_to_v = s.topk(k, dim=1).indices

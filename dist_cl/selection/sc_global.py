@@ -10,17 +10,22 @@ over 1M samples costs minutes at poor recall, and one global eigsh costs minutes
    those candidate edges, and recursive spectral bisection into exactly balanced groups of B.
 3. Fragments. The < B samples a cell leaves over are pooled and go through 1-2 again, until the pool
    fits one cell. The pool shrinks by ~B / (2 cell_size) per round, so a round or two suffices.
+
+The k-means and the kNN run on ``device``: on a CUDA device the kNN is a torch product there, and the
+k-means uses FAISS's GPU index where FAISS was built with GPUs (the ``gpu`` extra; ``faiss_on_gpu``).
 """
 
+import threading
+from functools import partial
 from typing import Callable, Sequence
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.errors import SelectionError
-from dist_cl.selection.knn import cross_knn
+from dist_cl.selection.knn import cross_knn, resolve_device
 
 FINE_CLUSTER_SIZE = 128
 """Rows per fine k-means cluster, the unit that cells are built from."""
@@ -58,9 +63,10 @@ def loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarr
     return sp.csr_matrix((np.concatenate([w, w]), (np.concatenate([i, j]), np.concatenate([j, i]))), shape=(n, n))
 
 
-def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int) -> sp.csr_matrix:
+def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int,
+                   device: torch.device | None = None) -> sp.csr_matrix:
     """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's."""
-    u_to_v, v_to_u = cross_knn(u, v, knn)
+    u_to_v, v_to_u = cross_knn(u, v, knn, device)
     rows = np.repeat(np.arange(len(u)), u_to_v.shape[1])
     return loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
                          batch_size, tau)
@@ -70,8 +76,44 @@ def local_map(fn: Callable, items: Sequence) -> list:
     return [fn(item) for item in items]
 
 
+def _faiss():
+    """The ``faiss`` module of whichever FAISS extra is installed (faiss-cpu or faiss-gpu: pyproject.toml)."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise SelectionError("sc_global needs FAISS: pip install -e '.[cpu]', or '.[gpu]' on a CUDA host") from err
+    return faiss
+
+
+def faiss_gpus() -> int:
+    """GPUs the installed FAISS can use: 0 for faiss-cpu, or where no CUDA device is visible."""
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def faiss_on_gpu(device: torch.device, gpus: int) -> bool:
+    """Whether the k-means runs on ``device`` (a CUDA device, with a FAISS that has ``gpus``) or on the CPU."""
+    return device.type == "cuda" and gpus > 0
+
+
+_gpu_resources: dict[tuple[int, int], object] = {}
+
+
+def _gpu_index(d: int, device: torch.device):
+    """An exact inner-product index on ``device``. FAISS's GPU resources are not thread-safe: one per
+    (device, thread), kept, since each holds a scratch allocation that is costly to make."""
+    faiss = _faiss()
+    key = (device.index, threading.get_ident())
+    if key not in _gpu_resources:
+        _gpu_resources[key] = faiss.StandardGpuResources()
+    config = faiss.GpuIndexFlatConfig()
+    config.device = device.index
+    return faiss.GpuIndexFlatIP(_gpu_resources[key], d, config)
+
+
 def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int, weights: np.ndarray | None = None,
-                     map_fn: Callable[[Callable, Sequence], list] = local_map) -> tuple[np.ndarray, np.ndarray]:
+                     map_fn: Callable[[Callable, Sequence], list] = local_map,
+                     device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """FAISS spherical k-means of the unit rows of ``x``: (label of each row, centroids).
 
     Trained on at most 64 rows per centroid for 10 iterations, then every row is assigned: cells need
@@ -82,16 +124,23 @@ def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int, weights: np.
     Through ``map_fn`` one rank trains and every rank receives its centroids (FAISS's threaded HNSW build
     need not be reproducible across processes; one set of centroids is consistent by construction), then
     the assignment, 10.8 of 27 s at N = 1M, is split over the ranks in ASSIGN_CHUNKS row chunks.
+
+    With FAISS on a GPU (``faiss_on_gpu``) training and assignment search all centroids exactly: the same
+    k-means up to ties below HNSW_ASSIGN_MIN centroids, the exact assignment that HNSW approximates above.
     """
-    [centroids] = map_fn(lambda _: _train_centroids(x, n_centroids, seed, weights), [None])
-    index = _centroid_index(x.shape[1], n_centroids)
+    [centroids] = map_fn(lambda _: _train_centroids(x, n_centroids, seed, weights, device), [None])
+    index = _centroid_index(x.shape[1], n_centroids, device)
     index.add(centroids)
     chunks = np.array_split(np.arange(len(x)), min(ASSIGN_CHUNKS, len(x)))
     labels = map_fn(lambda rows: index.search(x[rows], 1)[1].ravel(), chunks)
     return np.concatenate(labels), centroids
 
 
-def _centroid_index(d: int, n_centroids: int) -> faiss.Index:
+def _centroid_index(d: int, n_centroids: int, device: torch.device | None):
+    faiss = _faiss()
+    device = resolve_device(device)
+    if faiss_on_gpu(device, faiss_gpus()):
+        return _gpu_index(d, device)
     if n_centroids < HNSW_ASSIGN_MIN:
         return faiss.IndexFlatIP(d)
     index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
@@ -99,7 +148,9 @@ def _centroid_index(d: int, n_centroids: int) -> faiss.Index:
     return index
 
 
-def _train_centroids(x: np.ndarray, n_centroids: int, seed: int, weights: np.ndarray | None) -> np.ndarray:
+def _train_centroids(x: np.ndarray, n_centroids: int, seed: int, weights: np.ndarray | None,
+                     device: torch.device | None) -> np.ndarray:
+    faiss = _faiss()
     d = x.shape[1]
     clustering = faiss.Clustering(d, n_centroids)
     clustering.niter, clustering.seed, clustering.spherical = 10, seed % 2**31, True  # FAISS takes a C int
@@ -107,12 +158,13 @@ def _train_centroids(x: np.ndarray, n_centroids: int, seed: int, weights: np.nda
     if n_centroids >= HNSW_ASSIGN_MIN:
         # 64 rows per centroid and efSearch 64 at N = 1M: still training after 9 minutes
         clustering.max_points_per_centroid = 16
-    clustering.train(x, _centroid_index(d, n_centroids), weights)
+    clustering.train(x, _centroid_index(d, n_centroids, device), weights)
     return faiss.vector_to_array(clustering.centroids).reshape(n_centroids, d)
 
 
 def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = FINE_CLUSTER_SIZE,
-                 map_fn: Callable[[Callable, Sequence], list] = local_map) -> list[np.ndarray]:
+                 map_fn: Callable[[Callable, Sequence], list] = local_map,
+                 device: torch.device | None = None) -> list[np.ndarray]:
     """Row indices of ``x`` grouped into cells of about ``cell_size`` rows, in two k-means levels.
 
     Fine clusters of ~``fine_size`` rows first, then the fine centroids are clustered into cells. One
@@ -123,9 +175,10 @@ def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = F
     x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)
     n_cells = max(2, round(len(x) / cell_size))
     n_fine = max(n_cells, round(len(x) / fine_size))
-    fine_labels, fine_centroids = spherical_kmeans(x, n_fine, seed=seed, map_fn=map_fn)
+    fine_labels, fine_centroids = spherical_kmeans(x, n_fine, seed=seed, map_fn=map_fn, device=device)
     fine_counts = np.bincount(fine_labels, minlength=n_fine).astype(np.float32)
-    cell_of_fine, _ = spherical_kmeans(fine_centroids, n_cells, seed=seed, weights=fine_counts, map_fn=map_fn)
+    cell_of_fine, _ = spherical_kmeans(fine_centroids, n_cells, seed=seed, weights=fine_counts, map_fn=map_fn,
+                                       device=device)
     labels = cell_of_fine[fine_labels]
     sizes = np.bincount(labels, minlength=n_cells)
     if sizes.max() == len(x):  # k-means found one cluster (duplicated rows): cut them evenly instead
@@ -133,7 +186,8 @@ def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = F
     cells = []
     for cell in np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1]):
         if len(cell) > 2 * cell_size:
-            sub_cells = kmeans_cells(x[cell], cell_size, seed=seed, fine_size=fine_size, map_fn=map_fn)
+            sub_cells = kmeans_cells(x[cell], cell_size, seed=seed, fine_size=fine_size, map_fn=map_fn,
+                                     device=device)
             cells.extend(cell[sub] for sub in sub_cells)
         elif len(cell):
             cells.append(cell)
@@ -141,17 +195,18 @@ def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = F
 
 
 def partition_cell(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int, *,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+                   seed: int, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Hard batches (n // B, B) of one cell and its n % B rows left over, by spectral bisection of
     the kNN loss graph."""
     if len(u) < batch_size:
         return np.empty((0, batch_size), dtype=np.int64), np.arange(len(u))
-    return balanced_spectral_partition(knn_loss_graph(u, v, batch_size, tau, knn), batch_size, seed=seed)
+    return balanced_spectral_partition(knn_loss_graph(u, v, batch_size, tau, knn, device), batch_size, seed=seed)
 
 
 def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, knn: int = 16,
                         cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE, chunk_batches: int = 0,
-                        map_fn: Callable[[Callable, Sequence], list] | None = None) -> np.ndarray:
+                        map_fn: Callable[[Callable, Sequence], list] | None = None,
+                        device: torch.device | None = None) -> np.ndarray:
     """Partition into N // B hard batches over the whole dataset; the N % B dropped are chosen by ``seed``.
 
     ``knn``: candidate negatives per sample and direction. ``cell_size``: samples per cell (at least
@@ -163,7 +218,8 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     own instead, as the paper's SC does on real data: a stochastic partition whose neighbourhoods meet
     in other combinations every epoch (1 is a random partition, k >= N // B the global one).
     ``map_fn(fn, cells)``: how the independent per-cell work is mapped (e.g. dealt over ranks by
-    dist_cl.distributed.distributed_map); the plan does not depend on it.
+    dist_cl.distributed.distributed_map); the plan does not depend on it. ``device``: where the k-means
+    and the kNN run (``knn.resolve_device``).
     """
     u = np.ascontiguousarray(u, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
@@ -175,26 +231,28 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     if chunk_batches < 0:
         raise SelectionError(f"chunk_batches={chunk_batches} must be >= 0 (0: one global partition)")
     chunk = chunk_batches * batch_size
+    cell = partial(partition_cell, batch_size=batch_size, tau=tau, knn=knn, seed=seed, device=device)
     if not chunk_batches or chunk >= len(usable):
-        return _partition_pool(u, v, np.sort(usable), batch_size, tau, knn, cell_size, fine_size, seed, map_fn)
+        return _partition_pool(u, v, np.sort(usable), cell, cell_size, fine_size, seed, map_fn, device)
     chunks = [np.sort(rows) for rows in np.split(usable, range(chunk, len(usable), chunk))]
     if chunk > cell_size:
-        return np.concatenate([_partition_pool(u, v, rows, batch_size, tau, knn, cell_size, fine_size, seed, map_fn)
+        return np.concatenate([_partition_pool(u, v, rows, cell, cell_size, fine_size, seed, map_fn, device)
                                for rows in chunks])
-    results = map_fn(lambda rows: partition_cell(u[rows], v[rows], batch_size, tau, knn, seed=seed)[0], chunks)
+    results = map_fn(lambda rows: cell(u[rows], v[rows])[0], chunks)
     return np.concatenate([rows[groups] for rows, groups in zip(chunks, results)])
 
 
-def _partition_pool(u: np.ndarray, v: np.ndarray, pool: np.ndarray, batch_size: int, tau: float, knn: int,
-                    cell_size: int, fine_size: int, seed: int, map_fn: Callable) -> np.ndarray:
-    """Full batches of the rows ``pool`` (a multiple of B): cells, batches per cell, fragments pooled again."""
+def _partition_pool(u: np.ndarray, v: np.ndarray, pool: np.ndarray, cell: Callable, cell_size: int, fine_size: int,
+                    seed: int, map_fn: Callable, device: torch.device | None) -> np.ndarray:
+    """Full batches of the rows ``pool`` (a multiple of B): cells, ``cell(u, v)`` (partition_cell with the
+    strategy's options) in each, the fragments pooled again."""
     batches = []
     while len(pool) > cell_size:
-        cells = [pool[cell] for cell in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size,
-                                                     map_fn=map_fn)]
-        results = map_fn(lambda rows: partition_cell(u[rows], v[rows], batch_size, tau, knn, seed=seed), cells)
+        cells = [pool[rows] for rows in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size,
+                                                     map_fn=map_fn, device=device)]
+        results = map_fn(lambda rows: cell(u[rows], v[rows]), cells)
         batches.extend(rows[groups] for rows, (groups, _) in zip(cells, results))
         pool = np.concatenate([rows[leftover] for rows, (_, leftover) in zip(cells, results)])
-    groups, _ = partition_cell(u[pool], v[pool], batch_size, tau, knn, seed=seed)
+    groups, _ = cell(u[pool], v[pool])
     batches.append(pool[groups])
     return np.concatenate(batches)

@@ -1,0 +1,184 @@
+"""The in-process checks of tools/gpu_check.sh; each prints one JSON line (check, ok, figures).
+
+    python tools/gpu_check.py loss-precision --amp bf16      # the loss under autocast is the float32 loss
+    python tools/gpu_check.py selection --n 1000000           # sc_global on the GPU against the CPU path
+    python tools/gpu_check.py throughput [--config C] [k=v ...] # the trainer against a minimal DDP loop
+
+Every check runs on --device (default cuda, the process's local GPU on a one-rank group); ``--device cpu``
+runs the same code on the CPU (the selection check then compares the CPU path with itself), so the script's
+Python can be exercised on a machine without a GPU.
+"""
+
+import argparse
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
+
+from bench_selection import clustered_pairs  # noqa: E402
+
+from dist_cl.config import load_config  # noqa: E402
+from dist_cl.distributed import close_distributed, init_distributed  # noqa: E402
+from dist_cl.losses import InfoNCELoss  # noqa: E402
+from dist_cl.models import build_model  # noqa: E402
+from dist_cl.selection import lift, select_batches  # noqa: E402
+from dist_cl.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def report(check: str, ok: bool, **figures) -> bool:
+    print(json.dumps({"check": check, "ok": bool(ok), **figures}), flush=True)
+    return ok
+
+
+def loss_precision(device: torch.device, amp: str) -> bool:
+    """The digits model's features under autocast(amp): the trainer's loss must equal the float32 loss of
+    the same features within 1e-5 (autocast would compute its matmul in ``amp``)."""
+    cfg = load_config(ROOT / "configs" / "digits.yaml")
+    model = build_model(cfg, 1).to(device)
+    x = torch.rand(256, 1, 8, 8, device=device, generator=torch.Generator(device).manual_seed(0))
+    with torch.autocast(device.type, dtype=AMP[amp]):
+        u, v, tau = model(x, x.flip(-1))
+        loss = InfoNCELoss()(u, v, tau)
+        down = (u @ v.T).dtype
+    reference = InfoNCELoss()(u.float(), v.float(), tau.float())
+    error = abs(loss.item() - reference.item())
+    return report(f"loss-precision-{amp}", error < 1e-5 and loss.dtype == torch.float32, error=error,
+                  autocast_matmul=str(down).removeprefix("torch."))
+
+
+def _peak_device_memory(device: torch.device, fn):
+    """(fn(), peak bytes in use on the device while it ran): sampled from the driver every 20 ms, so
+    FAISS's allocations, which torch's allocator does not see, count too."""
+    if device.type != "cuda":
+        return fn(), 0
+    free, total = torch.cuda.mem_get_info(device)
+    baseline, peak, done = total - free, [total - free], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            free, _ = torch.cuda.mem_get_info(device)
+            peak[0] = max(peak[0], total - free)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        return fn(), peak[0] - baseline
+    finally:
+        done.set()
+        sampler.join()
+
+
+def selection(device: torch.device, n: int, d: int, batch_size: int) -> bool:
+    """sc_global on ``device`` against the CPU path on the same embeddings: seconds, peak device memory,
+    lift. The lifts must agree within 2% (the GPU k-means assigns exactly where the CPU's uses HNSW)."""
+    u, v = clustered_pairs(n, d, seed=0)
+    rows = {}
+    for where in dict.fromkeys([device, torch.device("cpu")]):
+        started = time.perf_counter()
+        plan, peak = _peak_device_memory(where, lambda: select_batches("sc_global", u, v, batch_size, seed=0,
+                                                                       tau=0.1, device=where))
+        seconds = time.perf_counter() - started
+        valid = len(np.unique(plan)) == plan.size == (n // batch_size) * batch_size
+        rows[where.type] = {"seconds": round(seconds, 2), "peak_device_mib": round(peak / 2**20),
+                            "lift": round(lift(u, v, plan, tau=0.1, seed=0, dtype=torch.float32), 4),
+                            "valid": valid}
+    lifts = [row["lift"] for row in rows.values()]
+    ok = all(row["valid"] for row in rows.values()) and max(lifts) - min(lifts) <= 0.02 * min(lifts)
+    return report(f"selection-n{n}", ok, **rows)
+
+
+def throughput(device: torch.device, config: str, overrides: list[str], steps: int) -> bool:
+    """Samples/s of the trainer's middle epoch of 3 (one whose next plan is computed meanwhile under
+    selection.overlap), from its log line and counting its wait for the plan, against a minimal DDP loop
+    on the same model, optimizer and AMP with one random batch (no data loading, bank or selection)."""
+    cfg = load_config(config, ["train.epochs=3", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
+                               f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}", *overrides])
+    info = init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
+    lines = _EpochLines()
+    logging.getLogger("dist_cl").addHandler(lines)
+    logging.getLogger("dist_cl").setLevel(logging.INFO)
+    try:
+        trainer = Trainer(cfg, info)
+        trainer.fit()
+        trainer.close()
+        line = lines.epochs[1]
+        total, rate, waited = (float(re.search(pattern, line).group(1)) for pattern in (
+            r"total ([\d.]+)s", r"\| (\d+) samples/s", r"waited ([\d.]+)s"))
+        trained = rate * total / (total + waited)
+        view = trainer.train_set[0][0]
+        shape = (cfg.train.global_batch_size, *view.shape)
+        x = (torch.rand(shape, device=info.device) if view.is_floating_point()  # images, or sample indices
+             else torch.randint(len(trainer.train_set), shape, device=info.device))
+        for step in range(steps + 5):  # 5 warm-up steps
+            if step == 5:
+                _synchronize(info.device)
+                started = time.perf_counter()
+            with torch.autocast(info.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
+                u, v, tau = trainer.ddp(x, x.flip(-1))
+                loss = trainer.loss_fn(u, v, tau)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+        _synchronize(info.device)
+        minimal = steps * cfg.train.global_batch_size / (time.perf_counter() - started)
+    finally:
+        close_distributed()
+    return report("throughput" + "".join(f" {o}" for o in overrides), trained > 0,
+                  trainer_samples_s=round(trained), minimal_samples_s=round(minimal), ratio=round(trained / minimal, 3))
+
+
+class _EpochLines(logging.Handler):
+    """Keeps the trainer's epoch lines, by epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("epoch "):
+            self.epochs.append(record.getMessage())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("check", choices=["loss-precision", "selection", "throughput"])
+    parser.add_argument("--device", default="cuda", help="cuda (the local GPU) or cpu (a dry run)")
+    parser.add_argument("--amp", choices=sorted(AMP), default="bf16")
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps of the minimal loop")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "digits.yaml"), help="throughput: the run's config")
+    parser.add_argument("overrides", nargs="*", help="throughput: dotted config overrides of the trained run")
+    args = parser.parse_intermixed_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.check == "loss-precision":
+        ok = loss_precision(device, args.amp)
+    elif args.check == "selection":
+        ok = selection(device, args.n, args.dim, args.batch_size)
+    else:
+        ok = throughput(device, args.config, args.overrides, args.steps)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
