@@ -6,7 +6,7 @@ from dist_cl.config import Config
 from dist_cl.data.pairs import PairDataset
 
 
-def loader_options(num_workers: int, device: torch.device) -> dict:
+def loader_options(num_workers: int, device: torch.device | str) -> dict:
     """DataLoader arguments of every pass over the data (training, bank refresh, evaluation).
 
     Workers are started by a forkserver, not forked: when a loader starts, the planner thread and the
@@ -14,7 +14,7 @@ def loader_options(num_workers: int, device: torch.device) -> dict:
     deadlock when it next takes one). Workers are not persistent: each loader's workers get the dataset
     as it is then, with the augmentation epoch set. Pinned batches make the copies to CUDA asynchronous.
     """
-    return dict(num_workers=num_workers, pin_memory=device.type == "cuda",
+    return dict(num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                 multiprocessing_context="forkserver" if num_workers else None)
 
 
