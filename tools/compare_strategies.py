@@ -310,7 +310,7 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
         rs = runs.get(entry.label, [])
         if not rs:
             continue
-        verdict, share = against_reference(rs, reference) if reference else ("-", "-")
+        verdict, share = against_reference(rs, reference) if reference and entry.label != args.reference else ("-", "-")
         resumed = " (resumed)" if any(r["resumed"] for r in rs) else ""
         cells = [f"{np.nanmean([r[key] for r in rs]):.3f}" if any(r[key] == r[key] for r in rs) else "-"
                  for key, _ in DIAGNOSTICS]
@@ -408,6 +408,33 @@ def composition(entries: list[Entry], seeds: list[int], directory: Path, batch_s
     return "\n".join(lines) + "\n"
 
 
+def softmax_mass(directories: list[Path], tau: float, nearest: int = 10) -> str:
+    """Where each trained model's full-batch loss puts its softmax mass (tools/extract_embeddings.py output of
+    the training split, one directory per model): per anchor u_i over all v_j, the share of the positive, of
+    its ``nearest`` nearest negatives, of the rest, and of same-label negatives; plus mean cosines."""
+    lines = [f"Softmax mass of the full-batch loss (u -> v, tau = {tau}), mean over anchors:", "",
+             f"| embeddings | loss u->v | positive | {nearest} nearest negatives | other negatives | same-label "
+             "negatives | cos positive | cos same-label | cos other-label |", "|---|---|---|---|---|---|---|---|---|"]
+    for directory in directories:
+        u, v = (np.load(directory / f"{side}.npy").astype(np.float64) for side in ("u", "v"))
+        labels = np.load(directory / "labels.npy")
+        cos = u @ v.T
+        s = cos / tau
+        negative = ~np.eye(len(s), dtype=bool)
+        same = (labels[:, None] == labels[None, :]) & negative
+        log_z = np.logaddexp.reduce(s, axis=1)
+        ranked = np.sort(np.where(negative, s, -np.inf), axis=1)[:, ::-1]
+
+        def share(logits: np.ndarray) -> float:
+            return float(np.mean(np.exp(np.logaddexp.reduce(logits, axis=1) - log_z)))
+
+        lines.append(f"| {directory} | {np.mean(log_z - np.diag(s)):.3f} | {np.mean(np.exp(np.diag(s) - log_z)):.3f} | "
+                     f"{share(ranked[:, :nearest]):.3f} | {share(ranked[:, nearest:-1]):.3f} | "
+                     f"{share(np.where(same, s, -np.inf)):.3f} | {np.mean(np.diag(cos)):.3f} | {cos[same].mean():.3f} | "
+                     f"{cos[negative & ~same].mean():.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -433,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                              "tools/extract_embeddings.py (a directory with u.npy, v.npy, labels.npy)")
     parser.add_argument("--reference", default="random",
                         help="the label the training full-batch loss is compared against (default %(default)s)")
+    parser.add_argument("--mass", type=Path, nargs="+",
+                        help="only print where the full-batch loss of each model puts its softmax mass, from "
+                             "embeddings of the training split saved by tools/extract_embeddings.py")
     parser.add_argument("--aggregate-only", action="store_true", help="do not train; aggregate what exists")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (or after --)")
     args = parser.parse_args(argv)
@@ -449,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         load_config(args.config, [f"selection.strategy={entry.strategy}", *extra, *entry.overrides])
     base = load_config(args.config, extra)
     args.batch_size = base.train.global_batch_size
+    if args.mass:
+        print(softmax_mass(args.mass, base.loss.tau))
+        return 0
     if args.composition:
         print(composition(entries, seeds, args.composition, args.batch_size, base.loss.tau))
         return 0
