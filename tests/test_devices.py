@@ -137,14 +137,15 @@ def test_kmeans_builds_a_gpu_index_exactly_when_faiss_has_gpus(monkeypatch, gpus
 ])
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_cpu_plan_is_the_plan_of_the_code_before_gpu_faiss(options, digest, device):
-    """Digests of sc_global plans made by the code before issue 10 (bf64a38) on this data: the CPU path
-    (explicit, or by default on a host without CUDA) must still make exactly them."""
+    """Digests of sc_global partitions made by the code before issue 10 (bf64a38) on this data: the CPU path
+    (explicit, or by default on a host without CUDA) must still make exactly them. The strategy's own output,
+    before select_batches puts a loss-aware plan's rows in a seeded order (issue 12)."""
     import hashlib
 
-    from dist_cl.selection import select_batches
+    from dist_cl.selection.sc_global import sc_global_partition
 
     u, v = unit_pairs(2200, 16, seed=0)
-    plan = select_batches("sc_global", u, v, 32, seed=5, tau=0.1, device=device, **options)
+    plan = sc_global_partition(u, v, 32, seed=5, tau=0.1, device=device, **options)
     assert hashlib.sha256(np.ascontiguousarray(plan, dtype=np.int64).tobytes()).hexdigest()[:16] == digest
 
 
