@@ -97,6 +97,8 @@ check evaluate-checkpoint 90 "$PY" -m torch.distributed.run --standalone --nproc
 
 # 7. sc_global at N = 1M, d = 128, B = 256: GPU against the CPU path (seconds, peak GPU memory, lift)
 check selection-1M 240 "$PY" tools/gpu_check.py selection --n 1000000 --dim 128 --batch-size 256
+# the 10M target (under 60 s, within GPU memory): the GPU path alone
+check selection-10M 180 "$PY" tools/gpu_check.py selection --n 10000000 --dim 128 --batch-size 256 --no-cpu-reference
 
 # 8. trainer samples/s against a minimal DDP loop (same model, random batches): the free-embedding model,
 #    which needs no data pipeline, so the difference is the trainer's own (bank, syncs, selection); and
