@@ -2,6 +2,8 @@
 
 Each checkpoint ``step-00000123.pt`` has a ``.sha256`` beside it and ``latest`` names the newest. Loading
 verifies the checksum and falls back to the previous checkpoint when the newest is truncated or corrupt.
+What goes in one is composed: ``RunCheckpoints`` saves a ``{name: component}`` map, each component its own
+state, so a component registered there cannot be forgotten by resume.
 """
 
 import hashlib
@@ -9,8 +11,10 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
@@ -90,3 +94,61 @@ class Checkpointer:
             return state, path, problems
         tried = "; ".join(problems) or f"no checkpoint in {self.directory}"
         raise CheckpointError(f"no usable checkpoint: {tried}")
+
+
+class Stateful(Protocol):
+    """A checkpoint component. ``collective = True`` marks one whose ``state_dict`` is a collective."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class RunCheckpoints:
+    """A run's checkpoints as a ``{name: component}`` map; the checkpoint is ``{name: state}`` plus ``meta``.
+
+    Saving is a collective: a component marked ``collective`` (the per-rank RNGs) gives its state on every
+    rank, the others on rank 0 alone, which writes while the other ranks wait on ``group``.
+    """
+
+    def __init__(self, directory: Path, keep: int, components: dict[str, Stateful], is_main: bool, group=None):
+        self.checkpointer = Checkpointer(directory, keep)
+        self.components = components
+        self.is_main = is_main
+        self.group = group
+
+    def save(self, step: int, meta: dict) -> Path | None:
+        """Write every component's state and ``meta`` as step ``step``; the path on rank 0, else None."""
+        gathered = {name: c.state_dict() for name, c in self.components.items() if getattr(c, "collective", False)}
+        path = None
+        if self.is_main:
+            state = {name: gathered[name] if name in gathered else c.state_dict()
+                     for name, c in self.components.items()}
+            path = self.checkpointer.save({**state, "meta": meta}, step)
+        dist.barrier(group=self.group)
+        return path
+
+    def load(self, which: str) -> tuple[dict, Path, list[str]]:
+        """(state, path, problems) of ``which`` ('latest' or a path), checked, not yet restored."""
+        state, path, problems = self.checkpointer.load(which)
+        return upgrade(state), path, problems
+
+    def restore(self, state: dict) -> None:
+        """Give every component its state back."""
+        missing = [name for name in self.components if name not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds no state for {', '.join(missing)}; it was written by "
+                                  "another version of dist_cl; start a new run.dir")
+        for name, component in self.components.items():
+            component.load_state_dict(state[name])
+
+
+def upgrade(state: dict) -> dict:
+    """A checkpoint of dist_cl 0.1.0 (counters and meta at the top level) in today's layout."""
+    if "meta" in state:
+        return state
+    upgraded = {k: v for k, v in state.items() if k not in ("epoch", "step", "skipped_steps", "config",
+                                                                "world_size", "version")}
+    upgraded["counters"] = {k: state[k] for k in ("epoch", "step", "skipped_steps")}
+    upgraded["meta"] = {k: state[k] for k in ("config", "world_size", "version")}
+    return upgraded

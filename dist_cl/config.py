@@ -421,3 +421,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+RESUMABLE_CHANGES = ("train.epochs", "eval.", "checkpoint.", "run.", "dist.", "data.num_workers")
+"""Config keys that may differ between a checkpoint and the run resuming it."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in FREE_FORM:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose change makes a checkpoint unusable, with both values."""
+    a, b = _flatten(saved), _flatten(current)
+    return [
+        f"{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]

@@ -68,7 +68,7 @@ class NTXentLoss(GlobalBatchLoss):
 
     At the official scale (the mean over the 2B anchors, as the paper's code and SimCLR report it), which is
     half of ``InfoNCELoss``'s (a sum of two directions): the paper's learning rates for its NT-Xent runs
-    (configs/cifar100_simclr.yaml) then mean what they meant there under SGD-style optimizers, where a loss
+    (configs/cifar100_32px.yaml) then mean what they meant there under SGD-style optimizers, where a loss
     twice as large is a learning rate twice as large.
     """
 

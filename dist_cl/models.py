@@ -4,6 +4,7 @@ A timm backbone (``pretrained=False``) with a projection MLP, shared by both vie
 side (CLIP, ``two_towers``); and the free-embedding model of the paper's synthetic setting.
 """
 
+import logging
 import math
 
 import timm
@@ -12,8 +13,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dist_cl.config import Config
+from dist_cl.config import Config, ConfigError
 from dist_cl.distributed import gather_rows, world_size
+
+log = logging.getLogger("dist_cl")
 
 
 class Temperature(nn.Module):
@@ -146,3 +149,21 @@ def build_model(cfg: Config, num_samples: int) -> nn.Module:
     if cfg.model.backbone == "free":
         return FreeEmbeddings(num_samples, cfg.model.embed_dim, cfg.loss.tau, cfg.loss.learnable_tau, cfg.seed)
     return ContrastiveModel(cfg)
+
+
+def build_training_model(cfg: Config, num_samples: int, channels: int, device: torch.device) -> nn.Module:
+    """The model to train on ``device``, checked against the data (``channels`` of its images), with
+    SyncBatchNorm where ``model.sync_bn`` asks for it and the device has it."""
+    if cfg.train.global_batch_size > num_samples:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
+                          f"{num_samples} training samples; lower it or use more data")
+    if cfg.model.backbone != "free" and channels != cfg.model.in_chans:
+        raise ConfigError(f"model.in_chans={cfg.model.in_chans} but the data has {channels}-channel images; "
+                          f"set model.in_chans={channels}")
+    model = build_model(cfg, num_samples).to(device)
+    if cfg.model.sync_bn and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.sync_bn:
+        log.warning("model.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on %s each "
+                    "rank's BatchNorm keeps normalising over its own slice of the batch", device)
+    return model

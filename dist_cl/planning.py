@@ -1,23 +1,31 @@
-"""Epoch plans from a snapshot of the bank: computed when the epoch starts, or ahead, while the previous
-epoch trains (``selection.overlap``).
+"""The selection policy: which global batches each epoch trains on (docs/DESIGN.md §3).
 
-A plan is a pure function of its ``PlanRequest`` (strategy, seed, bank snapshot, tau), so it is the same
-whichever thread or world size computes it, and a run killed mid-epoch resumes with the same next plan.
+``EpochPlanner`` owns every rule of it: warm-up, the seed rule, how the bank is completed before a
+selection, tau, computing ahead (``selection.overlap``) and mid-epoch re-selection. Every plan it makes,
+re-selections included, goes request -> plan: a pure function of its ``PlanRequest`` (strategy, seed,
+bank snapshot, tau), so it is the same whichever thread or world size computes it, and a run killed
+mid-epoch resumes with the same next plan.
 """
 
 import inspect
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cl.distributed import distributed_map
+from dist_cl.bank import EmbeddingBank
+from dist_cl.config import SelectionConfig
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks, distributed_map
+from dist_cl.embed import embed_indices
+from dist_cl.metrics import SelectionFigures
 from dist_cl.sampler import BatchPlan
+from dist_cl.seeding import derive_seed
 from dist_cl.selection import STRATEGIES, lift, select_batches
+from dist_cl.selection.diagnostics import label_purity, pair_repeat
 
 
 @dataclass(frozen=True)
@@ -56,23 +64,22 @@ def select_everywhere(strategy: str, u, v, batch_size: int, *, map_fn=distribute
 
 
 def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.device | None = None
-                 ) -> tuple[BatchPlan, dict]:
-    """The plan and the figures that describe it (TensorBoard ``selection/*``); ``device``: where a
-    strategy that computes on one runs (the rank's)."""
+                 ) -> tuple[BatchPlan, SelectionFigures]:
+    """The plan and the figures that describe it; ``device``: where a strategy that computes on one runs
+    (the rank's)."""
     started = time.perf_counter()
-    figures = {}
+    figures = SelectionFigures()
     if request.u is not None:
         batches = select_everywhere(request.strategy, request.u, request.v, request.batch_size, seed=request.seed,
                                     tau=request.tau, map_fn=map_fn, device=device, **request.options)
-        figures["selection/lift"] = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed,
-                                         dtype=torch.float32)
-        figures["selection/bank_staleness"] = request.staleness
+        figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32)
+        figures.bank_staleness = request.staleness
     else:
         empty = np.zeros((request.num_samples, 1), dtype=np.float32)
         batches = select_batches(request.strategy, empty, empty, request.batch_size, seed=request.seed,
                                  **request.options)
-    figures["selection/prepare_seconds"] = request.prepare_seconds
-    figures["selection/seconds"] = request.prepare_seconds + time.perf_counter() - started
+    figures.prepare_seconds = request.prepare_seconds
+    figures.seconds = request.prepare_seconds + time.perf_counter() - started
     return BatchPlan(batches, request.epoch, request.strategy), figures
 
 
@@ -105,8 +112,158 @@ class BackgroundPlanner:
         self.executor.shutdown(wait=True)
 
 
-def resolved(plan: BatchPlan, figures: dict) -> Future:
+def resolved(plan: BatchPlan, figures: SelectionFigures) -> Future:
     """A finished future holding ``(plan, figures)``, e.g. a next plan read from a checkpoint."""
     future = Future()
     future.set_result((plan, figures))
     return future
+
+
+def plan_strategy(selection: SelectionConfig, bank_epoch: int) -> str:
+    """The strategy of a plan selected from the bank as it is in epoch ``bank_epoch``: random during
+    warm-up (the bank is not filled yet, or the embeddings not yet worth selecting on), then the
+    configured one. Under overlap the plan of epoch e + 1 reads epoch e's bank, so warm-up counts the
+    bank's epochs, not the plan's."""
+    if STRATEGIES[selection.strategy].reads_embeddings and bank_epoch < selection.warmup_epochs:
+        return "random"
+    return selection.strategy
+
+
+def plan_seed(run_seed: int, epoch: int, strategy: str, cursor: int | None = None) -> int:
+    """The seed rule: a per-epoch strategy gets (run seed, epoch), a re-selection of the rest of an epoch
+    at global batch ``cursor`` gets (run seed, epoch, cursor), and a once-per-run plan the run seed."""
+    if not STRATEGIES[strategy].per_epoch:
+        return run_seed
+    return derive_seed(run_seed, epoch) if cursor is None else derive_seed(run_seed, epoch, cursor)
+
+
+class EpochPlanner:
+    """Which global batches each epoch trains on; the trainer asks it for the epoch's plan, and nothing else.
+
+    A collective: construct it and call its methods on every rank. Its state in a checkpoint is the plan
+    computed ahead, waited for: a resumed run must train on it, not recompute it from a bank that
+    training has moved on.
+    """
+
+    def __init__(self, selection: SelectionConfig, run_seed: int, batch_size: int, dataset, model,
+                 bank: EmbeddingBank, info: DistInfo, num_workers: int = 0):
+        self.selection, self.run_seed, self.batch_size = selection, run_seed, batch_size
+        self.dataset, self.model, self.bank, self.info, self.num_workers = dataset, model, bank, info, num_workers
+        self.background = BackgroundPlanner(info.device) if selection.overlap else None
+        self.ahead: Future | None = None
+        """The next epoch's (plan, figures), computed ahead under selection.overlap."""
+        self.previous: BatchPlan | None = None
+        """The last epoch's plan, for selection/pair_repeat (not checkpointed: a diagnostic)."""
+
+    def request(self, epoch: int, step: int, first_step: int, train_epoch: int, copy_bank: bool = False
+                ) -> PlanRequest:
+        """What ``epoch``'s plan is computed from: the bank as it is at ``step`` (a collective).
+
+        The plan starts at global step ``first_step``; ``train_epoch`` is the epoch training is in, whose
+        augmentations a refresh embeds. ``copy_bank`` for a plan computed while training goes on writing the
+        bank (N x d twice: 1 GB at N = 1M, d = 128, so not when computed at once).
+        """
+        started = time.perf_counter()
+        name = plan_strategy(self.selection, train_epoch)
+        request = PlanRequest(epoch=epoch, strategy=name, seed=plan_seed(self.run_seed, epoch, name),
+                              batch_size=self.batch_size, num_samples=len(self.dataset),
+                              options=self.selection.options if name == self.selection.strategy else {})
+        if STRATEGIES[name].reads_embeddings:
+            self.complete_bank(train_epoch, step)
+            u, v = self.bank.u.numpy(), self.bank.v.numpy()
+            request = replace(request, u=u.copy() if copy_bank else u, v=v.copy() if copy_bank else v,
+                              tau=float(self.model.temperature()), staleness=self.bank.staleness(first_step))
+        return replace(request, prepare_seconds=time.perf_counter() - started)
+
+    def complete_bank(self, epoch: int, step: int) -> None:
+        """Make the bank complete: every row (selection.embeddings=refresh) or only rows never written by
+        training (=training), embedded with ``epoch``'s augmentations."""
+        self.bank.sync()
+        refresh = self.selection.embeddings == "refresh"
+        indices = torch.arange(len(self.dataset)) if refresh else self.bank.missing()
+        if len(indices) == 0:
+            return
+        self.dataset.set_epoch(epoch)
+        u, v = embed_indices(self.model, self.dataset, indices.numpy(), rank=self.info.rank,
+                             world_size=self.info.world_size, device=self.info.device, augmented=True,
+                             num_workers=self.num_workers)
+        self.bank.fill(indices, u, v, step)
+
+    def plan(self, epoch: int, step: int) -> tuple[BatchPlan, SelectionFigures]:
+        """``epoch``'s global batches, identical on every rank, and the figures that describe them: the
+        plan computed ahead, or one made now from the bank at ``step``."""
+        started = time.perf_counter()
+        if self.ahead is not None:
+            plan, figures = self.ahead.result()
+            # the bank snapshot was taken on the training thread, the rest overlapped the previous epoch
+            figures = replace(figures, wait_seconds=figures.prepare_seconds + time.perf_counter() - started)
+            self.ahead = None
+        else:
+            plan, figures = compute_plan(self.request(epoch, step, step, epoch), device=self.info.device)
+            figures.wait_seconds = time.perf_counter() - started
+        if plan.epoch != epoch:
+            raise RuntimeError(f"the plan computed ahead is for epoch {plan.epoch}, not {epoch}")
+        check_same_on_all_ranks("batch plan", plan.digest())
+        self.diagnose(plan, figures)
+        return plan, figures
+
+    def diagnose(self, plan: BatchPlan, figures: SelectionFigures) -> None:
+        """Label purity where there are labels; pair repeat where this plan and the last epoch's are both
+        partitions."""
+        if self.dataset.labels is not None:
+            figures.label_purity = label_purity(plan.batches, self.dataset.labels)
+        last = self.previous
+        if last is not None and STRATEGIES[plan.strategy].partition and STRATEGIES[last.strategy].partition:
+            figures.pair_repeat = pair_repeat(plan.batches, last.batches, len(self.dataset))
+
+    def plan_ahead(self, epoch: int, step: int, first_step: int, epochs: int) -> None:
+        """Under selection.overlap, start computing epoch ``epoch + 1``'s plan (if the run has one) from the
+        bank as it is at ``step``; it starts at global step ``first_step``."""
+        if self.background is not None and epoch + 1 < epochs:
+            self.ahead = self.background.submit(self.request(epoch + 1, step, first_step, epoch, copy_bank=True))
+
+    def finish(self, plan: BatchPlan) -> None:
+        """``plan``'s epoch is trained."""
+        self.previous = plan
+
+    def reselection_due(self, plan: BatchPlan, cursor: int) -> bool:
+        """selection.every_steps: time to re-partition the rest of a loss-aware epoch plan."""
+        every = self.selection.every_steps
+        return bool(every) and plan.strategy == self.selection.strategy and cursor % every == 0 \
+            and 0 < cursor < len(plan)
+
+    def reselect(self, plan: BatchPlan, cursor: int, step: int, figures: SelectionFigures) -> BatchPlan:
+        """A new plan for ``plan``'s epoch: its first ``cursor`` batches, then the samples of the rest
+        re-partitioned by the bank as it is at ``step`` (a collective). Each sample is still trained once.
+        The time it takes, all waited for, is added to the epoch's ``figures``."""
+        started = time.perf_counter()
+        rest = np.sort(plan.batches[cursor:].ravel())
+        request = self.request(plan.epoch, step, step, plan.epoch)
+        request = replace(request, seed=plan_seed(self.run_seed, plan.epoch, plan.strategy, cursor),
+                          num_samples=len(rest), u=request.u[rest], v=request.v[rest])
+        chosen, _ = compute_plan(request, device=self.info.device)
+        new = BatchPlan(np.concatenate([plan.batches[:cursor], rest[chosen.batches]]), plan.epoch, plan.strategy)
+        check_same_on_all_ranks("batch plan", new.digest())
+        seconds = time.perf_counter() - started
+        figures.seconds = (figures.seconds or 0.0) + seconds
+        figures.wait_seconds = (figures.wait_seconds or 0.0) + seconds
+        return new
+
+    def state_dict(self) -> dict | None:
+        if self.ahead is None:
+            return None
+        plan, figures = self.ahead.result()
+        return {"plan": plan.state_dict(), "figures": figures.scalars()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.ahead = None if state is None else resolved(BatchPlan.from_state_dict(state["plan"]),
+                                                         SelectionFigures.from_scalars(state["figures"]))
+
+    def wait(self) -> None:
+        """Wait for the plan computed ahead (before a checkpoint barrier: every rank waits here, not there)."""
+        if self.ahead is not None:
+            self.ahead.result()
+
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.close()

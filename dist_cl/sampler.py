@@ -32,27 +32,40 @@ class BatchPlan:
 
 
 class PlanSampler(Sampler[list[int]]):
-    """Yields this rank's slice ``[r*B/W:(r+1)*B/W]`` of each global batch from ``cursor`` on.
+    """Yields this rank's slice ``[r*B/W:(r+1)*B/W]`` of each global batch of its plan from ``cursor`` on.
 
-    ``cursor`` counts the global batches already trained; the trainer advances it after every step,
-    so ``state_dict()`` taken between steps resumes exactly at the next batch.
+    ``cursor`` counts the global batches already trained: the loop calls ``advance()`` after every step
+    (a DataLoader draws ahead of training, so iterating cannot be what moves it), and ``state_dict()``
+    taken between steps resumes exactly at the next batch. Between epochs it holds no plan.
     """
 
-    def __init__(self, plan: BatchPlan, rank: int, world_size: int, cursor: int = 0):
-        global_batch_size = plan.batches.shape[1]
-        if global_batch_size % world_size:
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by world_size={world_size}"
-            )
-        self.plan = plan
+    def __init__(self, plan: BatchPlan | None, rank: int, world_size: int, cursor: int = 0):
         self.rank = rank
         self.world_size = world_size
-        self.local_batch_size = global_batch_size // world_size
-        self.cursor = cursor
+        self.plan: BatchPlan | None = None
+        self.cursor = 0
+        if plan is not None:
+            self.start(plan, cursor)
+
+    def start(self, plan: BatchPlan, cursor: int = 0) -> None:
+        """Walk ``plan`` from global batch ``cursor``."""
+        if plan.batches.shape[1] % self.world_size:
+            raise ValueError(
+                f"global batch size {plan.batches.shape[1]} is not divisible by world_size={self.world_size}"
+            )
+        self.plan, self.cursor = plan, cursor
+
+    def advance(self) -> None:
+        """One more global batch trained."""
+        self.cursor += 1
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= len(self.plan)
 
     def local_slice(self, batch: np.ndarray) -> np.ndarray:
-        lo = self.rank * self.local_batch_size
-        return batch[lo : lo + self.local_batch_size]
+        local = len(batch) // self.world_size
+        return batch[self.rank * local : (self.rank + 1) * local]
 
     def __iter__(self):
         for batch in self.plan.batches[self.cursor :]:
@@ -61,9 +74,11 @@ class PlanSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.plan) - self.cursor
 
-    def state_dict(self) -> dict:
-        return {"plan": self.plan.state_dict(), "cursor": self.cursor}
+    def state_dict(self) -> dict | None:
+        return None if self.plan is None else {"plan": self.plan.state_dict(), "cursor": self.cursor}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.plan = BatchPlan.from_state_dict(state["plan"])
-        self.cursor = int(state["cursor"])
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            self.plan, self.cursor = None, 0
+        else:
+            self.start(BatchPlan.from_state_dict(state["plan"]), int(state["cursor"]))

@@ -1,6 +1,7 @@
 """tools/compare_strategies.py's test of "converges faster": the training full-batch loss at equal steps."""
 
 import importlib.util
+import json
 
 from conftest import ROOT
 
@@ -41,3 +42,24 @@ def test_equal_steps_are_interpolated_on_the_reference_curve():
     verdict, share = compare.against_reference(offset, REFERENCE)
     # step 45 is past the first third (40): the reference there is 7.1, halfway between 8.1 and 6.1
     assert (verdict, share) == ("yes", "0.75")
+
+
+def test_a_run_is_summarised_from_its_metrics_jsonl_alone(tmp_path):
+    """No train.log, no TensorBoard: evaluation lines give the metrics, epoch lines the times and figures
+    (averaged over the loss-aware epochs, the ones with a lift); a line cut by a kill is ignored."""
+    lines = [
+        {"kind": "eval", "epoch": 0, "step": 0, "loss": None, "knn_top1": 0.1, "train_full_batch_loss": 9.0},
+        {"kind": "epoch", "epoch": 1, "step": 10, "steps": 10, "train_seconds": 4.0,
+         "selection/seconds": 0.01, "selection/share": 0.002, "selection/label_purity": 0.2},
+        {"kind": "epoch", "epoch": 2, "step": 20, "steps": 10, "train_seconds": 6.0, "selection/seconds": 1.0,
+         "selection/share": 0.1, "selection/lift": 1.5, "selection/label_purity": 0.5},
+        {"kind": "eval", "epoch": 2, "step": 20, "loss": 3.0, "knn_top1": 0.7, "train_full_batch_loss": 5.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"kind": "ep')
+    summary = compare.summarise_run(tmp_path, epochs=2, batch_size=8)
+    assert summary["knn"] == {0: 0.1, 2: 0.7} and summary["train_fbl"] == {0: 9.0, 2: 5.0}
+    assert (summary["final_step"], summary["samples"], summary["step"]) == (20, 160, {0: 0, 2: 20})
+    assert (summary["train_s"], summary["epoch_s"]) == (10.0, 5.0)
+    assert (summary["lift"], summary["purity"], summary["selection_s"], summary["share"]) == (1.5, 0.5, 1.0, 0.1)
+    assert summary["loss_aware_epochs"] == 1
+    assert compare.summarise_run(tmp_path, epochs=3, batch_size=8) is None  # not finished

@@ -66,7 +66,7 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
     """selection.overlap: the plan for epoch e+1 is computed while epoch e trains, from the bank as epoch e
     started (= the bank saved at the end of epoch e-1); its cells are dealt over both ranks on the planner's
     own process group while DDP runs on the default one."""
-    from dist_cl.trainer import derive_seed
+    from dist_cl.planning import plan_seed
 
     n, batch, tau = 64, 8, 0.5
     torchrun(train_cmd(tmp_path, "--config", str(ROOT / "configs" / "synthetic.yaml"), f"data.num_samples={n}",
@@ -79,7 +79,7 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
     assert (ahead["epoch"], ahead["strategy"]) == (2, "sc_global")
     bank = ends[0]["bank"]
     assert (bank["written_at"] >= 0).all()  # N divisible by B: epoch 0 wrote every row, none is refreshed
-    expected = select_batches("sc_global", bank["u"].numpy(), bank["v"].numpy(), batch, seed=derive_seed(0, 2),
+    expected = select_batches("sc_global", bank["u"].numpy(), bank["v"].numpy(), batch, seed=plan_seed(0, 2, "sc_global"),
                               tau=tau, cell_size=32)
     np.testing.assert_array_equal(ahead["batches"], expected)
     assert ends[2]["next_plan"] is None  # no epoch 3 to plan for
@@ -88,7 +88,7 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
 def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_step(tmp_path):
     """selection.every_steps=8 on digits (22 steps an epoch; epoch 1 is sc_global): at cursor 8 (step 30)
     the 14 batches not trained yet are re-partitioned from the bank then; the first 8 stay as trained."""
-    from dist_cl.trainer import derive_seed
+    from dist_cl.planning import plan_seed
 
     torchrun(train_cmd(tmp_path, "train.epochs=2", "eval.every_epochs=0", "selection.strategy=sc_global",
                        "selection.every_steps=8", "checkpoint.every_steps=5", "checkpoint.keep=20"))
@@ -101,7 +101,7 @@ def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_st
     assert not np.array_equal(new[8:], old[8:])
     bank = after["bank"]
     expected = rest[select_batches("sc_global", bank["u"].numpy()[rest], bank["v"].numpy()[rest], 64,
-                                   seed=derive_seed(0, 1, 8), tau=0.1)]
+                                   seed=plan_seed(0, 1, "sc_global", cursor=8), tau=0.1)]
     np.testing.assert_array_equal(new[8:], expected)
 
 

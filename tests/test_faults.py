@@ -100,7 +100,7 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit):
     assert train_entry.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
     state = torch.load(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text(), weights_only=False)
-    assert state["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
+    assert state["counters"]["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 

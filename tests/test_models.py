@@ -5,7 +5,7 @@ from conftest import ROOT, torchrun
 from dist_cl.config import load_config
 from dist_cl.losses import InfoNCELoss
 from dist_cl.models import build_model
-from dist_cl.trainer import lr_factor
+from dist_cl.optim import lr_factor
 
 
 def digits_batch(n=6):

@@ -21,7 +21,7 @@ def test_sampler_resumes_at_its_cursor():
     sampler = PlanSampler(plan, rank=1, world_size=2)
     it = iter(sampler)
     next(it), next(it)
-    sampler.cursor = 2
+    sampler.advance(), sampler.advance()
     state = sampler.state_dict()
     restored = PlanSampler(BatchPlan(np.zeros((1, 4), dtype=np.int64), 0, "x"), rank=1, world_size=2)
     restored.load_state_dict(state)

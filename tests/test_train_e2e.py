@@ -22,7 +22,7 @@ def final_model(run_dir):
 
 
 def assert_same_weights(a: dict, b: dict):
-    assert a["step"] == b["step"]
+    assert a["counters"] == b["counters"]
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -47,10 +47,14 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
     torchrun(train_cmd(tmp_path, "train.epochs=1", "eval.every_epochs=1"))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000022.pt"
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if r["kind"] == "eval"]
     assert [r["step"] for r in records] == [0, 22]
     assert {"retrieval_top1", "knn_top1", "loss", "epoch"} <= records[1].keys()
     assert 0.0 <= records[1]["retrieval_top1"] <= 1.0
+    [epoch] = [r for r in lines if r["kind"] == "epoch"]
+    assert (epoch["epoch"], epoch["step"], epoch["steps"]) == (1, 22, 22)
+    assert epoch["train_seconds"] > 0 and epoch["samples_per_s"] > 0 and "selection/seconds" in epoch
     assert "global_batch_size: 64" in (tmp_path / "config.yaml").read_text()
 
 

@@ -14,9 +14,9 @@ skipped, so an interrupted comparison is resumed by running the same command aga
 resumed from its checkpoint by launch/train.py; its wall time then covers the last attempt only and is
 marked "resumed").
 
-Aggregation reads metrics.jsonl (held-out retrieval top-1 and kNN top-1 at every evaluated epoch), the
-TensorBoard scalars selection/seconds, selection/share and selection/lift of every epoch, and the per-epoch
-training time from train.log. It writes <out>/results.md (also printed) and <out>/strategies.png
+Aggregation reads each run's metrics.jsonl alone: its evaluation lines (the metrics at every evaluated
+epoch) and its epoch lines (training and selection seconds, selection/* figures of every epoch), plus
+run_info.json and the probe where they exist. It writes <out>/results.md (also printed) and <out>/strategies.png
 (retrieval top-1 and kNN top-1 against epoch and against optimizer step, mean over seeds with a min-max band).
 
 A strategy entry is either a registered name (random, osgd, sc, sc_global, ...) or LABEL:STRATEGY[:K=V,K=V]
@@ -26,7 +26,6 @@ with dotted overrides for that entry only.
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -39,9 +38,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = "random,osgd,sc,sc_global"
 PROBE_NAME = "probe.json"
-EPOCH_LINE = re.compile(
-    r"epoch (\d+) step (\d+) \| data ([\d.]+)s total ([\d.]+)s \| .* \| selection ([\d.]+)s"
-)
 
 
 @dataclass
@@ -65,8 +61,9 @@ def run_dir(out: Path, label: str, seed: int) -> Path:
     return out / f"{label}-s{seed}"
 
 
-def read_metrics(path: Path) -> dict[int, dict]:
-    """Evaluation records by epoch; a resumed run may repeat an epoch, the last record wins."""
+def read_metrics(path: Path, kind: str = "eval") -> dict[int, dict]:
+    """metrics.jsonl records of ``kind`` ('eval' or 'epoch') by epoch; a resumed run may repeat an epoch,
+    the last record wins."""
     records = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -76,7 +73,8 @@ def read_metrics(path: Path) -> dict[int, dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                records[int(record["epoch"])] = record
+                if record.get("kind", "eval") == kind:
+                    records[int(record["epoch"])] = record
     return records
 
 
@@ -133,33 +131,6 @@ def probe(entry: Entry, seed: int, args) -> None:
     print(f"[prob] {entry.label} seed {seed}: rc {code}", flush=True)
 
 
-def read_scalars(directory: Path) -> dict[str, dict[int, float]]:
-    """TensorBoard scalars selection/* by step (last write wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[int, float]] = {}
-    tb = directory / "tb"
-    if not tb.is_dir():
-        return out
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    for tag in acc.Tags().get("scalars", []):
-        if tag.startswith("selection/"):
-            out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
-    return out
-
-
-def read_epoch_times(directory: Path) -> dict[int, tuple[int, float, float]]:
-    """epoch -> (step at its end, training seconds, selection seconds) from rank 0's log."""
-    times = {}
-    log = directory / "train.log"
-    if log.is_file():
-        for match in EPOCH_LINE.finditer(log.read_text(errors="replace")):
-            epoch, step, _, total, selection = match.groups()
-            times[int(epoch)] = (int(step), float(total), float(selection))
-    return times
-
-
 def read_probe(directory: Path) -> float:
     path = directory / PROBE_NAME
     return json.loads(path.read_text())["metrics"].get("probe_top1", float("nan")) if path.is_file() else float("nan")
@@ -174,7 +145,7 @@ METRICS = (  # (key in a run summary, metrics.jsonl field, table heading)
     ("corrupted_s1", "corrupted_r1/s1", "corrupted R@1, severity 1"),
     ("corrupted_s5", "corrupted_r1/s5", "corrupted R@1, severity 5"),
 )
-DIAGNOSTICS = (  # TensorBoard scalars averaged over the loss-aware epochs (all epochs for random)
+DIAGNOSTICS = (  # epoch-line figures averaged over the loss-aware epochs (all epochs for random)
     ("lift", "selection/lift"), ("realised_lift", "selection/realised_lift"),
     ("pair_repeat", "selection/pair_repeat"), ("purity", "selection/label_purity"),
 )
@@ -186,21 +157,18 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
         return None
     info_path = directory / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    scalars = read_scalars(directory)
-    loss_aware_steps = set(scalars.get("selection/lift", {}))
-    sel = scalars.get("selection/seconds", {})
-    share = scalars.get("selection/share", {})
-    times = read_epoch_times(directory)
+    epochs_trained = read_metrics(directory / "metrics.jsonl", kind="epoch").values()
+    loss_aware = [r for r in epochs_trained if "selection/lift" in r]
     final = metrics[epochs]
 
-    def per_epoch_mean(tag: str) -> float:
-        values = scalars.get(tag, {})
-        kept = [values[s] for s in values if s in loss_aware_steps] if loss_aware_steps else list(values.values())
+    def per_epoch_mean(field: str) -> float:
+        """Mean over the loss-aware epochs (the ones that wrote a lift), all epochs for random."""
+        kept = [r[field] for r in (loss_aware or epochs_trained) if field in r]
         return float(np.mean(kept)) if kept else float("nan")
 
     summary = {key: {e: r.get(field, float("nan")) for e, r in metrics.items()} for key, field, _ in METRICS}
-    summary.update({key: per_epoch_mean(tag) for key, tag in DIAGNOSTICS})
-    train_seconds = [t[1] for t in times.values()]
+    summary.update({key: per_epoch_mean(field) for key, field in DIAGNOSTICS})
+    train_seconds = [r["train_seconds"] for r in epochs_trained]
     return {
         **summary,
         "epochs": sorted(metrics),
@@ -212,12 +180,12 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
         "cpu_s": info.get("child_cpu_s", float("nan")),
         "load": float(np.mean([info["loadavg_before"][0], info["loadavg_after"][0]])) if info else float("nan"),
         "resumed": info.get("resumed", False),
-        "train_s": sum(train_seconds) if times else float("nan"),
-        "epoch_s": float(np.median(train_seconds)) if times else float("nan"),
-        # per loss-aware epoch (the epochs that wrote a lift); the random warm-up epochs cost ~0
-        "selection_s": per_epoch_mean("selection/seconds") if sel else 0.0,
-        "share": per_epoch_mean("selection/share") if share else 0.0,
-        "loss_aware_epochs": len(loss_aware_steps),
+        "train_s": sum(train_seconds) if train_seconds else float("nan"),
+        "epoch_s": float(np.median(train_seconds)) if train_seconds else float("nan"),
+        # per loss-aware epoch; the random warm-up epochs cost ~0
+        "selection_s": per_epoch_mean("selection/seconds"),
+        "share": per_epoch_mean("selection/share"),
+        "loss_aware_epochs": len(loss_aware),
     }
 
 

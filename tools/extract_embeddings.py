@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_cl.checkpoint import Checkpointer, CheckpointError
+from dist_cl.checkpoint import Checkpointer, CheckpointError, upgrade
 from dist_cl.config import Config, ConfigError, config_from_dict
 from dist_cl.data import build_dataset
 from dist_cl.distributed import DistInfo, close_distributed, exit_process, init_distributed
@@ -67,12 +67,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Path]:
     state, found, problems = Checkpointer(directory, keep=1).load(which)
     for problem in problems:
         log.warning("skipped checkpoint %s", problem)
-    return state, found
+    return upgrade(state), found
 
 
 def config_from_checkpoint(state: dict, overrides: list[str] | None = None) -> Config:
-    """The run's Config from the dict saved in ``state["config"]``, with dotted overrides, validated again."""
-    return config_from_dict(state["config"], overrides)
+    """The run's Config from the dict saved in ``state["meta"]["config"]``, with dotted overrides, validated again."""
+    return config_from_dict(state["meta"]["config"], overrides)
 
 
 def model_from_checkpoint(state: dict, cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -153,7 +153,8 @@ def extract(
         )
         if out is not None and info.is_main:
             meta = {
-                "checkpoint": str(path.resolve()), "step": state["step"], "epoch": state["epoch"], "split": split,
+                "checkpoint": str(path.resolve()), "step": state["counters"]["step"], "epoch": state["counters"]["epoch"],
+                "split": split,
                 "num_samples": len(dataset), "output": output, "views": views, "augmentation_epoch": epoch,
                 "world_size": info.world_size, "data": cfg.data.name, "backbone": cfg.model.backbone,
             }
@@ -162,7 +163,7 @@ def extract(
         if dataset.labels is not None:
             arrays["labels"] = np.asarray(dataset.labels, dtype=np.int64)
         results[split] = arrays
-    return results, {"path": str(path.resolve()), "step": state["step"], "config": cfg.to_dict()}
+    return results, {"path": str(path.resolve()), "step": state["counters"]["step"], "config": cfg.to_dict()}
 
 
 def add_extraction_args(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,6 @@ Python can be exercised on a machine without a GPU.
 
 import argparse
 import json
-import logging
-import re
 import sys
 import threading
 import time
@@ -102,22 +100,20 @@ def selection(device: torch.device, n: int, d: int, batch_size: int, cpu_referen
 
 def throughput(device: torch.device, config: str, overrides: list[str], steps: int) -> bool:
     """Samples/s of the trainer's middle epoch of 3 (one whose next plan is computed meanwhile under
-    selection.overlap), from its log line and counting its wait for the plan, against a minimal DDP loop
+    selection.overlap), from its metrics.jsonl record and counting its wait for the plan, against a minimal DDP loop
     on the same model, optimizer and AMP with one random batch (no data loading, bank or selection)."""
     cfg = load_config(config, ["train.epochs=3", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
                                f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}", *overrides])
     info = init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
-    lines = _EpochLines()
-    logging.getLogger("dist_cl").addHandler(lines)
-    logging.getLogger("dist_cl").setLevel(logging.INFO)
     try:
         trainer = Trainer(cfg, info)
         trainer.fit()
         trainer.close()
-        line = lines.epochs[1]
-        total, rate, waited = (float(re.search(pattern, line).group(1)) for pattern in (
-            r"total ([\d.]+)s", r"\| (\d+) samples/s", r"waited ([\d.]+)s"))
-        trained = rate * total / (total + waited)
+        lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+        epochs = [record for record in map(json.loads, lines) if record["kind"] == "epoch"]
+        middle = epochs[-2]  # this run's epoch 1 of 0, 1, 2 (the file may hold earlier runs' too)
+        total, waited = middle["train_seconds"], middle.get("selection/wait_seconds", 0.0)
+        trained = middle["samples_per_s"] * total / (total + waited)
         view = trainer.train_set[0][0]
         shape = (cfg.train.global_batch_size, *view.shape)
         x = (torch.rand(shape, device=info.device) if view.is_floating_point()  # images, or sample indices
@@ -126,31 +122,19 @@ def throughput(device: torch.device, config: str, overrides: list[str], steps: i
             if step == 5:
                 _synchronize(info.device)
                 started = time.perf_counter()
-            with torch.autocast(info.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
-                u, v, tau = trainer.ddp(x, x.flip(-1))
-                loss = trainer.loss_fn(u, v, tau)
+            with torch.autocast(info.device.type, dtype=trainer.step_fn.amp_dtype, enabled=trainer.step_fn.amp_dtype is not None):
+                u, v, tau = trainer.step_fn.ddp(x, x.flip(-1))
+                loss = trainer.step_fn.loss_fn(u, v, tau)
             trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.scaler.scale(loss).backward()
-            trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
+            trainer.step_fn.scaler.scale(loss).backward()
+            trainer.step_fn.scaler.step(trainer.optimizer)
+            trainer.step_fn.scaler.update()
         _synchronize(info.device)
         minimal = steps * cfg.train.global_batch_size / (time.perf_counter() - started)
     finally:
         close_distributed()
     return report("throughput" + "".join(f" {o}" for o in overrides), trained > 0,
                   trainer_samples_s=round(trained), minimal_samples_s=round(minimal), ratio=round(trained / minimal, 3))
-
-
-class _EpochLines(logging.Handler):
-    """Keeps the trainer's epoch lines, by epoch."""
-
-    def __init__(self):
-        super().__init__()
-        self.epochs: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("epoch "):
-            self.epochs.append(record.getMessage())
 
 
 def _synchronize(device: torch.device) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from dist_cl.losses import batch_infonce
+from dist_cl.seeding import derive_seed
 from dist_cl.selection import select_batches
 from dist_cl.selection.enumerate import all_batches
 
@@ -69,10 +70,6 @@ def optimum(n: int, d: int, tau: float) -> tuple[str, float] | None:
     return name, float(batch_infonce(gram_points, gram_points, tau))
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
 def per_seed_plans(name: str, unit_u: torch.Tensor, unit_v: torch.Tensor, b: int, seeds, tau: float) -> torch.Tensor:
     """select_batches for every seed's embeddings -> (seeds, n_batches, B)."""
     plans = [select_batches(name, u.numpy(), v.numpy(), b, seed=s, tau=tau) for u, v, s in zip(unit_u, unit_v, seeds)]
@@ -94,7 +91,7 @@ def epoch_batches(name: str, xu: torch.Tensor, xv: torch.Tensor, b: int, seeds, 
     if name == "fixed":
         yield fixed_plan
     elif name in ("random", "sc", "ncb"):
-        yield per_seed_plans(name, unit_u, unit_v, b, [epoch_seed(s, epoch) for s in seeds], tau)
+        yield per_seed_plans(name, unit_u, unit_v, b, [derive_seed(s, epoch) for s in seeds], tau)
     elif name == "full":
         yield torch.arange(n).expand(n_seeds, 1, n)
     elif name == "osgd":

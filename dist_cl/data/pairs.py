@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dist_cl.seeding import derive_seed
+
 
 @contextmanager
 def sample_rng(seed: int, epoch: int, index: int, *variant: int):
     """Seed torch and python RNGs for one sample (``variant`` tells apart several drawings of one sample, e.g.
     its corrupted versions), restoring the caller's state afterwards."""
-    sample_seed = int(np.random.SeedSequence([seed, epoch, index, *variant]).generate_state(1)[0])
+    sample_seed = derive_seed(seed, epoch, index, *variant)
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         # the CPU generator alone: torch.manual_seed also queues a CUDA seeding and formats a stack trace

@@ -1,0 +1,111 @@
+"""Per-step numerics: the forward pass and loss under autocast, the backward pass, clipping, the update,
+and what happens when something is not finite (``train.nonfinite``).
+
+Every rank takes the same branch: the finite flags are reduced over the ranks on the device, and read
+with the loss in the step's one host sync.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_cl.config import Config
+from dist_cl.losses import build_loss
+
+log = logging.getLogger("dist_cl")
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient; the message names the step and the batch."""
+
+
+@dataclass
+class StepResult:
+    loss: float | None
+    """This rank's loss; None where the step was skipped."""
+    u: torch.Tensor
+    v: torch.Tensor
+    skipped: bool
+    """No update was made: skipped under train.nonfinite=skip, or an fp16 overflow."""
+
+
+class TrainStep:
+    """One optimizer step of ``model`` on this rank's slice of a global batch (a collective).
+
+    ``model`` is the bare model (what is saved); the step runs it under DDP unless it averages its own
+    gradients (the free-embedding model).
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                 world_size: int, device: torch.device):
+        self.train, self.model, self.optimizer, self.device = cfg.train, model, optimizer, device
+        self.ddp = model if getattr(model, "averages_own_gradients", False) else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.loss_fn = build_loss(cfg.loss.name, rank, world_size)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+        if self.amp_dtype is not None and device.type != "cuda":
+            log.warning("train.amp=%s needs CUDA; training in float32 on %s", cfg.train.amp, device)
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+
+    def __call__(self, view_a, view_b, where: Callable[[], str]) -> StepResult:
+        """``where()`` names the step and batch in the message of a non-finite one."""
+        view_a, view_b = view_a.to(self.device, non_blocking=True), view_b.to(self.device, non_blocking=True)
+        # a skipped step must not leave its NaNs in BatchNorm's running statistics either
+        buffers = [b.clone() for b in self.model.buffers()] if self.train.nonfinite == "skip" else None
+        u, v, loss = self.forward_loss(self.ddp, view_a, view_b)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or float("inf"))
+        finite_loss, finite_grad, value = self.outcome(loss, grad_norm)
+        overflow = not finite_grad and self.amp_dtype is torch.float16
+        if not finite_loss or (not finite_grad and not overflow):
+            if buffers is not None and not finite_loss:
+                torch._foreach_copy_(list(self.model.buffers()), buffers)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # closes the step unscale_ opened; the non-finite grads lower the scale
+            self.fault("loss" if not finite_loss else "gradient", where())
+            return StepResult(None, u, v, skipped=True)
+        self.scaler.step(self.optimizer)  # under fp16, skips the update where the gradients overflowed
+        self.scaler.update()
+        return StepResult(value, u, v, skipped=overflow)
+
+    def forward_loss(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, v, loss of the global batch) of ``model`` (the DDP wrapper, or the bare model to score)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            u, v, tau = model(view_a, view_b)
+            loss = self.loss_fn(u, v, tau)  # float32 with autocast off (dist_cl.losses)
+        return u, v, loss
+
+    @torch.no_grad()
+    def score(self, view_a, view_b) -> float:
+        """This rank's loss of a global batch under the model as it is, in train mode like a trained batch,
+        BatchNorm's running statistics left as they were (a collective: the loss gathers)."""
+        buffers = [b.clone() for b in self.model.buffers()]
+        _, _, loss = self.forward_loss(self.model, view_a.to(self.device), view_b.to(self.device))
+        torch._foreach_copy_(list(self.model.buffers()), buffers)
+        return loss.item()
+
+    @staticmethod
+    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool, float]:
+        """(loss finite on every rank, gradients finite, this rank's loss) in one device-to-host copy.
+
+        Under fp16 the gradient flag is GradScaler's overflow test: unscale_ leaves a gradient inf or NaN
+        exactly where it found one.
+        """
+        flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm)]).to(torch.float32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite_loss, finite_grad, value = torch.cat([flags, loss.detach().float().reshape(1)]).tolist()
+        return bool(finite_loss), bool(finite_grad), value
+
+    def fault(self, what: str, where: str) -> None:
+        message = f"non-finite {what} at {where}"
+        if self.train.nonfinite == "error":
+            raise NonFiniteError(message + "; lower train.lr, set train.grad_clip, or train.nonfinite=skip")
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("skipped: %s", message)

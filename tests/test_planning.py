@@ -1,0 +1,94 @@
+"""The plan policy (dist_cl.planning.EpochPlanner) in one process: warm-up, the seed rule, re-selection."""
+
+import numpy as np
+import pytest
+import torch
+
+from dist_cl.bank import EmbeddingBank
+from dist_cl.config import SelectionConfig
+from dist_cl.distributed import DistInfo
+from dist_cl.planning import EpochPlanner, plan_seed
+from dist_cl.seeding import derive_seed
+from dist_cl.selection import select_batches
+
+N, B, SEED = 96, 8, 5
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Pairs:
+    """What the planner reads of a data set: its size, labels and augmentation epoch."""
+
+    labels = np.arange(N) % 4
+
+    def __len__(self):
+        return N
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+class FixedTemperature(torch.nn.Module):
+    def temperature(self):
+        return torch.tensor(0.2)
+
+
+def planner(strategy="sc_global", **selection) -> EpochPlanner:
+    """A planner over a bank every row of which training has written (unit rows, seeded)."""
+    bank = EmbeddingBank(N, 16)
+    rows = torch.nn.functional.normalize(torch.randn(2, N, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    bank.fill(torch.arange(N), rows[0], rows[1], step=0)
+    config = SelectionConfig(strategy=strategy, **selection)
+    return EpochPlanner(config, SEED, B, Pairs(), FixedTemperature(), bank, CPU)
+
+
+def test_warmup_epochs_plan_random_batches_then_the_strategy():
+    policy = planner(warmup_epochs=2, options={"cell_size": 32})
+    for epoch in (0, 1):
+        plan, figures = policy.plan(epoch, step=epoch * 12)
+        assert plan.strategy == "random" and figures.lift is None
+        np.testing.assert_array_equal(plan.batches, select_batches("random", np.zeros((N, 1)), np.zeros((N, 1)), B,
+                                                                   seed=derive_seed(SEED, epoch)))
+    plan, figures = policy.plan(2, step=24)
+    expected = select_batches("sc_global", policy.bank.u.numpy(), policy.bank.v.numpy(), B,
+                              seed=derive_seed(SEED, 2), tau=0.2, cell_size=32)
+    assert plan.strategy == "sc_global" and figures.lift > 1
+    np.testing.assert_array_equal(plan.batches, expected)
+
+
+def test_the_seed_rule_is_per_epoch_per_cursor_or_per_run():
+    assert plan_seed(SEED, 3, "sc_global") == derive_seed(SEED, 3) != plan_seed(SEED, 4, "sc_global")
+    assert plan_seed(SEED, 3, "sc_global", cursor=7) == derive_seed(SEED, 3, 7)
+    assert plan_seed(SEED, 3, "fixed") == plan_seed(SEED, 9, "fixed") == SEED
+
+
+@pytest.mark.parametrize("strategy,options", [("sc_global", {"cell_size": 32}), ("sc", {})])
+def test_reselection_keeps_the_trained_batches_and_repartitions_the_rest(strategy, options):
+    policy = planner(strategy, warmup_epochs=0, every_steps=4, options=options)
+    plan, figures = policy.plan(0, step=0)
+    assert policy.reselection_due(plan, 4) and not policy.reselection_due(plan, 3)
+    before = figures.seconds
+    new = policy.reselect(plan, 4, step=4, figures=figures)
+    assert new is not plan and new.epoch == plan.epoch and new.strategy == strategy
+    np.testing.assert_array_equal(new.batches[:4], plan.batches[:4])
+    rest = np.sort(plan.batches[4:].ravel())
+    np.testing.assert_array_equal(np.sort(new.batches[4:].ravel()), rest)  # the same samples, each once
+    chosen = select_batches(strategy, policy.bank.u.numpy()[rest], policy.bank.v.numpy()[rest], B,
+                            seed=derive_seed(SEED, 0, 4), tau=0.2, **options)
+    np.testing.assert_array_equal(new.batches[4:], rest[chosen])
+    assert figures.seconds > before  # the re-selection's time is the epoch's selection time too
+
+
+def test_the_plan_computed_ahead_round_trips_through_the_checkpoint_state():
+    policy = planner(warmup_epochs=0, overlap=True, options={"cell_size": 32})
+    try:
+        plan, _ = policy.plan(0, step=0)
+        policy.plan_ahead(0, step=0, first_step=len(plan), epochs=3)
+        state = policy.state_dict()
+        restored = planner(warmup_epochs=0, overlap=True, options={"cell_size": 32})
+        restored.load_state_dict(state)
+        ahead, figures = restored.plan(1, step=len(plan))
+        np.testing.assert_array_equal(ahead.batches, state["plan"]["batches"])
+        assert figures.lift == state["figures"]["selection/lift"]
+        restored.close()
+    finally:
+        policy.close()
