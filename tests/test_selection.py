@@ -10,7 +10,7 @@ from sklearn.manifold import spectral_embedding as sklearn_spectral_embedding
 
 from dist_cl.losses import batch_infonce
 from dist_cl.selection import STRATEGIES, SelectionError, batch_losses, lift, plan_loss, select_batches
-from dist_cl.selection.spectral import loss_affinity, spectral_embedding
+from dist_cl.selection.spectral import dense_loss_affinity, dense_spectral_embedding
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,19 +98,19 @@ def test_full_is_one_batch_of_every_index():
     np.testing.assert_array_equal(select_batches("full", u, v, 3, seed=0), [np.arange(7)])
 
 
-def test_loss_affinity_matches_the_papers_pairwise_terms():
+def test_dense_loss_affinity_matches_the_papers_pairwise_terms():
     u, v = unit_pairs(5, 3, seed=8)
     b, tau = 4, 0.2
     s = u @ v.T / tau
     w = np.array([[np.log(1 + (b - 1) * np.exp(s[i, j] - s[i, i])) + np.log(1 + (b - 1) * np.exp(s[j, i] - s[i, i]))
                    for j in range(5)] for i in range(5)])
-    np.testing.assert_allclose(loss_affinity(u, v, b, tau), w + w.T, rtol=1e-12)
+    np.testing.assert_allclose(dense_loss_affinity(u, v, b, tau), w + w.T, rtol=1e-12)
 
 
-def test_spectral_embedding_spans_the_same_subspace_as_sklearn_in_the_official_code():
+def test_dense_spectral_embedding_spans_the_same_subspace_as_sklearn_in_the_official_code():
     u, v = unit_pairs(20, 6, seed=9)
-    log_affinity = loss_affinity(u, v, 4, tau=0.5)
-    ours = spectral_embedding(log_affinity, n_components=5)
+    log_affinity = dense_loss_affinity(u, v, 4, tau=0.5)
+    ours = dense_spectral_embedding(log_affinity, n_components=5)
     theirs = sklearn_spectral_embedding(np.exp(log_affinity), n_components=5, norm_laplacian=True,
                                         drop_first=False, eigen_solver="arpack", random_state=0)
 

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dist_cl.losses import batch_infonce
 from dist_cl.selection import select_batches
-from dist_cl.selection.enumerate import all_batches
+from dist_cl.selection.n_choose_b import all_batches
 
 STRATEGIES = ("fixed", "random", "full", "ncb", "osgd", "sc")
 

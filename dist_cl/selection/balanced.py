@@ -90,7 +90,7 @@ def _spectral_cut(graph: sp.csr_matrix, left: int, rng: np.random.Generator) -> 
     The Fiedler vector alone ties whole clusters when its eigenvalue is near-degenerate (many weakly
     linked clusters), and a cut at a fixed rank then splits a tied cluster; more eigenvectors separate them.
     """
-    embedding = spectral_embedding(graph, EMBEDDING_DIMS, rng)
+    embedding = diffusion_embedding(graph, EMBEDDING_DIMS, rng)
     in_left = _lowest(embedding[:, 0], left)
     for _ in range(TWO_MEANS_ITERATIONS):
         # with both centres fixed, the best split of given sizes sorts by the difference of distances
@@ -108,7 +108,7 @@ def _lowest(score: np.ndarray, count: int) -> np.ndarray:
     return mask
 
 
-def spectral_embedding(graph: sp.csr_matrix, dims: int, rng: np.random.Generator) -> np.ndarray:
+def diffusion_embedding(graph: sp.csr_matrix, dims: int, rng: np.random.Generator) -> np.ndarray:
     """Rows of D^-1/2 X Lambda^t, X the eigenvectors of D^-1/2 W D^-1/2 after the trivial one, largest
     first (a diffusion map of the normalised-cut embedding; column 0 is the Fiedler vector)."""
     n = graph.shape[0]

@@ -35,7 +35,7 @@ ASSIGN_CHUNKS = 64
 """Row chunks of the k-means assignment, dealt over the ranks (fixed, so results do not depend on W)."""
 
 
-def loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
+def sparse_loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
                   tau: float) -> sp.csr_matrix:
     """Sparse symmetric W: W_ij = w_ij + w_ji on the candidate edges (rows, cols), i != j; 0 elsewhere.
 
@@ -68,7 +68,7 @@ def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
     """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's."""
     u_to_v, v_to_u = cross_knn(u, v, knn, device)
     rows = np.repeat(np.arange(len(u)), u_to_v.shape[1])
-    return loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
+    return sparse_loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
                          batch_size, tau)
 
 
