@@ -5,7 +5,6 @@ A plan is a pure function of its ``PlanRequest`` (strategy, seed, bank snapshot,
 whichever thread or world size computes it, and a run killed mid-epoch resumes with the same next plan.
 """
 
-import inspect
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ def select_everywhere(strategy: str, u, v, batch_size: int, *, map_fn=distribute
     ignore the bank are computed everywhere, which costs nothing.
     """
     spec = STRATEGIES[strategy]
-    if spec.reads_embeddings and "map_fn" not in inspect.signature(spec.fn).parameters:
+    if spec.reads_embeddings and not spec.takes_map_fn:
         [batches] = map_fn(lambda _: select_batches(strategy, u, v, batch_size, device=device, **kwargs), [None])
         return batches
     return select_batches(strategy, u, v, batch_size, map_fn=map_fn, device=device, **kwargs)

@@ -1,5 +1,6 @@
 """Selection strategies against brute force and float64 references (paper: Cho et al., TMLR 2024)."""
 
+import inspect
 import itertools
 from math import comb
 
@@ -9,7 +10,8 @@ import torch
 from sklearn.manifold import spectral_embedding as sklearn_spectral_embedding
 
 from dist_cl.losses import batch_infonce
-from dist_cl.selection import STRATEGIES, SelectionError, batch_losses, lift, plan_loss, select_batches
+from dist_cl.selection import (STRATEGIES, STRATEGY_FUNCTIONS, SelectionError, batch_losses, lift, plan_loss,
+                               select_batches)
 from dist_cl.selection.spectral import dense_loss_affinity, dense_spectral_embedding
 
 
@@ -139,6 +141,20 @@ def test_sc_recovers_planted_groups_exactly(seed):
     u, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (u, v))
     plan = select_batches("sc", u, v, b, seed=seed, tau=0.1)
     assert {frozenset(row) for row in plan} == {frozenset(np.flatnonzero(group == g)) for g in range(n_groups)}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_declared_options_are_exactly_the_functions_keyword_parameters(name):
+    spec, parameters = STRATEGIES[name], inspect.signature(STRATEGY_FUNCTIONS[name]).parameters
+    convention = {"u", "v", "batch_size", "seed", "tau"}
+    collectives = {"map_fn"} if spec.takes_map_fn else set()
+    devices = {"device"} if spec.takes_device else set()
+    assert set(parameters) == convention | set(spec.options) | collectives | devices
+    assert all(parameters[option].kind is inspect.Parameter.KEYWORD_ONLY for option in spec.options)
+
+
+def test_every_declared_strategy_has_a_function():
+    assert STRATEGY_FUNCTIONS.keys() == STRATEGIES.keys()
 
 
 def test_registry_marks_which_strategies_read_embeddings():

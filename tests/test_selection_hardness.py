@@ -4,7 +4,7 @@ diagnostics: each control exact at its ends and deterministic for a seed."""
 import numpy as np
 import pytest
 
-from dist_cl.selection import STRATEGIES, SelectionError, select_batches
+from dist_cl.selection import STRATEGY_FUNCTIONS, SelectionError, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat, same_group_share
 from dist_cl.selection.partitions import random_partition
 from test_selection_mixing import planted
@@ -23,7 +23,7 @@ def assert_partition(plan: np.ndarray, n: int, batch_size: int):
 def test_loss_aware_rows_come_in_a_seeded_order_of_the_strategys_own_batches(strategy):
     u, _ = planted(12, 8)
     plan = select_batches(strategy, u, u, 8, seed=5)
-    own = STRATEGIES[strategy].fn(u, u, 8, seed=5, tau=0.1)
+    own = STRATEGY_FUNCTIONS[strategy](u, u, 8, seed=5, tau=0.1)
     assert batch_set(plan) == batch_set(own)
     np.testing.assert_array_equal(plan, select_batches(strategy, u, u, 8, seed=5))
     assert not np.array_equal(plan, own)  # 12 rows: the identity order has chance 1 / 12!

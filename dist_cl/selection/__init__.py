@@ -2,11 +2,10 @@
 
 A plan is an int64 array (n_batches, batch_size) of sample indices; row b is global batch b.
 Partitions (random, fixed, sc) use every index at most once; full, ncb and exact osgd are the paper's
-small-N strategies over the N-choose-B batch set. Register a new strategy with one STRATEGIES entry.
+small-N strategies over the N-choose-B batch set. A new strategy is declared in dist_cl.strategies.STRATEGIES
+and bound to its function in STRATEGY_FUNCTIONS.
 """
 
-import inspect
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,30 +16,21 @@ from dist_cl.selection.partitions import random_partition
 from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
 from dist_cl.selection.spectral import spectral_clustering
+from dist_cl.strategies import STRATEGIES
 
-
-@dataclass(frozen=True)
-class Strategy:
-    fn: Callable[..., np.ndarray]
-    reads_embeddings: bool
-    """False: the plan depends on the seed alone (no bank needed)."""
-    per_epoch: bool = True
-    """False: one plan for the whole run; callers pass the run seed, not an epoch seed."""
-    partition: bool = True
-    """True: every index at most once (N // B batches), so batches can be mixed with random samples."""
-
-
-STRATEGIES = {
-    "random": Strategy(random_partition, reads_embeddings=False),
-    "fixed": Strategy(random_partition, reads_embeddings=False, per_epoch=False),
-    "full": Strategy(full_batch, reads_embeddings=False, partition=False),
-    "ncb": Strategy(ncb_batches, reads_embeddings=False, partition=False),
-    "osgd": Strategy(osgd, reads_embeddings=True, partition=False),
-    "sc": Strategy(spectral_clustering, reads_embeddings=True),
-    "sc_global": Strategy(sc_global_partition, reads_embeddings=True),
+STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "random": random_partition,
+    "fixed": random_partition,
+    "full": full_batch,
+    "ncb": ncb_batches,
+    "osgd": osgd,
+    "sc": spectral_clustering,
+    "sc_global": sc_global_partition,
 }
+"""The function of each strategy declared in dist_cl.strategies.STRATEGIES."""
 
-__all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "plan_loss", "select_batches"]
+__all__ = ["STRATEGIES", "STRATEGY_FUNCTIONS", "SelectionError", "batch_losses", "lift", "plan_loss",
+           "select_batches"]
 
 
 ORDER_STREAM = 1
@@ -84,10 +74,9 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
     if not tau > 0:
         raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
-    parameters = inspect.signature(STRATEGIES[name].fn).parameters
-    if map_fn is not None and "map_fn" in parameters:
+    if map_fn is not None and STRATEGIES[name].takes_map_fn:
         options["map_fn"] = map_fn
-    if device is not None and "device" in parameters:
+    if device is not None and STRATEGIES[name].takes_device:
         options["device"] = device
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
@@ -103,7 +92,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
             raise SelectionError("group_size and random_fraction are two hardness controls; set one of them")
         plan = _hard_groups(name, u, v, batch_size, group_size, seed=seed, tau=tau, **options)
     elif n_random == 0:
-        plan = STRATEGIES[name].fn(u, v, batch_size, seed=seed, tau=tau, **options)
+        plan = STRATEGY_FUNCTIONS[name](u, v, batch_size, seed=seed, tau=tau, **options)
     else:
         plan = _mix_random(name, u, v, batch_size, n_random, seed=seed, tau=tau, **options)
     if STRATEGIES[name].reads_embeddings and STRATEGIES[name].partition:
@@ -116,7 +105,7 @@ def _hard_groups(name: str, u, v, batch_size: int, group_size: int, *, seed: int
     """Batches of ``batch_size // group_size`` hard groups, the groups put together at random."""
     if group_size == 1:  # groups of one sample: nothing is hard, the plan is a random partition
         return random_partition(u, v, batch_size, seed=seed)
-    groups = STRATEGIES[name].fn(u, v, group_size, seed=seed, tau=tau, **options)
+    groups = STRATEGY_FUNCTIONS[name](u, v, group_size, seed=seed, tau=tau, **options)
     n_groups = len(u) // batch_size * (batch_size // group_size)
     chosen = np.random.default_rng([seed, GROUP_STREAM]).permutation(len(groups))[:n_groups]
     return groups[chosen].reshape(-1, batch_size)
@@ -130,5 +119,5 @@ def _mix_random(name: str, u, v, batch_size: int, n_random: int, *, seed: int, t
     n_chosen = batch_size - n_random
     if n_chosen < 2:  # a strategy needs pairs to compare: the whole batch is random
         return usable.reshape(n_batches, batch_size)
-    hard = chosen[STRATEGIES[name].fn(u[chosen], v[chosen], n_chosen, seed=seed, tau=tau, **options)]
+    hard = chosen[STRATEGY_FUNCTIONS[name](u[chosen], v[chosen], n_chosen, seed=seed, tau=tau, **options)]
     return np.concatenate([hard, reserved.reshape(n_batches, n_random)], axis=1)
