@@ -67,9 +67,8 @@ def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.dev
                                          dtype=torch.float32)
         figures["selection/bank_staleness"] = request.staleness
     else:
-        empty = np.zeros((request.num_samples, 1), dtype=np.float32)
-        batches = select_batches(request.strategy, empty, empty, request.batch_size, seed=request.seed,
-                                 **request.options)
+        batches = select_batches(request.strategy, None, None, request.batch_size, seed=request.seed,
+                                 num_samples=request.num_samples, **request.options)
     figures["selection/prepare_seconds"] = request.prepare_seconds
     figures["selection/seconds"] = request.prepare_seconds + time.perf_counter() - started
     return BatchPlan(batches, request.epoch, request.strategy), figures

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Strategy:
     reads_embeddings: bool
-    """False: the plan depends on the seed alone (no bank needed)."""
+    """True: called ``fn(u, v, batch_size, *, seed, tau, **options)``. False: ``fn(n, batch_size, *, seed,
+    **options)``: the plan depends on N and the seed alone (no bank needed)."""
     options: tuple[str, ...] = ()
-    """The keyword options it accepts (``selection.options``) besides ``u, v, batch_size, seed, tau``."""
+    """The keyword options it accepts (``selection.options``) besides that calling convention."""
     per_epoch: bool = True
     """False: one plan for the whole run; callers pass the run seed, not an epoch seed."""
     partition: bool = True

@@ -2,6 +2,7 @@
 
 import inspect
 import itertools
+import re
 from math import comb
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_sc_recovers_planted_groups_exactly(seed):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_declared_options_are_exactly_the_functions_keyword_parameters(name):
     spec, parameters = STRATEGIES[name], inspect.signature(STRATEGY_FUNCTIONS[name]).parameters
-    convention = {"u", "v", "batch_size", "seed", "tau"}
+    convention = {"u", "v", "batch_size", "seed", "tau"} if spec.reads_embeddings else {"n", "batch_size", "seed"}
     collectives = {"map_fn"} if spec.takes_map_fn else set()
     devices = {"device"} if spec.takes_device else set()
     assert set(parameters) == convention | set(spec.options) | collectives | devices
@@ -183,6 +184,26 @@ def test_non_finite_embeddings_are_refused_by_strategies_that_read_them(name):
     u[3, 1] = np.nan
     with pytest.raises(SelectionError, match="non-finite"):
         select_batches(name, u, v, 2, seed=0)
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("random", {}), ("fixed", {}), ("full", {}), ("ncb", {}), ("random", {"random_fraction": 0.5}),
+    ("fixed", {"group_size": 2}),
+])
+def test_strategies_that_ignore_the_embeddings_plan_from_num_samples_alone(name, options):
+    u, v = unit_pairs(9, 2, seed=0)
+    np.testing.assert_array_equal(select_batches(name, None, None, 4, seed=3, num_samples=9, **options),
+                                  select_batches(name, u, v, 4, seed=3, **options))
+
+
+@pytest.mark.parametrize(("name", "u", "num_samples", "message"), [
+    ("sc", None, 8, "strategy 'sc' reads the embeddings: pass u and v, not num_samples alone"),
+    ("random", None, None, "strategy 'random' needs num_samples (N) where u and v are not given"),
+    ("random", np.zeros((8, 2)), 8, "num_samples is for calls without u and v"),
+])
+def test_num_samples_goes_without_u_and_v_and_only_for_strategies_that_ignore_them(name, u, num_samples, message):
+    with pytest.raises(SelectionError, match=re.escape(message)):
+        select_batches(name, u, u, 2, seed=0, num_samples=num_samples)
 
 
 def test_mismatched_shapes_are_refused():
