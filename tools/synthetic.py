@@ -154,7 +154,7 @@ def first_step_within(curve: np.ndarray, target: float, tol: float = 1e-3) -> in
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    # tensors here are tiny: intra-op threads only add sync overhead (10-50x per op on a busy 2-core box)
+    # tensors here are tiny: intra-op threads only add sync overhead (docs/BENCHMARKS.md)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))

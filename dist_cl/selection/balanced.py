@@ -31,8 +31,8 @@ def balanced_spectral_partition(graph: sp.csr_matrix, batch_size: int, *,
                                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Groups (n // B, B) of vertex indices of the symmetric non-negative ``graph``, and the n % B
     vertices left over: a part cut off like any other group, so it is one coherent piece of the graph."""
-    # BLAS here works on (n, 16) blocks, where threads only spin: with them, N = 20k, B = 256 took
-    # 4-40 s instead of 2.3 s on 2 shared cores
+    # BLAS here works on (n, 16) blocks, where threads only spin and slow the bisection down
+    # (docs/BENCHMARKS.md, "sc_global design": BLAS threads)
     with threadpool_limits(limits=1, user_api="blas"):
         return _recursive_bisection(sp.csr_matrix(graph, dtype=np.float64), batch_size,
                                     np.random.default_rng(seed))
@@ -135,8 +135,8 @@ def _subspace_iteration(normalised: sp.csr_matrix, trivial: np.ndarray, count: i
     """Approximate top ``count`` eigenpairs of D^-1/2 W D^-1/2 orthogonal to its known top vector.
 
     Block power iteration on (M + I) / 2 (spectrum in [0, 1], same vectors) then Rayleigh-Ritz. The cut
-    needs the dominant subspace, not converged vectors: ARPACK spent ~280 matvecs per call resolving
-    near-degenerate eigenvalues (27 of 47 s at N = 100k, B = 256); a block of sparse products is cheap.
+    needs the dominant subspace, not converged vectors, and ARPACK spent hundreds of matvecs a call resolving
+    near-degenerate eigenvalues (docs/BENCHMARKS.md, "sc_global design"); a block of sparse products is cheap.
     """
     block = rng.standard_normal((normalised.shape[0], count))
     for _ in range(SUBSPACE_ITERATIONS):
