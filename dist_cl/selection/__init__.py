@@ -10,8 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd
 from dist_cl.selection.errors import SelectionError
+from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd
 from dist_cl.selection.partitions import random_partition
 from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
