@@ -6,7 +6,6 @@ values of the wrong type and inconsistent settings before any process group or d
 
 import dataclasses
 import difflib
-import inspect
 import re
 import types
 import typing
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from dist_cl.strategies import HARDNESS_CONTROLS, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -132,7 +133,7 @@ class TrainConfig:
 @dataclass
 class SelectionConfig:
     strategy: str = "random"
-    """Batch selection strategy (see dist_cl.selection.STRATEGIES)."""
+    """Batch selection strategy (see dist_cl.strategies.STRATEGIES)."""
     embeddings: Literal["training", "refresh"] = "training"
     """Bank filled from the training forward passes, or by a refresh pass before each selection."""
     warmup_epochs: int = 1
@@ -320,8 +321,6 @@ def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need no data or process group; ``world_size`` adds the divisibility check."""
-    from dist_cl.selection import STRATEGIES
-
     t = cfg.train
     positive = {
         "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
@@ -370,9 +369,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.selection.every_steps and cfg.selection.overlap:
         raise ConfigError("selection.every_steps re-selects synchronously inside the epoch, selection.overlap "
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
-    accepted = set(inspect.signature(STRATEGIES[cfg.selection.strategy].fn).parameters) - {"u", "v", "batch_size",
-                                                                                          "map_fn", "device"}
-    accepted = (accepted | {"random_fraction", "group_size"}) - {"seed", "tau"}
+    accepted = strategy.options + HARDNESS_CONTROLS
     options = cfg.selection.options
     if (options.get("random_fraction") or options.get("group_size")) and not strategy.partition:
         raise ConfigError(f"selection.options.random_fraction and group_size control the hardness of partition "

@@ -85,8 +85,8 @@ class _GlobalBatchRows(torch.autograd.Function):
     """``table[index]`` for this rank's slice; backward gives every rank the gradient rows of the whole
     global batch, averaged over ranks as DDP would, as one sparse tensor.
 
-    A step touches B of the N rows, so neither the communication nor the update needs to be dense: at
-    N = 100k, d = 128, DDP's dense all-reduce and the dense update cost ~200 ms a step.
+    A step touches B of the N rows, so neither the communication nor the update needs to be dense: DDP's
+    dense all-reduce and the dense update were most of a free-embedding step (docs/BENCHMARKS.md).
     """
 
     @staticmethod

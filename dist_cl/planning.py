@@ -7,7 +7,6 @@ bank snapshot, tau), so it is the same whichever thread or world size computes i
 mid-epoch resumes with the same next plan.
 """
 
-import inspect
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -57,7 +56,7 @@ def select_everywhere(strategy: str, u, v, batch_size: int, *, map_fn=distribute
     ignore the bank are computed everywhere, which costs nothing.
     """
     spec = STRATEGIES[strategy]
-    if spec.reads_embeddings and "map_fn" not in inspect.signature(spec.fn).parameters:
+    if spec.reads_embeddings and not spec.takes_map_fn:
         [batches] = map_fn(lambda _: select_batches(strategy, u, v, batch_size, device=device, **kwargs), [None])
         return batches
     return select_batches(strategy, u, v, batch_size, map_fn=map_fn, device=device, **kwargs)
@@ -75,9 +74,8 @@ def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.dev
         figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32)
         figures.bank_staleness = request.staleness
     else:
-        empty = np.zeros((request.num_samples, 1), dtype=np.float32)
-        batches = select_batches(request.strategy, empty, empty, request.batch_size, seed=request.seed,
-                                 **request.options)
+        batches = select_batches(request.strategy, None, None, request.batch_size, seed=request.seed,
+                                 num_samples=request.num_samples, **request.options)
     figures.prepare_seconds = request.prepare_seconds
     figures.seconds = request.prepare_seconds + time.perf_counter() - started
     return BatchPlan(batches, request.epoch, request.strategy), figures

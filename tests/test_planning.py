@@ -46,7 +46,7 @@ def test_warmup_epochs_plan_random_batches_then_the_strategy():
     for epoch in (0, 1):
         plan, figures = policy.plan(epoch, step=epoch * 12)
         assert plan.strategy == "random" and figures.lift is None
-        np.testing.assert_array_equal(plan.batches, select_batches("random", np.zeros((N, 1)), np.zeros((N, 1)), B,
+        np.testing.assert_array_equal(plan.batches, select_batches("random", None, None, B, num_samples=N,
                                                                    seed=derive_seed(SEED, epoch)))
     plan, figures = policy.plan(2, step=24)
     expected = select_batches("sc_global", policy.bank.u.numpy(), policy.bank.v.numpy(), B,

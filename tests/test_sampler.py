@@ -8,7 +8,7 @@ from dist_cl.selection import select_batches
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_rank_slices_reassemble_the_global_batches(world_size):
     n, b = 100, 16
-    batches = select_batches("random", np.zeros((n, 1)), np.zeros((n, 1)), b, seed=3)
+    batches = select_batches("random", None, None, b, seed=3, num_samples=n)
     plan = BatchPlan(batches, epoch=0, strategy="random")
     per_rank = [list(PlanSampler(plan, r, world_size)) for r in range(world_size)]
     for step in range(len(plan)):

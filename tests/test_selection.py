@@ -1,6 +1,8 @@
 """Selection strategies against brute force and float64 references (paper: Cho et al., TMLR 2024)."""
 
+import inspect
 import itertools
+import re
 from math import comb
 
 import numpy as np
@@ -9,8 +11,9 @@ import torch
 from sklearn.manifold import spectral_embedding as sklearn_spectral_embedding
 
 from dist_cl.losses import batch_infonce
-from dist_cl.selection import STRATEGIES, SelectionError, batch_losses, lift, plan_loss, select_batches
-from dist_cl.selection.spectral import loss_affinity, spectral_embedding
+from dist_cl.selection import (STRATEGIES, STRATEGY_FUNCTIONS, SelectionError, batch_losses, lift, plan_loss,
+                               select_batches)
+from dist_cl.selection.spectral import dense_loss_affinity, dense_spectral_embedding
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,19 +101,19 @@ def test_full_is_one_batch_of_every_index():
     np.testing.assert_array_equal(select_batches("full", u, v, 3, seed=0), [np.arange(7)])
 
 
-def test_loss_affinity_matches_the_papers_pairwise_terms():
+def test_dense_loss_affinity_matches_the_papers_pairwise_terms():
     u, v = unit_pairs(5, 3, seed=8)
     b, tau = 4, 0.2
     s = u @ v.T / tau
     w = np.array([[np.log(1 + (b - 1) * np.exp(s[i, j] - s[i, i])) + np.log(1 + (b - 1) * np.exp(s[j, i] - s[i, i]))
                    for j in range(5)] for i in range(5)])
-    np.testing.assert_allclose(loss_affinity(u, v, b, tau), w + w.T, rtol=1e-12)
+    np.testing.assert_allclose(dense_loss_affinity(u, v, b, tau), w + w.T, rtol=1e-12)
 
 
-def test_spectral_embedding_spans_the_same_subspace_as_sklearn_in_the_official_code():
+def test_dense_spectral_embedding_spans_the_same_subspace_as_sklearn_in_the_official_code():
     u, v = unit_pairs(20, 6, seed=9)
-    log_affinity = loss_affinity(u, v, 4, tau=0.5)
-    ours = spectral_embedding(log_affinity, n_components=5)
+    log_affinity = dense_loss_affinity(u, v, 4, tau=0.5)
+    ours = dense_spectral_embedding(log_affinity, n_components=5)
     theirs = sklearn_spectral_embedding(np.exp(log_affinity), n_components=5, norm_laplacian=True,
                                         drop_first=False, eigen_solver="arpack", random_state=0)
 
@@ -141,6 +144,20 @@ def test_sc_recovers_planted_groups_exactly(seed):
     assert {frozenset(row) for row in plan} == {frozenset(np.flatnonzero(group == g)) for g in range(n_groups)}
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_declared_options_are_exactly_the_functions_keyword_parameters(name):
+    spec, parameters = STRATEGIES[name], inspect.signature(STRATEGY_FUNCTIONS[name]).parameters
+    convention = {"u", "v", "batch_size", "seed", "tau"} if spec.reads_embeddings else {"n", "batch_size", "seed"}
+    collectives = {"map_fn"} if spec.takes_map_fn else set()
+    devices = {"device"} if spec.takes_device else set()
+    assert set(parameters) == convention | set(spec.options) | collectives | devices
+    assert all(parameters[option].kind is inspect.Parameter.KEYWORD_ONLY for option in spec.options)
+
+
+def test_every_declared_strategy_has_a_function():
+    assert STRATEGY_FUNCTIONS.keys() == STRATEGIES.keys()
+
+
 def test_registry_marks_which_strategies_read_embeddings():
     assert {name for name, s in STRATEGIES.items() if s.reads_embeddings} >= {"osgd", "sc"}
     assert not STRATEGIES["full"].reads_embeddings and not STRATEGIES["ncb"].reads_embeddings
@@ -167,6 +184,26 @@ def test_non_finite_embeddings_are_refused_by_strategies_that_read_them(name):
     u[3, 1] = np.nan
     with pytest.raises(SelectionError, match="non-finite"):
         select_batches(name, u, v, 2, seed=0)
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("random", {}), ("fixed", {}), ("full", {}), ("ncb", {}), ("random", {"random_fraction": 0.5}),
+    ("fixed", {"group_size": 2}),
+])
+def test_strategies_that_ignore_the_embeddings_plan_from_num_samples_alone(name, options):
+    u, v = unit_pairs(9, 2, seed=0)
+    np.testing.assert_array_equal(select_batches(name, None, None, 4, seed=3, num_samples=9, **options),
+                                  select_batches(name, u, v, 4, seed=3, **options))
+
+
+@pytest.mark.parametrize(("name", "u", "num_samples", "message"), [
+    ("sc", None, 8, "strategy 'sc' reads the embeddings: pass u and v, not num_samples alone"),
+    ("random", None, None, "strategy 'random' needs num_samples (N) where u and v are not given"),
+    ("random", np.zeros((8, 2)), 8, "num_samples is for calls without u and v"),
+])
+def test_num_samples_goes_without_u_and_v_and_only_for_strategies_that_ignore_them(name, u, num_samples, message):
+    with pytest.raises(SelectionError, match=re.escape(message)):
+        select_batches(name, u, u, 2, seed=0, num_samples=num_samples)
 
 
 def test_mismatched_shapes_are_refused():

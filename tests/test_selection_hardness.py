@@ -4,7 +4,7 @@ diagnostics: each control exact at its ends and deterministic for a seed."""
 import numpy as np
 import pytest
 
-from dist_cl.selection import STRATEGIES, SelectionError, select_batches
+from dist_cl.selection import STRATEGY_FUNCTIONS, SelectionError, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat, same_group_share
 from dist_cl.selection.partitions import random_partition
 from test_selection_mixing import planted
@@ -23,7 +23,7 @@ def assert_partition(plan: np.ndarray, n: int, batch_size: int):
 def test_loss_aware_rows_come_in_a_seeded_order_of_the_strategys_own_batches(strategy):
     u, _ = planted(12, 8)
     plan = select_batches(strategy, u, u, 8, seed=5)
-    own = STRATEGIES[strategy].fn(u, u, 8, seed=5, tau=0.1)
+    own = STRATEGY_FUNCTIONS[strategy](u, u, 8, seed=5, tau=0.1)
     assert batch_set(plan) == batch_set(own)
     np.testing.assert_array_equal(plan, select_batches(strategy, u, u, 8, seed=5))
     assert not np.array_equal(plan, own)  # 12 rows: the identity order has chance 1 / 12!
@@ -32,7 +32,7 @@ def test_loss_aware_rows_come_in_a_seeded_order_of_the_strategys_own_batches(str
 def test_random_and_fixed_plans_keep_their_order():
     u, _ = planted(4, 8)
     for strategy in ("random", "fixed"):
-        np.testing.assert_array_equal(select_batches(strategy, u, u, 8, seed=2), random_partition(u, u, 8, seed=2))
+        np.testing.assert_array_equal(select_batches(strategy, u, u, 8, seed=2), random_partition(len(u), 8, seed=2))
 
 
 @pytest.mark.parametrize("strategy", ["sc", "sc_global"])
@@ -41,7 +41,7 @@ def test_group_size_ends_are_the_strategy_and_a_random_partition(strategy):
     assert batch_set(select_batches(strategy, u, u, 8, seed=3, group_size=8)) == \
         batch_set(select_batches(strategy, u, u, 8, seed=3))
     assert batch_set(select_batches(strategy, u, u, 8, seed=3, group_size=1)) == \
-        batch_set(random_partition(u, u, 8, seed=3))
+        batch_set(random_partition(len(u), 8, seed=3))
 
 
 @pytest.mark.parametrize("strategy", ["sc", "sc_global"])
@@ -79,14 +79,14 @@ def test_random_fraction_one_is_a_random_partition():
     u, _ = planted(8, 12)
     for strategy in ("sc", "sc_global"):
         assert batch_set(select_batches(strategy, u, u, 8, seed=4, random_fraction=1.0)) == \
-            batch_set(random_partition(u, u, 8, seed=4))
+            batch_set(random_partition(len(u), 8, seed=4))
 
 
 def test_sc_global_chunk_ends_are_a_random_partition_and_the_global_partition():
     u, _ = planted(12, 8)
     u = np.concatenate([u, u[:5]])  # N % B = 5 samples dropped
     assert batch_set(select_batches("sc_global", u, u, 8, seed=6, chunk_batches=1)) == \
-        batch_set(random_partition(u, u, 8, seed=6))
+        batch_set(random_partition(len(u), 8, seed=6))
     for k in (12, 50):
         np.testing.assert_array_equal(select_batches("sc_global", u, u, 8, seed=6, chunk_batches=k),
                                       select_batches("sc_global", u, u, 8, seed=6))
@@ -99,7 +99,7 @@ def test_sc_global_chunks_partition_within_random_chunks():
     np.testing.assert_array_equal(plan, select_batches("sc_global", u, u, 8, seed=7, chunk_batches=3))
     purity = lambda p: np.mean([np.bincount(group[row]).max() for row in p])  # noqa: E731
     # a chunk of 24 random samples rarely holds a planted group whole: less pure than global, purer than random
-    assert purity(random_partition(u, u, 8, seed=7)) < purity(plan) < purity(select_batches("sc_global", u, u, 8,
+    assert purity(random_partition(len(u), 8, seed=7)) < purity(plan) < purity(select_batches("sc_global", u, u, 8,
                                                                                              seed=7))
     with pytest.raises(SelectionError, match="chunk_batches=-1"):
         select_batches("sc_global", u, u, 8, seed=0, chunk_batches=-1)

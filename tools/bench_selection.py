@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_cl.selection import STRATEGIES, lift, select_batches
+from dist_cl.selection import lift, select_batches
+from dist_cl.strategies import STRATEGIES
 
 VARIANTS = {
     "random": ("random", {}),
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
         if VARIANTS[row][0] in STRATEGIES:
             strategies.append(row)
         else:
-            print(f"note: strategy {VARIANTS[row][0]!r} is not registered in dist_cl.selection; {row} skipped")
+            print(f"note: strategy {VARIANTS[row][0]!r} is not declared in dist_cl.strategies; {row} skipped")
     print(f"{'strategy':<10} {'data':<10} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'lift':>7} "
           f"{'peak MiB':>9} {'runs':>5}")
     if args.embeddings:

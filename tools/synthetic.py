@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dist_cl.losses import batch_infonce
 from dist_cl.seeding import derive_seed
 from dist_cl.selection import select_batches
-from dist_cl.selection.enumerate import all_batches
+from dist_cl.selection.n_choose_b import all_batches
 
 STRATEGIES = ("fixed", "random", "full", "ncb", "osgd", "sc")
 
@@ -151,7 +151,7 @@ def first_step_within(curve: np.ndarray, target: float, tol: float = 1e-3) -> in
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    # tensors here are tiny: intra-op threads only add sync overhead (10-50x per op on a busy 2-core box)
+    # tensors here are tiny: intra-op threads only add sync overhead (docs/BENCHMARKS.md)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))

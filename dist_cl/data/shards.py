@@ -9,9 +9,9 @@ shard directory used as the training split.
 
 Beside every shard make_shards writes ``<shard>.offsets.npy`` (OFFSETS_COLUMNS): where each sample's
 members lie in the tar, so opening a shard is a memory map and a small table, not a parse of its tar
-headers. Parsing them cost each DataLoader worker ~26 ms per 1,000-sample shard, every epoch: ~33 s per
-worker at ImageNet scale (docs/BENCHMARKS.md). A table that does not fit its shard is an error, and a
-stale one cannot pass the ``.idx`` check of every read. Shards without one (written by other tools)
+headers, which every DataLoader worker would repeat for every shard, every epoch (costs: docs/BENCHMARKS.md,
+"Offsets tables"). A table that does not fit its shard is an error, and a stale one cannot pass the
+``.idx`` check of every read. Shards without one (written by other tools)
 are opened with wids' memory-mapped ``IndexedTarSamples`` rather than ``wids.ShardListDataset``: the latter
 prints on construction and writes a ``.lock`` file beside every shard it opens, which fails on read-only
 data sets. wids itself is imported lazily because importing it creates ``$TMP/_wids_cache``.
@@ -189,7 +189,7 @@ class ShardPairs(PairDataset):
 
     Each process (DataLoader worker, rank) opens shards lazily and keeps them memory-mapped. A plan visits
     shards in random order, so every shard should stay open: reopening one maps it and loads its offsets
-table again (~0.7 ms), or re-parses all its tar headers (~26 ms) where it has no table.
+    table again, or re-parses all its tar headers where it has no table (docs/BENCHMARKS.md).
     ``open_shards`` (default: what the descriptor limit allows) bounds them, least recently used closed first.
     """
 

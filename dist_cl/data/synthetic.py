@@ -26,6 +26,6 @@ class SyntheticPairs(PairDataset):
         return sample
 
     def __getitem__(self, index: int):
-        # nothing random to seed: seeding the per-sample RNGs cost ~0.3 ms a sample, most of an N = 100k epoch
+        # nothing random to seed, and seeding the per-sample RNGs was most of an epoch (docs/BENCHMARKS.md)
         sample = self.load(index)
         return sample, sample, index

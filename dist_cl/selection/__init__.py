@@ -2,45 +2,35 @@
 
 A plan is an int64 array (n_batches, batch_size) of sample indices; row b is global batch b.
 Partitions (random, fixed, sc) use every index at most once; full, ncb and exact osgd are the paper's
-small-N strategies over the N-choose-B batch set. Register a new strategy with one STRATEGIES entry.
+small-N strategies over the N-choose-B batch set. A new strategy is declared in dist_cl.strategies.STRATEGIES
+and bound to its function in STRATEGY_FUNCTIONS.
 """
 
-import inspect
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from dist_cl.selection.enumerate import full_batch, ncb_batches, osgd
 from dist_cl.selection.errors import SelectionError
+from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd
 from dist_cl.selection.partitions import random_partition
 from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
 from dist_cl.selection.spectral import spectral_clustering
+from dist_cl.strategies import STRATEGIES
 
-
-@dataclass(frozen=True)
-class Strategy:
-    fn: Callable[..., np.ndarray]
-    reads_embeddings: bool
-    """False: the plan depends on the seed alone (no bank needed)."""
-    per_epoch: bool = True
-    """False: one plan for the whole run; callers pass the run seed, not an epoch seed."""
-    partition: bool = True
-    """True: every index at most once (N // B batches), so batches can be mixed with random samples."""
-
-
-STRATEGIES = {
-    "random": Strategy(random_partition, reads_embeddings=False),
-    "fixed": Strategy(random_partition, reads_embeddings=False, per_epoch=False),
-    "full": Strategy(full_batch, reads_embeddings=False, partition=False),
-    "ncb": Strategy(ncb_batches, reads_embeddings=False, partition=False),
-    "osgd": Strategy(osgd, reads_embeddings=True, partition=False),
-    "sc": Strategy(spectral_clustering, reads_embeddings=True),
-    "sc_global": Strategy(sc_global_partition, reads_embeddings=True),
+STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "random": random_partition,
+    "fixed": random_partition,
+    "full": full_batch,
+    "ncb": ncb_batches,
+    "osgd": osgd,
+    "sc": spectral_clustering,
+    "sc_global": sc_global_partition,
 }
+"""The function of each strategy declared in dist_cl.strategies.STRATEGIES."""
 
-__all__ = ["STRATEGIES", "SelectionError", "Strategy", "batch_losses", "lift", "plan_loss", "select_batches"]
+__all__ = ["STRATEGIES", "STRATEGY_FUNCTIONS", "SelectionError", "batch_losses", "lift", "plan_loss",
+           "select_batches"]
 
 
 ORDER_STREAM = 1
@@ -50,8 +40,12 @@ GROUP_STREAM = 2
 
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
-                   group_size: int = 0, map_fn: Callable | None = None, device=None, **options) -> np.ndarray:
+                   group_size: int = 0, map_fn: Callable | None = None, device=None, num_samples: int | None = None,
+                   **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
+
+    A strategy that ignores the embeddings (dist_cl.strategies: ``reads_embeddings`` False) may be given
+    ``u = v = None`` and ``num_samples`` N instead: it plans for N samples without a bank.
 
     Two hardness controls for partition strategies (docs/DESIGN.md §5), each exact at its ends:
 
@@ -71,23 +65,16 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    u = np.asarray(u)
-    v = np.asarray(v)
-    if u.ndim != 2 or u.shape != v.shape:
-        raise SelectionError(f"u and v must both be (N, d) arrays of one shape, got {u.shape} and {v.shape}")
-    n = u.shape[0]
+    u, v, n = _checked_pairs(name, u, v, num_samples)
     if batch_size < 2:
         raise SelectionError(f"batch_size={batch_size} must be at least 2 (a batch needs a negative)")
     if batch_size > n:
         raise SelectionError(f"batch_size={batch_size} is larger than the number of pairs N={n}")
-    if STRATEGIES[name].reads_embeddings and not (np.isfinite(u).all() and np.isfinite(v).all()):
-        raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
     if not tau > 0:
         raise SelectionError(f"tau={tau} must be positive (logits are <u_i, v_j> / tau)")
-    parameters = inspect.signature(STRATEGIES[name].fn).parameters
-    if map_fn is not None and "map_fn" in parameters:
+    if map_fn is not None and STRATEGIES[name].takes_map_fn:
         options["map_fn"] = map_fn
-    if device is not None and "device" in parameters:
+    if device is not None and STRATEGIES[name].takes_device:
         options["device"] = device
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
@@ -101,34 +88,63 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
             raise SelectionError(f"group_size={group_size} must divide batch_size={batch_size}")
         if n_random:
             raise SelectionError("group_size and random_fraction are two hardness controls; set one of them")
-        plan = _hard_groups(name, u, v, batch_size, group_size, seed=seed, tau=tau, **options)
+        plan = _hard_groups(name, u, v, n, batch_size, group_size, seed=seed, tau=tau, **options)
     elif n_random == 0:
-        plan = STRATEGIES[name].fn(u, v, batch_size, seed=seed, tau=tau, **options)
+        plan = _own_plan(name, u, v, n, batch_size, seed=seed, tau=tau, **options)
     else:
-        plan = _mix_random(name, u, v, batch_size, n_random, seed=seed, tau=tau, **options)
+        plan = _mix_random(name, u, v, n, batch_size, n_random, seed=seed, tau=tau, **options)
     if STRATEGIES[name].reads_embeddings and STRATEGIES[name].partition:
         plan = plan[np.random.default_rng([seed, ORDER_STREAM]).permutation(len(plan))]
     return np.ascontiguousarray(plan, dtype=np.int64)
 
 
-def _hard_groups(name: str, u, v, batch_size: int, group_size: int, *, seed: int, tau: float,
+def _checked_pairs(name: str, u, v, num_samples: int | None) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """``u, v`` as arrays and their N; or, for a strategy that ignores them, ``(None, None, num_samples)``."""
+    if u is None and v is None:
+        if STRATEGIES[name].reads_embeddings:
+            raise SelectionError(f"strategy {name!r} reads the embeddings: pass u and v, not num_samples alone")
+        if num_samples is None:
+            raise SelectionError(f"strategy {name!r} needs num_samples (N) where u and v are not given")
+        return None, None, num_samples
+    if num_samples is not None:
+        raise SelectionError("num_samples is for calls without u and v (it is their N); pass one or the other")
+    u = np.asarray(u)
+    v = np.asarray(v)
+    if u.ndim != 2 or u.shape != v.shape:
+        raise SelectionError(f"u and v must both be (N, d) arrays of one shape, got {u.shape} and {v.shape}")
+    if STRATEGIES[name].reads_embeddings and not (np.isfinite(u).all() and np.isfinite(v).all()):
+        raise SelectionError("u or v holds non-finite values (NaN/inf); check the model's embeddings")
+    return u, v, u.shape[0]
+
+
+def _own_plan(name: str, u, v, n: int, batch_size: int, *, seed: int, tau: float, **options) -> np.ndarray:
+    """Strategy ``name``'s function, called in its convention (dist_cl.strategies.Strategy.reads_embeddings):
+    on ``u, v`` and ``tau`` where it reads the embeddings, on their number ``n`` where it does not."""
+    if STRATEGIES[name].reads_embeddings:
+        return STRATEGY_FUNCTIONS[name](u, v, batch_size, seed=seed, tau=tau, **options)
+    return STRATEGY_FUNCTIONS[name](n, batch_size, seed=seed, **options)
+
+
+def _hard_groups(name: str, u, v, n: int, batch_size: int, group_size: int, *, seed: int, tau: float,
                  **options) -> np.ndarray:
     """Batches of ``batch_size // group_size`` hard groups, the groups put together at random."""
     if group_size == 1:  # groups of one sample: nothing is hard, the plan is a random partition
-        return random_partition(u, v, batch_size, seed=seed)
-    groups = STRATEGIES[name].fn(u, v, group_size, seed=seed, tau=tau, **options)
-    n_groups = len(u) // batch_size * (batch_size // group_size)
+        return random_partition(n, batch_size, seed=seed)
+    groups = _own_plan(name, u, v, n, group_size, seed=seed, tau=tau, **options)
+    n_groups = n // batch_size * (batch_size // group_size)
     chosen = np.random.default_rng([seed, GROUP_STREAM]).permutation(len(groups))[:n_groups]
     return groups[chosen].reshape(-1, batch_size)
 
 
-def _mix_random(name: str, u, v, batch_size: int, n_random: int, *, seed: int, tau: float, **options) -> np.ndarray:
+def _mix_random(name: str, u, v, n: int, batch_size: int, n_random: int, *, seed: int, tau: float,
+                **options) -> np.ndarray:
     """Batches of ``batch_size - n_random`` chosen by the strategy, each completed by ``n_random`` random samples."""
-    n_batches = len(u) // batch_size
-    usable = np.random.default_rng(seed).permutation(len(u))[: n_batches * batch_size]
+    n_batches = n // batch_size
+    usable = np.random.default_rng(seed).permutation(n)[: n_batches * batch_size]
     reserved, chosen = usable[: n_batches * n_random], np.sort(usable[n_batches * n_random :])
     n_chosen = batch_size - n_random
     if n_chosen < 2:  # a strategy needs pairs to compare: the whole batch is random
         return usable.reshape(n_batches, batch_size)
-    hard = chosen[STRATEGIES[name].fn(u[chosen], v[chosen], n_chosen, seed=seed, tau=tau, **options)]
+    rows = (u[chosen], v[chosen]) if STRATEGIES[name].reads_embeddings else (None, None)
+    hard = chosen[_own_plan(name, *rows, len(chosen), n_chosen, seed=seed, tau=tau, **options)]
     return np.concatenate([hard, reserved.reshape(n_batches, n_random)], axis=1)

@@ -31,8 +31,8 @@ def balanced_spectral_partition(graph: sp.csr_matrix, batch_size: int, *,
                                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Groups (n // B, B) of vertex indices of the symmetric non-negative ``graph``, and the n % B
     vertices left over: a part cut off like any other group, so it is one coherent piece of the graph."""
-    # BLAS here works on (n, 16) blocks, where threads only spin: with them, N = 20k, B = 256 took
-    # 4-40 s instead of 2.3 s on 2 shared cores
+    # BLAS here works on (n, 16) blocks, where threads only spin and slow the bisection down
+    # (docs/BENCHMARKS.md, "sc_global design": BLAS threads)
     with threadpool_limits(limits=1, user_api="blas"):
         return _recursive_bisection(sp.csr_matrix(graph, dtype=np.float64), batch_size,
                                     np.random.default_rng(seed))
@@ -90,7 +90,7 @@ def _spectral_cut(graph: sp.csr_matrix, left: int, rng: np.random.Generator) -> 
     The Fiedler vector alone ties whole clusters when its eigenvalue is near-degenerate (many weakly
     linked clusters), and a cut at a fixed rank then splits a tied cluster; more eigenvectors separate them.
     """
-    embedding = spectral_embedding(graph, EMBEDDING_DIMS, rng)
+    embedding = diffusion_embedding(graph, EMBEDDING_DIMS, rng)
     in_left = _lowest(embedding[:, 0], left)
     for _ in range(TWO_MEANS_ITERATIONS):
         # with both centres fixed, the best split of given sizes sorts by the difference of distances
@@ -108,7 +108,7 @@ def _lowest(score: np.ndarray, count: int) -> np.ndarray:
     return mask
 
 
-def spectral_embedding(graph: sp.csr_matrix, dims: int, rng: np.random.Generator) -> np.ndarray:
+def diffusion_embedding(graph: sp.csr_matrix, dims: int, rng: np.random.Generator) -> np.ndarray:
     """Rows of D^-1/2 X Lambda^t, X the eigenvectors of D^-1/2 W D^-1/2 after the trivial one, largest
     first (a diffusion map of the normalised-cut embedding; column 0 is the Fiedler vector)."""
     n = graph.shape[0]
@@ -135,8 +135,8 @@ def _subspace_iteration(normalised: sp.csr_matrix, trivial: np.ndarray, count: i
     """Approximate top ``count`` eigenpairs of D^-1/2 W D^-1/2 orthogonal to its known top vector.
 
     Block power iteration on (M + I) / 2 (spectrum in [0, 1], same vectors) then Rayleigh-Ritz. The cut
-    needs the dominant subspace, not converged vectors: ARPACK spent ~280 matvecs per call resolving
-    near-degenerate eigenvalues (27 of 47 s at N = 100k, B = 256); a block of sparse products is cheap.
+    needs the dominant subspace, not converged vectors, and ARPACK spent hundreds of matvecs a call resolving
+    near-degenerate eigenvalues (docs/BENCHMARKS.md, "sc_global design"); a block of sparse products is cheap.
     """
     block = rng.standard_normal((normalised.shape[0], count))
     for _ in range(SUBSPACE_ITERATIONS):

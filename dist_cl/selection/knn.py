@@ -2,8 +2,8 @@
 
 Only pairs with a large s_ij or s_ji carry loss affinity (docs/DESIGN.md §1), so each u_i is linked to its k
 nearest v's and each v_i to its k nearest u's. SC-global calls this inside cells of a few thousand
-samples, where one dense block U V^T is cheap and exact (approximate IVF search reached recall 0.13 on
-1M random vectors while costing minutes).
+samples, where one dense block U V^T is cheap and exact; approximate search over the whole data set was
+both slow and of poor recall (docs/BENCHMARKS.md, "sc_global design").
 """
 
 import numpy as np

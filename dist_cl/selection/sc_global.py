@@ -1,7 +1,7 @@
 """SC-global: one loss-aware partition of the whole dataset into hard batches (docs/DESIGN.md §1, "SC-global").
 
 Coarse to fine, because the textbook global pipeline does not scale (docs/BENCHMARKS.md): approximate kNN
-over 1M samples costs minutes at poor recall, and one global eigsh costs minutes more.
+over the whole data set is slow and of poor recall, and one global eigsh is slow too.
 
 1. Cells. FAISS spherical k-means of the pair locations x_i = u_i + v_i into fine clusters of
    ~``fine_size`` samples, whose centroids are clustered into cells of ~``cell_size`` samples. A pair's
@@ -35,7 +35,7 @@ ASSIGN_CHUNKS = 64
 """Row chunks of the k-means assignment, dealt over the ranks (fixed, so results do not depend on W)."""
 
 
-def loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
+def sparse_loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
                   tau: float) -> sp.csr_matrix:
     """Sparse symmetric W: W_ij = w_ij + w_ji on the candidate edges (rows, cols), i != j; 0 elsewhere.
 
@@ -68,7 +68,7 @@ def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
     """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's."""
     u_to_v, v_to_u = cross_knn(u, v, knn, device)
     rows = np.repeat(np.arange(len(u)), u_to_v.shape[1])
-    return loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
+    return sparse_loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
                          batch_size, tau)
 
 
@@ -117,13 +117,14 @@ def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int, weights: np.
     """FAISS spherical k-means of the unit rows of ``x``: (label of each row, centroids).
 
     Trained on at most 64 rows per centroid for 10 iterations, then every row is assigned: cells need
-    coherent groups, not converged centroids, and this cut the fine level from 31 to ~6 s at N = 100k.
+    coherent groups, not converged centroids, which cost much more (docs/BENCHMARKS.md).
     Beyond HNSW_ASSIGN_MIN centroids the assignment searches an HNSW graph of the centroids instead of
     all of them (FAISS's large-k k-means), which keeps the fine level of N = 1M (7,800 centroids) cheap.
 
     Through ``map_fn`` one rank trains and every rank receives its centroids (FAISS's threaded HNSW build
     need not be reproducible across processes; one set of centroids is consistent by construction), then
-    the assignment, 10.8 of 27 s at N = 1M, is split over the ranks in ASSIGN_CHUNKS row chunks.
+    the assignment, a large share of the k-means time at N = 1M (docs/BENCHMARKS.md, "sc_global over
+    ranks"), is split over the ranks in ASSIGN_CHUNKS row chunks.
 
     With FAISS on a GPU (``faiss_on_gpu``) training and assignment search all centroids exactly: the same
     k-means up to ties below HNSW_ASSIGN_MIN centroids, the exact assignment that HNSW approximates above.
@@ -156,7 +157,7 @@ def _train_centroids(x: np.ndarray, n_centroids: int, seed: int, weights: np.nda
     clustering.niter, clustering.seed, clustering.spherical = 10, seed % 2**31, True  # FAISS takes a C int
     clustering.min_points_per_centroid, clustering.max_points_per_centroid = 1, 64
     if n_centroids >= HNSW_ASSIGN_MIN:
-        # 64 rows per centroid and efSearch 64 at N = 1M: still training after 9 minutes
+        # 64 rows per centroid made the fine level of N = 1M far too slow (docs/BENCHMARKS.md)
         clustering.max_points_per_centroid = 16
     clustering.train(x, _centroid_index(d, n_centroids, device), weights)
     return faiss.vector_to_array(clustering.centroids).reshape(n_centroids, d)
@@ -168,8 +169,8 @@ def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = F
     """Row indices of ``x`` grouped into cells of about ``cell_size`` rows, in two k-means levels.
 
     Fine clusters of ~``fine_size`` rows first, then the fine centroids are clustered into cells. One
-    k-means level straight to cells kept only 60-65% of a synthetic cluster in its main cell (a centroid
-    of ~60 clusters is barely closer to a member than a random centroid in d = 128); a fine cluster holds
+    k-means level straight to cells split synthetic clusters over cells (docs/BENCHMARKS.md), since a
+    centroid of ~60 clusters is barely closer to a member than a random centroid in d = 128; a fine cluster holds
     a few clusters, and cells are whole fine clusters. A cell over twice ``cell_size`` is split again.
     """
     x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12), dtype=np.float32)

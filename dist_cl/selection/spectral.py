@@ -14,7 +14,7 @@ from scipy.spatial.distance import cdist
 from dist_cl.selection.errors import SelectionError
 
 
-def loss_affinity(u, v, batch_size: int, tau: float) -> np.ndarray:
+def dense_loss_affinity(u, v, batch_size: int, tau: float) -> np.ndarray:
     """log-affinity W (n, n): the pairwise terms that approximate a batch's loss (docs/DESIGN.md §1)."""
     s = np.asarray(u, dtype=np.float64) @ np.asarray(v, dtype=np.float64).T / tau
     margin = np.log(batch_size - 1) - np.diag(s)[:, None]
@@ -23,7 +23,7 @@ def loss_affinity(u, v, batch_size: int, tau: float) -> np.ndarray:
     return w + w.T
 
 
-def spectral_embedding(log_affinity: np.ndarray, n_components: int) -> np.ndarray:
+def dense_spectral_embedding(log_affinity: np.ndarray, n_components: int) -> np.ndarray:
     """Rows of D^{-1/2} x for the n_components smallest eigenvectors x of the normalised Laplacian of exp(W).
 
     As sklearn.manifold.spectral_embedding(norm_laplacian=True, drop_first=False) in the official code:
@@ -87,7 +87,7 @@ def sc_chunk(u, v, batch_size: int, tau: float, rng: np.random.Generator) -> np.
     n_clusters = len(u) // batch_size
     if n_clusters == 1:
         return np.arange(len(u))[None]
-    maps = spectral_embedding(loss_affinity(u, v, batch_size, tau), n_components=n_clusters)
+    maps = dense_spectral_embedding(dense_loss_affinity(u, v, batch_size, tau), n_components=n_clusters)
     return balanced_clusters(maps, batch_size, rng)
 
 

@@ -24,18 +24,17 @@ def all_batches(n: int, batch_size: int) -> np.ndarray:
     return np.fromiter(flat, dtype=np.int64, count=comb(n, batch_size) * batch_size).reshape(-1, batch_size)
 
 
-def full_batch(u, v, batch_size: int, *, seed: int, tau: float = 0.1, max_n: int = 4096) -> np.ndarray:
-    """One batch of all N (batch_size is ignored): full-batch gradient descent."""
-    n = len(u)
+def full_batch(n: int, batch_size: int, *, seed: int, max_n: int = 4096) -> np.ndarray:
+    """One batch of all N: full-batch gradient descent. It takes ``batch_size`` and ``seed``, which it does not
+    need, in the calling convention of the strategies that ignore the embeddings (dist_cl.strategies)."""
     if n > max_n:
         raise SelectionError(f"full batch of N={n} is over max_n={max_n}; the N x N logits would not fit, "
                          f"raise max_n or use a mini-batch strategy")
     return np.arange(n, dtype=np.int64)[None]
 
 
-def ncb_batches(u, v, batch_size: int, *, seed: int, tau: float = 0.1, max_batches: int = 100_000) -> np.ndarray:
+def ncb_batches(n: int, batch_size: int, *, seed: int, max_batches: int = 100_000) -> np.ndarray:
     """Every one of the N-choose-B batches once, rows in a seeded random order (an epoch of Theorem 1)."""
-    n = len(u)
     if comb(n, batch_size) > max_batches:
         raise SelectionError(_too_many(n, batch_size, max_batches))
     batches = all_batches(n, batch_size)

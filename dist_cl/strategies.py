@@ -1,0 +1,41 @@
+"""The batch-selection strategies as plain data: each one's name, the options it accepts and how it is called.
+
+A module of its own, importing nothing, so that the config can validate ``selection.options`` and the trainer
+can decide what a plan needs (the bank or not, one plan a run or an epoch) without loading the method layer
+(dist_cl.selection: torch, scipy, FAISS) or reading function signatures. dist_cl.selection binds each name
+to its function; tests/test_selection.py checks every declaration against that function's parameters.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Strategy:
+    reads_embeddings: bool
+    """True: called ``fn(u, v, batch_size, *, seed, tau, **options)``. False: ``fn(n, batch_size, *, seed,
+    **options)``: the plan depends on N and the seed alone (no bank needed)."""
+    options: tuple[str, ...] = ()
+    """The keyword options it accepts (``selection.options``) besides that calling convention."""
+    per_epoch: bool = True
+    """False: one plan for the whole run; callers pass the run seed, not an epoch seed."""
+    partition: bool = True
+    """True: every index at most once (N // B batches), so batches can be mixed with random samples."""
+    takes_map_fn: bool = False
+    """True: it deals independent pieces of its work over the ranks itself, through ``map_fn``."""
+    takes_device: bool = False
+    """True: it computes on a torch ``device``."""
+
+
+STRATEGIES = {
+    "random": Strategy(reads_embeddings=False),
+    "fixed": Strategy(reads_embeddings=False, per_epoch=False),
+    "full": Strategy(reads_embeddings=False, options=("max_n",), partition=False),
+    "ncb": Strategy(reads_embeddings=False, options=("max_batches",), partition=False),
+    "osgd": Strategy(reads_embeddings=True, options=("q", "k", "max_batches"), partition=False),
+    "sc": Strategy(reads_embeddings=True, options=("chunk_batches",)),
+    "sc_global": Strategy(reads_embeddings=True, options=("knn", "cell_size", "fine_size", "chunk_batches"),
+                          takes_map_fn=True, takes_device=True),
+}
+
+HARDNESS_CONTROLS = ("random_fraction", "group_size")
+"""Options select_batches itself applies to any partition strategy (docs/DESIGN.md §5)."""
