@@ -12,6 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import ROOT, torchrun
+from dist_cl import cli
 from dist_cl.config import load_config
 from dist_cl.models import build_model
 
@@ -23,7 +24,6 @@ def load_script(path: str):
     return module
 
 
-train_entry = load_script("launch/train.py")
 extract_tool = load_script("tools/extract_embeddings.py")
 evaluate_tool = load_script("tools/evaluate.py")
 
@@ -34,7 +34,7 @@ STEMS = ("u", "v", "backbone", "indices", "labels")
 def trained_run(tmp_path_factory):
     """One digits epoch, evaluated at its end by the trainer (metrics.jsonl), in this process."""
     run_dir = tmp_path_factory.mktemp("tools") / "run"
-    assert train_entry.main(["train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"]) == 0
+    assert cli.main(["train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"]) == 0
     return run_dir
 
 
