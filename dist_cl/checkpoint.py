@@ -6,6 +6,7 @@ verifies the checksum and falls back to the previous checkpoint when the newest 
 
 import hashlib
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+
+log = logging.getLogger("dist_cl.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -90,3 +93,25 @@ class Checkpointer:
             return state, path, problems
         tried = "; ".join(problems) or f"no checkpoint in {self.directory}"
         raise CheckpointError(f"no usable checkpoint: {tried}")
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, Path]:
+    """(state, file) for a checkpoint file, a ``latest`` pointer, a checkpoints directory or a run directory.
+
+    The tools take any of these as --checkpoint; a directory gives its newest checkpoint that verifies.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path} does not exist; pass a checkpoint file, <run>/checkpoints/latest "
+                              "or a run directory")
+    if path.is_dir():
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        which = "latest"
+    elif path.name == "latest":
+        directory, which = path.parent, "latest"
+    else:
+        directory, which = path.parent, str(path)
+    state, found, problems = Checkpointer(directory, keep=1).load(which)
+    for problem in problems:
+        log.warning("skipped checkpoint %s", problem)
+    return state, found
