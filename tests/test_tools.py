@@ -1,6 +1,5 @@
 """The tools around training: embedding extraction, offline evaluation, and the cluster configs."""
 
-import importlib.util
 import json
 import math
 
@@ -15,17 +14,8 @@ from conftest import ROOT, torchrun
 from dist_cl import cli
 from dist_cl.config import load_config
 from dist_cl.models import build_model
-
-
-def load_script(path: str):
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-extract_tool = load_script("tools/extract_embeddings.py")
-evaluate_tool = load_script("tools/evaluate.py")
+from tools import evaluate as evaluate_tool
+from tools import extract_embeddings as extract_tool
 
 STEMS = ("u", "v", "backbone", "indices", "labels")
 
