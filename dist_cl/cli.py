@@ -25,7 +25,8 @@ USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError)
 
 USAGE = """Train dist_cl: ``torchrun --standalone --nproc_per_node=2 launch/train.py [--config PATH] [key=value ...]``.
 
-Also runs as one plain ``python launch/train.py`` process. With no arguments it trains configs/digits.yaml.
+Also runs as one plain ``python launch/train.py`` process, and installed as ``dist-cl-train`` (under torchrun:
+``torchrun ... --no-python dist-cl-train ...``). With no arguments it trains configs/digits.yaml.
 """
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
@@ -34,8 +35,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.ya
 def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, backend: Backend = "auto") -> int:
     """The exit code of ``body(info)`` run in the process group that torchrun's environment describes.
 
-    A user error ends it with a one-line message on stderr and exit code 2; the group is destroyed
-    however ``body`` ends, so that an exception does not leave the other ranks waiting on this one.
+    A user error ends it with a one-line message on stderr and exit code 2. The group is destroyed however
+    ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
     """
     try:
         info = init_distributed(timeout_s, backend)
