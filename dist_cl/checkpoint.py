@@ -8,6 +8,7 @@ state, so a component registered there cannot be forgotten by resume.
 
 import hashlib
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+
+log = logging.getLogger("dist_cl.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -152,3 +155,25 @@ def upgrade(state: dict) -> dict:
     upgraded["counters"] = {k: state[k] for k in ("epoch", "step", "skipped_steps")}
     upgraded["meta"] = {k: state[k] for k in ("config", "world_size", "version")}
     return upgraded
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, Path]:
+    """(state, file) for a checkpoint file, a ``latest`` pointer, a checkpoints directory or a run directory.
+
+    The tools take any of these as --checkpoint; a directory gives its newest checkpoint that verifies.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path} does not exist; pass a checkpoint file, <run>/checkpoints/latest "
+                              "or a run directory")
+    if path.is_dir():
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        which = "latest"
+    elif path.name == "latest":
+        directory, which = path.parent, "latest"
+    else:
+        directory, which = path.parent, str(path)
+    state, found, problems = Checkpointer(directory, keep=1).load(which)
+    for problem in problems:
+        log.warning("skipped checkpoint %s", problem)
+    return upgrade(state), found

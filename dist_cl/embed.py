@@ -7,9 +7,10 @@ repeating an index, and the padding is dropped after the gather.
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from dist_cl.data import loader_options
-from dist_cl.distributed import gather_rows
+from dist_cl.distributed import DistInfo, gather_rows
 
 
 class _EmbeddingInputs(Dataset):
@@ -61,3 +62,38 @@ def embed_indices(
     model.train(was_training)
     u = gather_rows(torch.cat(us))[:n].cpu()
     return u, gather_rows(torch.cat(vs))[:n].cpu() if side_b else None
+
+
+def embed_split(
+    model, dataset, info: DistInfo, *, output: str, views: str, epoch: int, batch_size: int,
+    chunk_size: int, num_workers: int, progress: bool,
+) -> dict[str, np.ndarray]:
+    """Arrays by file stem ('u', 'v', 'backbone'), one row per sample of ``dataset`` in index order.
+
+    ``output`` is 'projection', 'backbone' or 'both'; ``views`` 'augmented', 'clean' or 'auto' (projections
+    of augmented pairs, backbone features of clean inputs, as the trainer's evaluation). The split is
+    embedded chunk by chunk (each chunk sharded over the ranks) so that rank 0 can show progress.
+    """
+    n = len(dataset)
+    dataset.set_epoch(epoch)
+    wanted = []  # (stems, embed_indices output, augmented)
+    if output in ("projection", "both"):
+        wanted.append((("u", "v"), "projection", views != "clean"))
+    if output in ("backbone", "both"):
+        wanted.append((("backbone", None), "backbone", views == "augmented"))
+    parts: dict[str, list[torch.Tensor]] = {}
+    bar = tqdm(total=n * len(wanted), desc="embedding", unit="rows", disable=not progress, dynamic_ncols=True)
+    for stems, kind, augmented in wanted:
+        for start in range(0, n, chunk_size):
+            indices = np.arange(start, min(start + chunk_size, n))
+            a, b = embed_indices(
+                model, dataset, indices, rank=info.rank, world_size=info.world_size, device=info.device,
+                batch_size=batch_size, augmented=augmented, output=kind, num_workers=num_workers,
+                side_b=stems[1] is not None,
+            )
+            for stem, rows in zip(stems, (a, b)):
+                if stem is not None:
+                    parts.setdefault(stem, []).append(rows)
+            bar.update(len(indices))
+    bar.close()
+    return {stem: torch.cat(chunks).numpy() for stem, chunks in parts.items()}

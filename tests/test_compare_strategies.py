@@ -1,13 +1,8 @@
 """tools/compare_strategies.py's test of "converges faster": the training full-batch loss at equal steps."""
 
-import importlib.util
 import json
 
-from conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("compare_strategies", ROOT / "tools" / "compare_strategies.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+from tools import compare_strategies as compare
 
 
 def run(losses: list[float], steps_per_epoch: int = 10) -> dict:

@@ -1,25 +1,26 @@
 """Bad input and numerical faults: clear errors that name the problem and the fix, and nothing damaged."""
 
 import hashlib
-import importlib.util
 import re
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import ROOT, torchrun
+from dist_cl import cli
+from dist_cl.checkpoint import CheckpointError
+from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
-
-spec = importlib.util.spec_from_file_location("train_entry", ROOT / "launch" / "train.py")
-train_entry = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_entry)
+from dist_cl.data.shards import ShardError
+from dist_cl.selection import SelectionError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
              "selection.strategy=random"]
 
 
 def run(tmp_path, *args) -> int:
-    return train_entry.main([*SYNTHETIC, f"run.dir={tmp_path / 'run'}", *args])
+    return cli.main([*SYNTHETIC, f"run.dir={tmp_path / 'run'}", *args])
 
 
 def digests(directory):
@@ -42,6 +43,27 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, capsy
     assert run(tmp_path, *args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error", [ConfigError("unknown config key"), CheckpointError("no usable checkpoint"),
+                                   ShardError("shard-000004.tar is missing"), SelectionError("chunk_batches=-1")])
+def test_a_user_error_in_an_entry_point_is_one_line_exit_code_2_and_the_group_is_gone(capsys, error):
+    def body(info):
+        assert dist.is_initialized() and info.world_size == 1
+        raise error
+
+    assert cli.run_distributed(body) == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+    assert not dist.is_initialized()
+
+
+def test_any_other_exception_in_an_entry_point_propagates_and_the_group_is_gone():
+    def body(info):
+        raise FloatingPointError("non-finite loss")
+
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        cli.run_distributed(body)
+    assert not dist.is_initialized()
 
 
 def test_checkpoint_from_incompatible_config_is_refused_and_left_intact(tmp_path, capsys):
@@ -79,7 +101,7 @@ DIGITS = ["train.epochs=2", "eval.every_epochs=0", "train.global_batch_size=479"
 
 def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpoint(tmp_path, poisoned_digit):
     with pytest.raises(FloatingPointError) as err:
-        train_entry.main([*DIGITS, f"run.dir={tmp_path}", "checkpoint.every_steps=1"])
+        cli.main([*DIGITS, f"run.dir={tmp_path}", "checkpoint.every_steps=1"])
     found = re.search(r"non-finite loss at step (\d+) \(epoch 0, global batch (\d+), indices \[([\d, .]+)\]\)",
                       str(err.value))
     assert found, str(err.value)
@@ -98,7 +120,7 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
 
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit):
-    assert train_entry.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
+    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
     state = torch.load(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text(), weights_only=False)
     assert state["counters"]["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

@@ -1,25 +1,20 @@
 """tools/synthetic.py end to end, and the paper's synthetic ordering where it holds on a short run."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dist_cl.selection import select_batches
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "synthetic.py"
+from tools import synthetic as synthetic_tool
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The tool; its main sets torch's thread count, which is restored after the module."""
     threads = torch.get_num_threads()
-    yield module
+    yield synthetic_tool
     torch.set_num_threads(threads)
 
 

@@ -1,6 +1,5 @@
 """Indexed shards: written by tools/make_shards.py, read back by index exactly, and failing loudly by name."""
 
-import importlib.util
 import json
 import os
 import pickle
@@ -17,11 +16,7 @@ from dist_cl.config import AugmentConfig
 from dist_cl.data.shards import (
     INDEX_NAME, OFFSETS_SUFFIX, ShardError, ShardPairs, check_shards, offsets_path, split_dir,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
-make_shards = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_shards)
+from tools import make_shards
 
 
 def write_npz(path: Path, n: int = 23, shape: tuple = (6, 5, 3), labels: bool = True, seed: int = 0) -> dict:

@@ -1,6 +1,5 @@
 """The tools around training: embedding extraction, offline evaluation, and the cluster configs."""
 
-import importlib.util
 import json
 import math
 
@@ -12,20 +11,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import ROOT, torchrun
+from dist_cl import cli
 from dist_cl.config import load_config
 from dist_cl.models import build_model
-
-
-def load_script(path: str):
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_entry = load_script("launch/train.py")
-extract_tool = load_script("tools/extract_embeddings.py")
-evaluate_tool = load_script("tools/evaluate.py")
+from tools import evaluate as evaluate_tool
+from tools import extract_embeddings as extract_tool
 
 STEMS = ("u", "v", "backbone", "indices", "labels")
 
@@ -34,7 +24,7 @@ STEMS = ("u", "v", "backbone", "indices", "labels")
 def trained_run(tmp_path_factory):
     """One digits epoch, evaluated at its end by the trainer (metrics.jsonl), in this process."""
     run_dir = tmp_path_factory.mktemp("tools") / "run"
-    assert train_entry.main(["train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"]) == 0
+    assert cli.main(["train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"]) == 0
     return run_dir
 
 

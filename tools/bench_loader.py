@@ -16,17 +16,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dist_cl.config import AugmentConfig, load_config  # noqa: E402
-from dist_cl.data import build_dataset  # noqa: E402
-from dist_cl.data.pairs import PairDataset  # noqa: E402
-from dist_cl.data.shards import ShardPairs  # noqa: E402
+from dist_cl.config import AugmentConfig, load_config
+from dist_cl.data import build_dataset
+from dist_cl.data.pairs import PairDataset
+from dist_cl.data.shards import ShardPairs
 
 
 class Decoded(Dataset):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_cl.clustered import clustered_pairs, unit_rows
 from dist_cl.selection import lift, select_batches
 from dist_cl.strategies import STRATEGIES
 
@@ -35,34 +36,6 @@ the chunked "kb" form; sc is the paper's chunks of 40 B, sc_c8 the same method o
 size of an sc_global cell at B = 256), so chunking and the method can be told apart."""
 SLOW_AT_SCALE = {"osgd_kb": 100_000, "sc": 100_000, "sc_c8": 100_000}
 """Above this N a row runs only with --all: the chunked dense strategies take many minutes there."""
-
-
-def clustered_pairs(n: int, d: int, *, seed: int, mean_cluster_size: int = 64, cluster_spread: float = 1.0,
-                    view_noise: float = 0.5, noise_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic pair embeddings with many tight clusters on the sphere plus uniform noise.
-
-    n // mean_cluster_size centres uniform on S^{d-1}; cluster sizes are drawn with log-normal weights
-    (sigma 1, so sizes vary ~10x, like class frequencies). A pair's location z = normalise(c +
-    cluster_spread * g / sqrt(d)), g standard normal (cos(z_i, z_j) ~ 1 / (1 + spread^2) = 0.5 within a
-    cluster); a noise_fraction of pairs instead have z uniform on the sphere. The two views are
-    u, v = normalise(z + view_noise * g / sqrt(d)) (cos(u_i, v_i) ~ 0.8). Returns float32 (n, d) arrays.
-    """
-    rng = np.random.default_rng(seed)
-    n_clusters = max(1, n // mean_cluster_size)
-    centres = _unit(rng.standard_normal((n_clusters, d)))
-    weights = np.exp(rng.standard_normal(n_clusters))
-    cluster = rng.choice(n_clusters, size=n, p=weights / weights.sum())
-    z = centres[cluster] + cluster_spread / np.sqrt(d) * rng.standard_normal((n, d))
-    noise = rng.random(n) < noise_fraction
-    z[noise] = rng.standard_normal((int(noise.sum()), d))
-    z = _unit(z)
-    u = _unit(z + view_noise / np.sqrt(d) * rng.standard_normal((n, d)))
-    v = _unit(z + view_noise / np.sqrt(d) * rng.standard_normal((n, d)))
-    return u.astype(np.float32), v.astype(np.float32)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _memory_mib(field: str) -> float:
@@ -158,12 +131,12 @@ def main(argv=None) -> None:
         if VARIANTS[row][0] in STRATEGIES:
             strategies.append(row)
         else:
-            print(f"note: strategy {VARIANTS[row][0]!r} is not declared in dist_cl.strategies; {row} skipped")
+            print(f"note: strategy {VARIANTS[row][0]!r} is not registered in dist_cl.selection; {row} skipped")
     print(f"{'strategy':<10} {'data':<10} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'lift':>7} "
           f"{'peak MiB':>9} {'runs':>5}")
     if args.embeddings:
         data = np.load(args.embeddings)
-        u, v = _unit(data["u"].astype(np.float32)), _unit(data["v"].astype(np.float32))
+        u, v = unit_rows(data["u"].astype(np.float32)), unit_rows(data["v"].astype(np.float32))
         bench(u, v, args.embeddings.stem[:10], args.batch_sizes, strategies, args)
         return
     for n in args.sizes + ([1_000_000] if args.big else []):

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 tools/bench_selection_ranks.py --sizes 100000 1000000
     python tools/bench_selection_ranks.py --sizes 100000 1000000          # one rank, for comparison
 
-Every rank holds the same clustered embeddings (tools/bench_selection.py's generator), as every rank holds
+Every rank holds the same clustered embeddings (dist_cl.clustered), as every rank holds
 the same bank in training; the k-means assignment and the cells are dealt over the ranks
 (dist_cl.distributed.distributed_map), the plan is checked identical on all ranks, and rank 0 prints
 the median seconds of --repeats plans.
@@ -12,26 +12,29 @@ the median seconds of --repeats plans.
 import argparse
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch.distributed as dist
 
-from bench_selection import clustered_pairs
-from dist_cl.distributed import check_same_on_all_ranks, close_distributed, distributed_map, exit_process, \
-    init_distributed
+from dist_cl.cli import run_distributed
+from dist_cl.clustered import clustered_pairs
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks, distributed_map, exit_process
 from dist_cl.sampler import BatchPlan
 from dist_cl.selection import select_batches
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    info = init_distributed()
+    return run_distributed(partial(bench, parser.parse_args(argv)))
+
+
+def bench(args: argparse.Namespace, info: DistInfo) -> int:
     if info.is_main:
         print(f"{'ranks':>5} {'N':>8} {'d':>4} {'B':>4} {'seconds':>9} {'runs':>5}", flush=True)
     for n in args.sizes:
@@ -46,9 +49,8 @@ def main() -> None:
         if info.is_main:
             print(f"{info.world_size:>5} {n:>8} {args.dim:>4} {args.batch_size:>4} {statistics.median(seconds):>9.2f} "
                   f"{args.repeats:>5}", flush=True)
-    close_distributed()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
-    exit_process(0)
+    exit_process(main())

@@ -23,19 +23,16 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
-
-from extract_embeddings import SPLITS, add_extraction_args, extract  # noqa: E402
-
-from dist_cl.checkpoint import CheckpointError  # noqa: E402
-from dist_cl.config import ConfigError  # noqa: E402
-from dist_cl.distributed import close_distributed, exit_process, init_distributed  # noqa: E402
-from dist_cl.evaluation import knn_top1, linear_probe_top1, retrieval_recall  # noqa: E402
+from dist_cl.cli import run_distributed
+from dist_cl.distributed import DistInfo, exit_process
+from dist_cl.evaluation import knn_top1, linear_probe_top1, retrieval_recall
+from dist_cl.extraction import SPLITS, add_extraction_args, extract
 
 log = logging.getLogger("dist_cl.evaluate")
 
@@ -105,33 +102,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    if args.embeddings:
-        root = Path(args.embeddings)
-        splits = {split: load_split(root / split) for split in SPLITS}
-        if all(s is None for s in splits.values()):
-            print(f"error: {root} has neither train/ nor heldout/ embeddings; run tools/extract_embeddings.py "
-                  f"--out {root}", file=sys.stderr)
-            return 2
-        meta = json.loads(next((root / s / "meta.json").read_text() for s in SPLITS if splits[s] is not None))
-        source = {"embeddings": str(root.resolve()), "checkpoint": meta["checkpoint"], "step": meta["step"]}
-        knn_k = args.knn_k or 20
-    else:
-        info = init_distributed()
-        logging.getLogger("dist_cl").setLevel(logging.INFO if info.is_main else logging.WARNING)
-        try:
-            splits, state = extract(
-                args.checkpoint, Path(args.out) if args.out else None, info, views=args.views, epoch=args.epoch,
-                batch_size=args.batch_size, chunk_size=args.chunk_size, overrides=args.overrides,
-            )
-        except (ConfigError, CheckpointError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        finally:
-            close_distributed()
-        if not info.is_main:
-            return 0
-        source = {"checkpoint": state["path"], "step": state["step"]}
-        knn_k = args.knn_k or state["config"]["eval"]["knn_k"]
+    if args.checkpoint:
+        return run_distributed(partial(evaluate_checkpoint, args))
+    root = Path(args.embeddings)
+    splits = {split: load_split(root / split) for split in SPLITS}
+    if all(s is None for s in splits.values()):
+        print(f"error: {root} has neither train/ nor heldout/ embeddings; run tools/extract_embeddings.py "
+              f"--out {root}", file=sys.stderr)
+        return 2
+    meta = json.loads(next((root / s / "meta.json").read_text() for s in SPLITS if splits[s] is not None))
+    source = {"embeddings": str(root.resolve()), "checkpoint": meta["checkpoint"], "step": meta["step"]}
+    return report(args, splits, source, args.knn_k or 20)
+
+
+def evaluate_checkpoint(args: argparse.Namespace, info: DistInfo) -> int:
+    """Every rank embeds its share of both splits; rank 0 reports."""
+    logging.getLogger("dist_cl").setLevel(logging.INFO if info.is_main else logging.WARNING)
+    splits, state = extract(
+        args.checkpoint, Path(args.out) if args.out else None, info, views=args.views, epoch=args.epoch,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, overrides=args.overrides,
+    )
+    if not info.is_main:
+        return 0
+    source = {"checkpoint": state["path"], "step": state["step"]}
+    return report(args, splits, source, args.knn_k or state["config"]["eval"]["knn_k"])
+
+
+def report(args: argparse.Namespace, splits: dict, source: dict, knn_k: int) -> int:
+    """Print the metrics as a table, and write them to --json if asked."""
     metrics = compute_metrics(splits.get("train"), splits.get("heldout"), ks=tuple(args.ks), knn_k=knn_k,
                               probe=not args.no_probe, probe_c=args.probe_c, probe_max_iter=args.probe_max_iter)
     print(f"{source['checkpoint']} (step {source['step']})")

@@ -19,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
-
-from bench_selection import clustered_pairs  # noqa: E402
-
-from dist_cl.config import load_config  # noqa: E402
-from dist_cl.distributed import close_distributed, init_distributed  # noqa: E402
-from dist_cl.losses import InfoNCELoss  # noqa: E402
-from dist_cl.models import build_model  # noqa: E402
-from dist_cl.selection import lift, select_batches  # noqa: E402
-from dist_cl.trainer import Trainer  # noqa: E402
+from dist_cl.clustered import clustered_pairs
+from dist_cl.config import load_config
+from dist_cl.distributed import close_distributed, init_distributed
+from dist_cl.losses import InfoNCELoss
+from dist_cl.models import build_model
+from dist_cl.selection import lift, select_batches
+from dist_cl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}

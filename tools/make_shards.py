@@ -27,10 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dist_cl.config import ConfigError  # noqa: E402
-from dist_cl.data.shards import (  # noqa: E402
+from dist_cl.config import ConfigError
+from dist_cl.data.shards import (
     IMAGE_EXTENSIONS, INDEX_KIND, INDEX_NAME, OFFSETS_COLUMNS, offsets_path, sample_key, shard_name,
 )
 

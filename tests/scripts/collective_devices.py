@@ -1,7 +1,7 @@
-"""Under torchrun: train through launch/train.py with every torch.distributed collective recorded, then
-write this rank's records (op, group, tensor device types) as JSON. Usage: collective_devices.py OUT [k=v ...]."""
+"""Under torchrun: train through the trainer's command line (dist_cl.cli.main) with every torch.distributed
+collective recorded, then write this rank's records (op, group, tensor device types) as JSON.
+Usage: collective_devices.py OUT [k=v ...]."""
 
-import importlib.util
 import inspect
 import json
 import os
@@ -56,11 +56,9 @@ for op in OPS:
     setattr(dist, op, record(op, getattr(dist, op)))
 create_group, dist.new_group = dist.new_group, new_group
 
-root = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("train_entry", root / "launch" / "train.py")
-train_entry = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_entry)
+from dist_cl.cli import main  # noqa: E402  (after the patching, so no name imported from dist is unrecorded)
+
 out = Path(sys.argv[1])
-code = train_entry.main(sys.argv[2:])
+code = main(sys.argv[2:])
 (out / f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(records))
 exit_process(code)

@@ -1,0 +1,99 @@
+"""Command-line entry points: the trainer's (``launch/train.py``, the ``dist-cl-train`` script), and
+``run_distributed``, the frame the trainer and every tool that runs under torchrun share.
+
+A user error (a bad config, no usable checkpoint, broken shards, impossible selection options) ends the
+process with its message as one line on stderr and exit code 2, not with a traceback from every rank.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from dist_cl.checkpoint import CheckpointError
+from dist_cl.config import Config, ConfigError, load_config, validate
+from dist_cl.data.shards import ShardError, check_shards
+from dist_cl.distributed import Backend, DistInfo, close_distributed, exit_process, init_distributed
+from dist_cl.selection import SelectionError
+from dist_cl.trainer import Trainer
+
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError)
+"""Errors whose message names the problem in the user's input and the fix."""
+
+USAGE = """Train dist_cl: ``torchrun --standalone --nproc_per_node=2 launch/train.py [--config PATH] [key=value ...]``.
+
+Also runs as one plain ``python launch/train.py`` process, and installed as ``dist-cl-train`` (under torchrun:
+``torchrun ... --no-python dist-cl-train ...``). With no arguments it trains configs/digits.yaml.
+"""
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
+
+def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, backend: Backend = "auto") -> int:
+    """The exit code of ``body(info)`` run in the process group that torchrun's environment describes.
+
+    A user error ends it with a one-line message on stderr and exit code 2. The group is destroyed however
+    ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
+    """
+    try:
+        info = init_distributed(timeout_s, backend)
+    except ConfigError as err:  # a dist.backend this host cannot run
+        return _user_error("config error", err)
+    try:
+        return body(info)
+    except USER_ERRORS as err:
+        return _user_error("error", err)
+    finally:
+        close_distributed()
+
+
+def _user_error(kind: str, err: Exception) -> int:
+    print(f"{kind}: {err}", file=sys.stderr)
+    return 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (resume from the run directory's newest checkpoint if any), 'latest', or a path")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and its data, then exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 selection.strategy=sc")
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train as the command line (``sys.argv[1:]`` by default) asks; returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:  # before the process group: its timeout and backend are in the config
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as err:
+        return _user_error("config error", err)
+    return run_distributed(partial(train, cfg, args), cfg.dist.timeout_s, cfg.dist.backend)
+
+
+def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
+    logging.basicConfig(
+        level=logging.INFO if info.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s",
+    )
+    trainer = Trainer(cfg, info)
+    if args.dry_run:
+        if cfg.data.name == "shards":
+            check_shards(cfg.data.path)
+        logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
+                                          len(trainer.train_set))
+        return 0
+    trainer.resume(args.resume)
+    trainer.fit()
+    trainer.close()
+    return 0
+
+
+def run() -> None:
+    """The ``dist-cl-train`` script: ``main``, then the end that gloo needs (``exit_process``, not sys.exit)."""
+    exit_process(main())
