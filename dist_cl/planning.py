@@ -23,7 +23,7 @@ from dist_cl.embed import embed_indices
 from dist_cl.metrics import SelectionFigures
 from dist_cl.sampler import BatchPlan
 from dist_cl.seeding import derive_seed
-from dist_cl.selection import STRATEGIES, lift, select_batches
+from dist_cl.selection import STRATEGIES, batches_per_selection, lift, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat
 
 
@@ -42,6 +42,10 @@ class PlanRequest:
     v: np.ndarray | None = None
     staleness: float = 0.0
     """Mean age in steps of the snapshot's rows at the plan's first step."""
+    rows: int = 0
+    """0: one selection. Else the plan's length: a strategy that keeps a subset of batches per selection
+    (osgd) is selected again from the same bank, with seeds derived from ``seed`` and the rows so far,
+    and the plan cut there."""
     prepare_seconds: float = 0.0
     """Time the training loop spent completing and copying the bank for this request."""
 
@@ -69,8 +73,12 @@ def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.dev
     started = time.perf_counter()
     figures = SelectionFigures()
     if request.u is not None:
-        batches = select_everywhere(request.strategy, request.u, request.v, request.batch_size, seed=request.seed,
-                                    tau=request.tau, map_fn=map_fn, device=device, **request.options)
+        select = partial(select_everywhere, request.strategy, request.u, request.v, request.batch_size,
+                         tau=request.tau, map_fn=map_fn, device=device, **request.options)
+        batches = select(seed=request.seed)
+        while len(batches) < request.rows:
+            batches = np.concatenate([batches, select(seed=derive_seed(request.seed, len(batches)))])
+        batches = batches[: request.rows or None]
         figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32)
         figures.bank_staleness = request.staleness
     else:
@@ -127,6 +135,13 @@ def plan_strategy(selection: SelectionConfig, bank_epoch: int) -> str:
     return selection.strategy
 
 
+def fills_epoch(strategy: str) -> bool:
+    """True for a loss-aware strategy that keeps a subset of the batches per selection (osgd): like the
+    official code, it is selected again every ``batches_per_selection`` steps, each time from the bank as it
+    is then, until an epoch's worth of N // B steps."""
+    return STRATEGIES[strategy].reads_embeddings and not STRATEGIES[strategy].partition
+
+
 def plan_seed(run_seed: int, epoch: int, strategy: str, cursor: int | None = None) -> int:
     """The seed rule: a per-epoch strategy gets (run seed, epoch), a re-selection of the rest of an epoch
     at global batch ``cursor`` gets (run seed, epoch, cursor), and a once-per-run plan the run seed."""
@@ -165,7 +180,8 @@ class EpochPlanner:
         name = plan_strategy(self.selection, train_epoch)
         request = PlanRequest(epoch=epoch, strategy=name, seed=plan_seed(self.run_seed, epoch, name),
                               batch_size=self.batch_size, num_samples=len(self.dataset),
-                              options=self.selection.options if name == self.selection.strategy else {})
+                              options=self.selection.options if name == self.selection.strategy else {},
+                              rows=len(self.dataset) // self.batch_size if fills_epoch(name) else 0)
         if STRATEGIES[name].reads_embeddings:
             self.complete_bank(train_epoch, step)
             u, v = self.bank.u.numpy(), self.bank.v.numpy()
@@ -225,22 +241,33 @@ class EpochPlanner:
         self.previous = plan
 
     def reselection_due(self, plan: BatchPlan, cursor: int) -> bool:
-        """selection.every_steps: time to re-partition the rest of a loss-aware epoch plan."""
-        every = self.selection.every_steps
-        return bool(every) and plan.strategy == self.selection.strategy and cursor % every == 0 \
-            and 0 < cursor < len(plan)
+        """Time to select the rest of a loss-aware epoch plan again: every selection.every_steps steps for a
+        partition, after each selection's batches for a strategy that ``fills_epoch``."""
+        if plan.strategy != self.selection.strategy or not 0 < cursor < len(plan):
+            return False
+        if fills_epoch(plan.strategy):
+            every = batches_per_selection(plan.strategy, len(self.dataset), self.batch_size, self.selection.options)
+        else:
+            every = self.selection.every_steps
+        return bool(every) and cursor % every == 0
 
     def reselect(self, plan: BatchPlan, cursor: int, step: int, figures: SelectionFigures) -> BatchPlan:
-        """A new plan for ``plan``'s epoch: its first ``cursor`` batches, then the samples of the rest
-        re-partitioned by the bank as it is at ``step`` (a collective). Each sample is still trained once.
+        """A new plan for ``plan``'s epoch: its first ``cursor`` batches, then the rest selected again from
+        the bank as it is at ``step`` (a collective): the samples of the rest re-partitioned (each sample is
+        still trained once), or, for a strategy that ``fills_epoch``, new selections over all samples.
         The time it takes, all waited for, is added to the epoch's ``figures``."""
         started = time.perf_counter()
-        rest = np.sort(plan.batches[cursor:].ravel())
         request = self.request(plan.epoch, step, step, plan.epoch)
-        request = replace(request, seed=plan_seed(self.run_seed, plan.epoch, plan.strategy, cursor),
-                          num_samples=len(rest), u=request.u[rest], v=request.v[rest])
-        chosen, _ = compute_plan(request, device=self.info.device)
-        new = BatchPlan(np.concatenate([plan.batches[:cursor], rest[chosen.batches]]), plan.epoch, plan.strategy)
+        request = replace(request, seed=plan_seed(self.run_seed, plan.epoch, plan.strategy, cursor))
+        if fills_epoch(plan.strategy):
+            chosen, _ = compute_plan(replace(request, rows=len(plan) - cursor), device=self.info.device)
+            rest = chosen.batches
+        else:
+            samples = np.sort(plan.batches[cursor:].ravel())
+            request = replace(request, num_samples=len(samples), u=request.u[samples], v=request.v[samples])
+            chosen, _ = compute_plan(request, device=self.info.device)
+            rest = samples[chosen.batches]
+        new = BatchPlan(np.concatenate([plan.batches[:cursor], rest]), plan.epoch, plan.strategy)
         check_same_on_all_ranks("batch plan", new.digest())
         seconds = time.perf_counter() - started
         figures.seconds = (figures.seconds or 0.0) + seconds

@@ -7,6 +7,7 @@ import torch
 from dist_cl.bank import EmbeddingBank
 from dist_cl.config import SelectionConfig
 from dist_cl.distributed import DistInfo
+from dist_cl.metrics import SelectionFigures
 from dist_cl.planning import EpochPlanner, plan_seed
 from dist_cl.seeding import derive_seed
 from dist_cl.selection import select_batches
@@ -92,3 +93,21 @@ def test_the_plan_computed_ahead_round_trips_through_the_checkpoint_state():
         restored.close()
     finally:
         policy.close()
+
+
+def test_osgd_is_selected_again_after_each_selection_until_an_epoch_of_steps():
+    """The official stepping: each kb-OSGD selection keeps q of every k batches (here 3 batches of N // B = 12),
+    training takes them, and the next ones are selected from the bank as it is then, until 12 steps."""
+    policy = planner("osgd", warmup_epochs=0, options={"k": 4, "q": 1})
+    u, v = policy.bank.u.numpy().copy(), policy.bank.v.numpy().copy()
+    plan, _ = policy.plan(0, step=0)
+    assert plan.batches.shape == (N // B, B)
+    first = select_batches("osgd", u, v, B, seed=derive_seed(SEED, 0), tau=0.2, k=4, q=1)
+    np.testing.assert_array_equal(plan.batches[:3], first)
+    assert [cursor for cursor in range(1, 12) if policy.reselection_due(plan, cursor)] == [3, 6, 9]
+    policy.bank.fill(torch.arange(N), torch.from_numpy(v), torch.from_numpy(u), step=3)  # training moved the bank
+    new = policy.reselect(plan, 3, step=3, figures=SelectionFigures())
+    assert new.batches.shape == plan.batches.shape
+    np.testing.assert_array_equal(new.batches[:3], plan.batches[:3])
+    again = select_batches("osgd", v, u, B, seed=plan_seed(SEED, 0, "osgd", cursor=3), tau=0.2, k=4, q=1)
+    np.testing.assert_array_equal(new.batches[3:6], again)

@@ -6,12 +6,13 @@ small-N strategies over the N-choose-B batch set. A new strategy is declared in 
 and bound to its function in STRATEGY_FUNCTIONS.
 """
 
+from math import comb
 from typing import Callable
 
 import numpy as np
 
 from dist_cl.selection.errors import SelectionError
-from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd
+from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd, osgd_batches
 from dist_cl.selection.partitions import random_partition
 from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
@@ -29,8 +30,20 @@ STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
 }
 """The function of each strategy declared in dist_cl.strategies.STRATEGIES."""
 
-__all__ = ["STRATEGIES", "STRATEGY_FUNCTIONS", "SelectionError", "batch_losses", "lift", "plan_loss",
-           "select_batches"]
+__all__ = ["STRATEGIES", "STRATEGY_FUNCTIONS", "SelectionError", "batch_losses", "batches_per_selection", "lift",
+           "plan_loss", "select_batches"]
+
+
+def batches_per_selection(name: str, n: int, batch_size: int, options: dict) -> int:
+    """Rows of one ``select_batches(name, ...)`` plan for N = ``n``: N // B for a partition, osgd's kept
+    batches (q, or q per chunk of k), 1 for full, N-choose-B for ncb."""
+    if name == "osgd":
+        return osgd_batches(n, batch_size, **options)
+    if name == "full":
+        return 1
+    if name == "ncb":
+        return comb(n, batch_size)
+    return n // batch_size
 
 
 ORDER_STREAM = 1

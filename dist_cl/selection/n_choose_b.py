@@ -41,6 +41,28 @@ def ncb_batches(n: int, batch_size: int, *, seed: int, max_batches: int = 100_00
     return batches[np.random.default_rng(seed).permutation(len(batches))]
 
 
+def osgd_shape(n: int, batch_size: int, q: int | None = None, k: int | None = None,
+               max_batches: int = 100_000) -> tuple[int | None, int]:
+    """(k, q) as ``osgd`` resolves them for N = ``n``: k None for the exact form; q checked."""
+    if k is None and comb(n, batch_size) <= max_batches:
+        q = n // batch_size if q is None else q
+        if not 1 <= q <= comb(n, batch_size):
+            raise SelectionError(f"q={q} must be between 1 and the {comb(n, batch_size)} candidate batches")
+        return None, q
+    n_batches = n // batch_size
+    k = min(1500, n_batches) if k is None else k
+    q = max(1, k // 10) if q is None else q
+    if not 1 <= q <= k <= n_batches:
+        raise SelectionError(f"need 1 <= q <= k <= N // B for kb-OSGD, got q={q}, k={k}, N // B={n_batches}")
+    return k, q
+
+
+def osgd_batches(n: int, batch_size: int, **options) -> int:
+    """Batches one ``osgd`` selection gives: q (exact), or q for each full chunk of k batches (kb)."""
+    k, q = osgd_shape(n, batch_size, **options)
+    return q if k is None else (n // batch_size // k) * q
+
+
 def osgd(u, v, batch_size: int, *, seed: int, tau: float = 0.1, q: int | None = None, k: int | None = None,
          max_batches: int = 100_000) -> np.ndarray:
     """Ordered SGD: the highest-loss batches, hardest first.
@@ -49,21 +71,16 @@ def osgd(u, v, batch_size: int, *, seed: int, tau: float = 0.1, q: int | None = 
     N-choose-B; rows may share indices. Otherwise "kb": a seeded random partition cut into chunks of k
     batches (default min(1500, N // B)), keeping the q (default k // 10, the official 1500/150 ratio)
     highest-loss batches of each chunk; no shared indices. Like the official code, a last partial chunk is
-    dropped.
+    dropped. The trainer selects again every ``osgd_batches`` steps until an epoch's worth of N // B steps,
+    as the official code does (dist_cl.planning).
     """
     n = len(u)
-    if k is None and comb(n, batch_size) <= max_batches:
+    k, q = osgd_shape(n, batch_size, q, k, max_batches)
+    if k is None:
         batches = all_batches(n, batch_size)
-        q = n // batch_size if q is None else q
-        if not 1 <= q <= len(batches):
-            raise SelectionError(f"q={q} must be between 1 and the {len(batches)} candidate batches")
         order = np.argsort(-batch_losses(u, v, batches, tau), kind="stable")
         return batches[order[:q]]
     n_batches = n // batch_size
-    k = min(1500, n_batches) if k is None else k
-    q = max(1, k // 10) if q is None else q
-    if not 1 <= q <= k <= n_batches:
-        raise SelectionError(f"need 1 <= q <= k <= N // B for kb-OSGD, got q={q}, k={k}, N // B={n_batches}")
     perm = np.random.default_rng(seed).permutation(n)
     chunks = perm[: (n_batches // k) * k * batch_size].reshape(-1, k, batch_size)
     losses = batch_losses(u, v, chunks.reshape(-1, batch_size), tau).reshape(-1, k)
