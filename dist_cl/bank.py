@@ -13,8 +13,8 @@ from dist_cl.distributed import gather_rows, world_size
 
 
 class EmbeddingBank:
-    def __init__(self, num_samples: int, dim: int, device: torch.device = torch.device("cpu")):
-        self.device = device
+    def __init__(self, num_samples: int, dim: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         """Where pending rows wait for the next sync, and where it gathers them."""
         self.u = torch.zeros(num_samples, dim)
         self.v = torch.zeros(num_samples, dim)

@@ -9,9 +9,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import Config, ConfigError, load_config, validate

@@ -382,7 +382,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("selection.options.random_fraction and group_size are two hardness controls; set one")
     for key in cfg.selection.options:
         if key in ("seed", "tau"):
-            source, setting = ("seed and epoch", "seed") if key == "seed" else ("loss.tau, or the learnt tau", "loss.tau")
+            source, setting = (("seed and epoch", "seed") if key == "seed"
+                               else ("loss.tau, or the learnt tau", "loss.tau"))
             raise ConfigError(f"selection.options.{key} is set by the trainer ({source}); remove it and set "
                               f"{setting} instead")
         if key not in accepted:

@@ -71,8 +71,8 @@ def extract(
         )
         if out is not None and info.is_main:
             meta = {
-                "checkpoint": str(path.resolve()), "step": state["counters"]["step"], "epoch": state["counters"]["epoch"],
-                "split": split,
+                "checkpoint": str(path.resolve()), "step": state["counters"]["step"],
+                "epoch": state["counters"]["epoch"], "split": split,
                 "num_samples": len(dataset), "output": output, "views": views, "augmentation_epoch": epoch,
                 "world_size": info.world_size, "data": cfg.data.name, "backbone": cfg.model.backbone,
             }

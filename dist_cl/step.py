@@ -6,8 +6,8 @@ with the loss in the step's one host sync.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -118,7 +118,8 @@ class Trainer:
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps)
-        check_same_on_all_ranks("config", hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest())
+        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+        check_same_on_all_ranks("config", digest)
         if counters.step == 0 and cfg.eval.every_epochs:
             self.evaluate(None, SelectionFigures())
         while counters.epoch < cfg.train.epochs:

@@ -64,8 +64,8 @@ def test_every_registered_component_round_trips_its_state(tmp_path):
     from dist_cl.trainer import Trainer
 
     overrides = ["data.num_samples=64", "train.global_batch_size=8", "train.epochs=3", "train.momentum=0.9",
-                 "eval.every_epochs=0", "checkpoint.every_steps=4", "checkpoint.keep=10", "selection.strategy=sc_global",
-                 "selection.overlap=true", "selection.options={cell_size: 32}"]
+                 "eval.every_epochs=0", "checkpoint.every_steps=4", "checkpoint.keep=10",
+                 "selection.strategy=sc_global", "selection.overlap=true", "selection.options={cell_size: 32}"]
     config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
     info = init_distributed(backend="gloo")
     try:

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from dist_cl.config import ConfigError, load_config, parse_overrides, validate
 
 
@@ -18,7 +18,8 @@ def test_config_and_its_validation_do_not_import_the_method_layer():
 
 
 def test_defaults_load_and_dotted_overrides_apply():
-    cfg = load_config(None, ["train.lr=0.5", "selection.strategy=fixed", "model.backbone_kwargs={channels: [8, 8, 8, 8]}"])
+    cfg = load_config(None, ["train.lr=0.5", "selection.strategy=fixed",
+                             "model.backbone_kwargs={channels: [8, 8, 8, 8]}"])
     assert cfg.train.lr == 0.5 and cfg.selection.strategy == "fixed"
     assert cfg.model.backbone_kwargs == {"channels": [8, 8, 8, 8]}
     assert str(cfg.run_dir) == "runs/digits"
@@ -35,7 +36,8 @@ def test_yaml_file_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["train.global_bach_size=32"], "unknown config key 'train.global_bach_size'; did you mean train.global_batch_size?"),
+        (["train.global_bach_size=32"],
+         "unknown config key 'train.global_bach_size'; did you mean train.global_batch_size?"),
         (["trian.lr=1"], "unknown config key 'trian'; did you mean train?"),
         (["train.epochs=ten"], "train.epochs='ten' is a str; expected int"),
         (["train.epochs=1.5"], "train.epochs=1.5 is a float; expected int"),
@@ -46,7 +48,8 @@ def test_yaml_file_then_overrides(tmp_path):
         (["data.name=shards"], "data.name=shards needs data.path=<shard directory>"),
         (["data.name=shards", "data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),
         (["model.backbone=free"], "the 'free' embedding model goes with data.name=synthetic"),
-        (["data.name=synthetic", "model.backbone=free", "train.optimizer=adamw"], "which only SGD without weight decay"),
+        (["data.name=synthetic", "model.backbone=free", "train.optimizer=adamw"],
+         "which only SGD without weight decay"),
         (["train"], "override 'train' must look like section.key=value"),
         (["selection.every_steps=5"], "strategy 'random' is not a loss-aware partition: use sc or sc_global"),
         (["selection.strategy=sc_global", "selection.every_steps=5", "selection.overlap=true"],
@@ -79,7 +82,8 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_batch_not_divisible_by_world_size():
     cfg = load_config(None, ["train.global_batch_size=30"])
-    with pytest.raises(ConfigError, match="train.global_batch_size=30 is not divisible by world_size=4; use a multiple of 4"):
+    message = "train.global_batch_size=30 is not divisible by world_size=4; use a multiple of 4"
+    with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size=4)
 
 

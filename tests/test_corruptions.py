@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from test_shards import shards_from_npz
 
 from dist_cl.config import AugmentConfig, ConfigError, load_config
 from dist_cl.corrupted_retrieval import EVAL_SEVERITIES, CorruptedViews, corrupted_retrieval, group_recall
@@ -16,7 +17,6 @@ from dist_cl.data.digits import DigitsPairs, digits_split
 from dist_cl.data.pairs import sample_rng
 from dist_cl.data.shards import ShardPairs
 from dist_cl.evaluation import EVAL_EPOCH, evaluate
-from test_shards import shards_from_npz
 
 
 def image(channels: int, side: int = 28) -> torch.Tensor:

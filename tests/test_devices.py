@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, torchrun, train_cmd
+
 from dist_cl.config import ConfigError
 from dist_cl.distributed import resolve_backend, served_devices
 

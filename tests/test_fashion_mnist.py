@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from dist_cl.config import ConfigError, load_config
 from dist_cl.data import build_dataset
 from dist_cl.data.fashion_mnist import FILES, INSTALL, IdxError, read_idx, stratified_subset

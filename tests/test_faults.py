@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import ROOT, torchrun
+
 from dist_cl import cli
 from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import ConfigError

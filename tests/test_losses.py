@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, torchrun
 from ddp_loss_grads import make_problem
+
 from dist_cl.losses import InfoNCELoss, NTXentLoss, batch_infonce
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import ROOT, torchrun
+
 from dist_cl.config import load_config
 from dist_cl.losses import InfoNCELoss
 from dist_cl.models import build_model

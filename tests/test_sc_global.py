@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from dist_cl.selection import plan_loss, select_batches
+from dist_cl.selection import plan_loss, sc_global, select_batches
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.knn import cross_knn
-from dist_cl.selection import sc_global
 from dist_cl.selection.sc_global import kmeans_cells, sc_global_partition, sparse_loss_affinity
 
 TAU = 0.1

@@ -11,10 +11,16 @@ import torch
 from sklearn.manifold import spectral_embedding as sklearn_spectral_embedding
 
 from dist_cl.losses import batch_infonce
-from dist_cl.selection import (STRATEGIES, STRATEGY_FUNCTIONS, SelectionError, batch_losses, lift, plan_loss,
-                               select_batches)
+from dist_cl.selection import (
+    STRATEGIES,
+    STRATEGY_FUNCTIONS,
+    SelectionError,
+    batch_losses,
+    lift,
+    plan_loss,
+    select_batches,
+)
 from dist_cl.selection.spectral import dense_loss_affinity, dense_spectral_embedding
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

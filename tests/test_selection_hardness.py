@@ -3,11 +3,11 @@ diagnostics: each control exact at its ends and deterministic for a seed."""
 
 import numpy as np
 import pytest
+from test_selection_mixing import planted
 
 from dist_cl.selection import STRATEGY_FUNCTIONS, SelectionError, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat, same_group_share
 from dist_cl.selection.partitions import random_partition
-from test_selection_mixing import planted
 
 
 def batch_set(plan: np.ndarray) -> set[frozenset]:

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from dist_cl.selection import select_batches
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -14,7 +14,13 @@ from torch.utils.data import DataLoader
 
 from dist_cl.config import AugmentConfig
 from dist_cl.data.shards import (
-    INDEX_NAME, OFFSETS_SUFFIX, ShardError, ShardPairs, check_shards, offsets_path, split_dir,
+    INDEX_NAME,
+    OFFSETS_SUFFIX,
+    ShardError,
+    ShardPairs,
+    check_shards,
+    offsets_path,
+    split_dir,
 )
 from tools import make_shards
 

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, torchrun
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from conftest import ROOT, torchrun
 from dist_cl import cli
 from dist_cl.config import load_config
 from dist_cl.models import build_model

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, order in orders.items()
         }
         runs = {name: [] for name in loaders}
-        for name, loader in loaders.items():
+        for loader in loaders.values():
             samples_per_second(loader, n)
         # Alternate the orders so that load from other processes hits both alike.
         for _ in range(args.repeats):

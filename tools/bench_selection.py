@@ -73,7 +73,7 @@ def measure(path: str, name: str, batch_size: int, tau: float, seed: int, option
         result = receive.recv()
     except EOFError:
         child.join()
-        raise RuntimeError(f"{name} failed in its subprocess (exit code {child.exitcode}); see its traceback")
+        raise RuntimeError(f"{name} failed in its subprocess (exit code {child.exitcode}); see its traceback") from None
     child.join()
     return result
 

@@ -393,13 +393,13 @@ def softmax_mass(directories: list[Path], tau: float, nearest: int = 10) -> str:
         log_z = np.logaddexp.reduce(s, axis=1)
         ranked = np.sort(np.where(negative, s, -np.inf), axis=1)[:, ::-1]
 
-        def share(logits: np.ndarray) -> float:
+        def share(logits: np.ndarray, log_z: np.ndarray = log_z) -> float:
             return float(np.mean(np.exp(np.logaddexp.reduce(logits, axis=1) - log_z)))
 
         lines.append(f"| {directory} | {np.mean(log_z - np.diag(s)):.3f} | {np.mean(np.exp(np.diag(s) - log_z)):.3f} | "
                      f"{share(ranked[:, :nearest]):.3f} | {share(ranked[:, nearest:-1]):.3f} | "
-                     f"{share(np.where(same, s, -np.inf)):.3f} | {np.mean(np.diag(cos)):.3f} | {cos[same].mean():.3f} | "
-                     f"{cos[negative & ~same].mean():.3f} |")
+                     f"{share(np.where(same, s, -np.inf)):.3f} | {np.mean(np.diag(cos)):.3f} | "
+                     f"{cos[same].mean():.3f} | {cos[negative & ~same].mean():.3f} |")
     return "\n".join(lines) + "\n"
 
 

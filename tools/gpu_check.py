@@ -14,6 +14,7 @@ import json
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,8 @@ def selection(device: torch.device, n: int, d: int, batch_size: int, cpu_referen
     rows = {}
     for where in dict.fromkeys([device, torch.device("cpu")] if cpu_reference else [device]):
         started = time.perf_counter()
-        plan, peak = _peak_device_memory(where, lambda: select_batches("sc_global", u, v, batch_size, seed=0,
-                                                                       tau=0.1, device=where))
+        plan, peak = _peak_device_memory(where, partial(select_batches, "sc_global", u, v, batch_size, seed=0,
+                                                                        tau=0.1, device=where))
         seconds = time.perf_counter() - started
         valid = len(np.unique(plan)) == plan.size == (n // batch_size) * batch_size
         rows[where.type] = {"seconds": round(seconds, 2), "peak_device_mib": round(peak / 2**20),
@@ -115,17 +116,18 @@ def throughput(device: torch.device, config: str, overrides: list[str], steps: i
         shape = (cfg.train.global_batch_size, *view.shape)
         x = (torch.rand(shape, device=info.device) if view.is_floating_point()  # images, or sample indices
              else torch.randint(len(trainer.train_set), shape, device=info.device))
+        numerics = trainer.step_fn
         for step in range(steps + 5):  # 5 warm-up steps
             if step == 5:
                 _synchronize(info.device)
                 started = time.perf_counter()
-            with torch.autocast(info.device.type, dtype=trainer.step_fn.amp_dtype, enabled=trainer.step_fn.amp_dtype is not None):
-                u, v, tau = trainer.step_fn.ddp(x, x.flip(-1))
-                loss = trainer.step_fn.loss_fn(u, v, tau)
+            with torch.autocast(info.device.type, dtype=numerics.amp_dtype, enabled=numerics.amp_dtype is not None):
+                u, v, tau = numerics.ddp(x, x.flip(-1))
+                loss = numerics.loss_fn(u, v, tau)
             trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.step_fn.scaler.scale(loss).backward()
-            trainer.step_fn.scaler.step(trainer.optimizer)
-            trainer.step_fn.scaler.update()
+            numerics.scaler.scale(loss).backward()
+            numerics.scaler.step(trainer.optimizer)
+            numerics.scaler.update()
         _synchronize(info.device)
         minimal = steps * cfg.train.global_batch_size / (time.perf_counter() - started)
     finally:

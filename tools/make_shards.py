@@ -19,9 +19,9 @@ import json
 import os
 import sys
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,13 @@ from tqdm import tqdm
 
 from dist_cl.config import ConfigError
 from dist_cl.data.shards import (
-    IMAGE_EXTENSIONS, INDEX_KIND, INDEX_NAME, OFFSETS_COLUMNS, offsets_path, sample_key, shard_name,
+    IMAGE_EXTENSIONS,
+    INDEX_KIND,
+    INDEX_NAME,
+    OFFSETS_COLUMNS,
+    offsets_path,
+    sample_key,
+    shard_name,
 )
 
 PARAMS_NAME = "make_shards.json"

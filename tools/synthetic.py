@@ -13,8 +13,8 @@ import argparse
 import csv
 import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import matplotlib
 

@@ -6,8 +6,8 @@ small-N strategies over the N-choose-B batch set. A new strategy is declared in 
 and bound to its function in STRATEGY_FUNCTIONS.
 """
 
+from collections.abc import Callable
 from math import comb
-from typing import Callable
 
 import numpy as np
 

@@ -16,8 +16,8 @@ k-means uses FAISS's GPU index where FAISS was built with GPUs (the ``gpu`` extr
 """
 
 import threading
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp

@@ -1,7 +1,12 @@
 """Under torchrun: each rank claims a different plan digest; every rank must raise RankDivergenceError."""
 
-from dist_cl.distributed import (RankDivergenceError, check_same_on_all_ranks, close_distributed, exit_process,
-                                 init_distributed)
+from dist_cl.distributed import (
+    RankDivergenceError,
+    check_same_on_all_ranks,
+    close_distributed,
+    exit_process,
+    init_distributed,
+)
 
 info = init_distributed(30)
 check_same_on_all_ranks("config", "ab" * 32)
