@@ -9,6 +9,7 @@ from bank_plan import CELL, B, N, embeddings
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.bank import EmbeddingBank
+from dist_cl.checkpoint import load_checkpoint
 from dist_cl.selection import select_batches
 
 
@@ -74,7 +75,7 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
                        f"train.global_batch_size={batch}", f"loss.tau={tau}", "train.epochs=3", "eval.every_epochs=0",
                        "checkpoint.keep=10", "selection.strategy=sc_global", "selection.overlap=true",
                        "selection.options={cell_size: 32}"))
-    ends = [torch.load(tmp_path / "checkpoints" / f"step-{8 * (e + 1):08d}.pt", weights_only=False) for e in range(3)]
+    ends = [load_checkpoint(tmp_path / "checkpoints" / f"step-{8 * (e + 1):08d}.pt")[0] for e in range(3)]
     assert ends[0]["next_plan"]["plan"]["strategy"] == "random"  # snapshot of epoch 0, inside the warm-up
     ahead = ends[1]["next_plan"]["plan"]
     assert (ahead["epoch"], ahead["strategy"]) == (2, "sc_global")
@@ -93,7 +94,7 @@ def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_st
 
     torchrun(train_cmd(tmp_path, "train.epochs=2", "eval.every_epochs=0", "selection.strategy=sc_global",
                        "selection.every_steps=8", "checkpoint.every_steps=5", "checkpoint.keep=20"))
-    before, after = (torch.load(tmp_path / "checkpoints" / f"step-{s:08d}.pt", weights_only=False) for s in (25, 30))
+    before, after = (load_checkpoint(tmp_path / "checkpoints" / f"step-{s:08d}.pt")[0] for s in (25, 30))
     assert (before["sampler"]["cursor"], after["sampler"]["cursor"]) == (3, 8)
     old, new = before["sampler"]["plan"]["batches"], after["sampler"]["plan"]["batches"]
     np.testing.assert_array_equal(new[:8], old[:8])

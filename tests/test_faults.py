@@ -9,7 +9,7 @@ import torch.distributed as dist
 from conftest import ROOT, torchrun
 
 from dist_cl import cli
-from dist_cl.checkpoint import CheckpointError
+from dist_cl.checkpoint import CheckpointError, load_checkpoint
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
@@ -112,7 +112,7 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
         assert not ckpt.exists() or not list(ckpt.glob("step-*.pt"))
         return
     assert (ckpt / "latest").read_text() == f"step-{step:08d}.pt"
-    state = torch.load(ckpt / f"step-{step:08d}.pt", weights_only=False)
+    state, _ = load_checkpoint(ckpt / f"step-{step:08d}.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     batch = state["sampler"]["plan"]["batches"][cursor]
     assert state["sampler"]["cursor"] == cursor and POISONED in batch
@@ -121,7 +121,7 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit):
     assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
-    state = torch.load(tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text(), weights_only=False)
+    state, _ = load_checkpoint(tmp_path)
     assert state["counters"]["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import ROOT, torchrun, train_cmd
 
+from dist_cl.checkpoint import load_checkpoint
+
 FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
 
 
 def final_model(run_dir):
-    latest = (run_dir / "checkpoints" / "latest").read_text()
-    return torch.load(run_dir / "checkpoints" / latest, weights_only=False)
+    return load_checkpoint(run_dir)[0]
 
 
 def assert_same_weights(a: dict, b: dict):
