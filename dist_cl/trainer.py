@@ -82,7 +82,8 @@ class Trainer:
         newest checkpoint on disk is always one that training can continue from."""
         norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
         if not torch.isfinite(torch.stack(norms)).all():
-            where = self.describe_batch(self.sampler.cursor - 1) if self.sampler.plan and self.sampler.cursor else ""
+            walked = self.sampler.plan is not None and self.sampler.cursor
+            where = self.describe_batch(self.sampler.cursor - 1) if walked else ""
             raise NonFiniteError(f"non-finite weights after the update of step {self.counters.step - 1} {where}; not "
                                  "saving them over the last good checkpoint; lower train.lr or set train.grad_clip")
         self.bank.sync()
