@@ -66,24 +66,29 @@ def select_everywhere(strategy: str, u, v, batch_size: int, *, map_fn=distribute
     return select_batches(strategy, u, v, batch_size, map_fn=map_fn, device=device, **kwargs)
 
 
+def select_plan(request: PlanRequest, map_fn=distributed_map, device: torch.device | None = None) -> np.ndarray:
+    """The batches of ``request`` alone (a collective where the strategy reads the bank)."""
+    if request.u is None:
+        return select_batches(request.strategy, None, None, request.batch_size, seed=request.seed,
+                              num_samples=request.num_samples, **request.options)
+    select = partial(select_everywhere, request.strategy, request.u, request.v, request.batch_size,
+                     tau=request.tau, map_fn=map_fn, device=device, **request.options)
+    batches = select(seed=request.seed)
+    while len(batches) < request.rows:
+        batches = np.concatenate([batches, select(seed=derive_seed(request.seed, len(batches)))])
+    return batches[: request.rows or None]
+
+
 def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.device | None = None
                  ) -> tuple[BatchPlan, SelectionFigures]:
     """The plan and the figures that describe it; ``device``: where a strategy that computes on one runs
     (the rank's)."""
     started = time.perf_counter()
     figures = SelectionFigures()
+    batches = select_plan(request, map_fn, device)
     if request.u is not None:
-        select = partial(select_everywhere, request.strategy, request.u, request.v, request.batch_size,
-                         tau=request.tau, map_fn=map_fn, device=device, **request.options)
-        batches = select(seed=request.seed)
-        while len(batches) < request.rows:
-            batches = np.concatenate([batches, select(seed=derive_seed(request.seed, len(batches)))])
-        batches = batches[: request.rows or None]
         figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32)
         figures.bank_staleness = request.staleness
-    else:
-        batches = select_batches(request.strategy, None, None, request.batch_size, seed=request.seed,
-                                 num_samples=request.num_samples, **request.options)
     figures.prepare_seconds = request.prepare_seconds
     figures.seconds = request.prepare_seconds + time.perf_counter() - started
     return BatchPlan(batches, request.epoch, request.strategy), figures
@@ -259,14 +264,13 @@ class EpochPlanner:
         started = time.perf_counter()
         request = self.request(plan.epoch, step, step, plan.epoch)
         request = replace(request, seed=plan_seed(self.run_seed, plan.epoch, plan.strategy, cursor))
+        # the rest's figures are not reported (the epoch's are the first plan's), so only its batches are made
         if fills_epoch(plan.strategy):
-            chosen, _ = compute_plan(replace(request, rows=len(plan) - cursor), device=self.info.device)
-            rest = chosen.batches
+            rest = select_plan(replace(request, rows=len(plan) - cursor), device=self.info.device)
         else:
             samples = np.sort(plan.batches[cursor:].ravel())
             request = replace(request, num_samples=len(samples), u=request.u[samples], v=request.v[samples])
-            chosen, _ = compute_plan(request, device=self.info.device)
-            rest = samples[chosen.batches]
+            rest = samples[select_plan(request, device=self.info.device)]
         new = BatchPlan(np.concatenate([plan.batches[:cursor], rest]), plan.epoch, plan.strategy)
         check_same_on_all_ranks("batch plan", new.digest())
         seconds = time.perf_counter() - started
