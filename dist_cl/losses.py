@@ -21,6 +21,26 @@ def batch_infonce(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
     return (s.logsumexp(-1) - diag + s.logsumexp(-2) - diag).mean(-1)
 
 
+def batch_ntxent(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR NT-Xent of each batch in ``u, v`` of shape (..., B, d) -> (...), at ``NTXentLoss``'s scale.
+
+    Each of the 2B views against the other 2B - 1: the mean over the 2B anchors of -log softmax at the
+    anchor's other view, as ``NTXentLoss`` computes it over a gathered global batch.
+    """
+    b = u.shape[-2]
+    z = torch.cat([u, v], dim=-2)
+    s = z @ z.transpose(-1, -2) / tau
+    s = s.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=s.device), float("-inf"))
+    other_view = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(s.device)
+    positives = s.gather(-1, other_view.expand(*s.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return (s.logsumexp(-1) - positives).mean(-1)
+
+
+BATCH_LOSSES = {"infonce": batch_infonce, "ntxent": batch_ntxent}
+"""Each training loss (``loss.name``) per batch, as batch selection scores it: OSGD keeps the batches of
+highest training loss, and the lift compares plans under it (docs/DESIGN.md §4)."""
+
+
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 

@@ -24,6 +24,8 @@ class Strategy:
     """True: it deals independent pieces of its work over the ranks itself, through ``map_fn``."""
     takes_device: bool = False
     """True: it computes on a torch ``device``."""
+    takes_loss: bool = False
+    """True: it scores batches with the training loss, named by ``loss`` (``loss.name``)."""
 
 
 STRATEGIES = {
@@ -31,7 +33,7 @@ STRATEGIES = {
     "fixed": Strategy(reads_embeddings=False, per_epoch=False),
     "full": Strategy(reads_embeddings=False, options=("max_n",), partition=False),
     "ncb": Strategy(reads_embeddings=False, options=("max_batches",), partition=False),
-    "osgd": Strategy(reads_embeddings=True, options=("q", "k", "max_batches"), partition=False),
+    "osgd": Strategy(reads_embeddings=True, options=("q", "k", "max_batches"), partition=False, takes_loss=True),
     "sc": Strategy(reads_embeddings=True, options=("chunk_batches",)),
     "sc_global": Strategy(reads_embeddings=True, options=("knn", "cell_size", "fine_size", "chunk_batches"),
                           takes_map_fn=True, takes_device=True),

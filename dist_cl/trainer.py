@@ -64,7 +64,7 @@ class Trainer:
         self.step_fn = TrainStep(cfg, self.model, self.optimizer, info.rank, info.world_size, info.device)
         self.bank = EmbeddingBank(len(self.train_set), cfg.model.embed_dim, info.device)
         self.planner = EpochPlanner(cfg.selection, cfg.seed, cfg.train.global_batch_size, self.train_set,
-                                    self.model, self.bank, info, cfg.data.num_workers)
+                                    self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name)
         self.sampler = PlanSampler(None, info.rank, info.world_size)
         self.counters = TrainCounters()
         self.metrics: RunMetrics | None = None

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from conftest import ROOT, torchrun
 from ddp_loss_grads import make_problem
 
-from dist_cl.losses import InfoNCELoss, NTXentLoss, batch_infonce
+from dist_cl.losses import InfoNCELoss, NTXentLoss, batch_infonce, batch_ntxent
 
 
 def reference_infonce(u: np.ndarray, v: np.ndarray, tau: float) -> float:
@@ -36,11 +36,11 @@ def unit_rows(shape, seed):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_batch_infonce_matches_float64_reference_for_every_batch():
+@pytest.mark.parametrize("batch_loss,reference", [(batch_infonce, reference_infonce), (batch_ntxent, reference_ntxent)])
+def test_batch_loss_matches_float64_reference_for_every_batch(batch_loss, reference):
     u, v = unit_rows((3, 6, 4), 0), unit_rows((3, 6, 4), 1)
-    got = batch_infonce(torch.from_numpy(u), torch.from_numpy(v), 0.2).numpy()
-    want = [reference_infonce(u[b], v[b], 0.2) for b in range(3)]
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+    got = batch_loss(torch.from_numpy(u), torch.from_numpy(v), 0.2).numpy()
+    np.testing.assert_allclose(got, [reference(u[b], v[b], 0.2) for b in range(3)], rtol=1e-12)
 
 
 @pytest.mark.parametrize("loss_cls,reference", [(InfoNCELoss, reference_infonce), (NTXentLoss, reference_ntxent)])
@@ -50,9 +50,10 @@ def test_single_process_loss_matches_float64_reference(loss_cls, reference):
     assert got == pytest.approx(reference(u, v, 0.3), rel=1e-12)
 
 
-def test_infonce_module_equals_batch_infonce_on_one_batch():
+@pytest.mark.parametrize("loss_cls,batch_loss", [(InfoNCELoss, batch_infonce), (NTXentLoss, batch_ntxent)])
+def test_loss_module_equals_its_batch_loss_on_one_batch(loss_cls, batch_loss):
     u, v = torch.from_numpy(unit_rows((7, 3), 4)), torch.from_numpy(unit_rows((7, 3), 5))
-    assert InfoNCELoss()(u, v, 0.1).item() == pytest.approx(batch_infonce(u, v, 0.1).item(), rel=1e-12)
+    assert loss_cls()(u, v, 0.1).item() == pytest.approx(batch_loss(u, v, 0.1).item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("loss_name,loss_cls", [("infonce", InfoNCELoss), ("ntxent", NTXentLoss)])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.manifold import spectral_embedding as sklearn_spectral_embedding
+from test_losses import reference_ntxent
 
 from dist_cl.losses import batch_infonce
 from dist_cl.selection import (
@@ -80,6 +81,20 @@ def test_osgd_exact_returns_the_highest_loss_batches_of_brute_force():
     assert plan.shape == (3, 3)
     assert [tuple(row) for row in plan] == ranked[:3]
     assert tuple(select_batches("osgd", u, v, 3, seed=0, tau=0.2, q=1)[0]) == ranked[0]
+
+
+def test_osgd_scores_batches_with_the_training_loss():
+    """Under loss.name=ntxent, OSGD keeps the highest NT-Xent batches, which here are not InfoNCE's."""
+    u, v = unit_pairs(9, 3, seed=4)
+    batches = list(itertools.combinations(range(9), 3))
+    ntxent = {batch: reference_ntxent(u[list(batch)], v[list(batch)], 0.2) for batch in batches}
+    infonce = {batch: reference_loss(u, v, batch, tau=0.2) for batch in batches}
+    ranked = sorted(batches, key=ntxent.get, reverse=True)[:3]
+    assert ranked != sorted(batches, key=infonce.get, reverse=True)[:3]
+    plan = select_batches("osgd", u, v, 3, seed=0, tau=0.2, loss="ntxent")
+    assert [tuple(row) for row in plan] == ranked
+    np.testing.assert_allclose(batch_losses(u, v, plan, tau=0.2, loss="ntxent"), [ntxent[b] for b in ranked],
+                               rtol=1e-12)
 
 
 def test_osgd_kb_keeps_the_top_q_of_each_chunk_of_k_random_batches_without_shared_indices():
@@ -156,7 +171,8 @@ def test_declared_options_are_exactly_the_functions_keyword_parameters(name):
     convention = {"u", "v", "batch_size", "seed", "tau"} if spec.reads_embeddings else {"n", "batch_size", "seed"}
     collectives = {"map_fn"} if spec.takes_map_fn else set()
     devices = {"device"} if spec.takes_device else set()
-    assert set(parameters) == convention | set(spec.options) | collectives | devices
+    losses = {"loss"} if spec.takes_loss else set()
+    assert set(parameters) == convention | set(spec.options) | collectives | devices | losses
     assert all(parameters[option].kind is inspect.Parameter.KEYWORD_ONLY for option in spec.options)
 
 
