@@ -14,9 +14,10 @@ from functools import partial
 from pathlib import Path
 
 from dist_cl.checkpoint import CheckpointError
-from dist_cl.config import Config, ConfigError, load_config, validate
+from dist_cl.config import Config, ConfigError, describe, load_config, validate
 from dist_cl.data.shards import ShardError, check_shards
 from dist_cl.distributed import Backend, DistInfo, close_distributed, exit_process, init_distributed
+from dist_cl.models import check_backbone
 from dist_cl.selection import SelectionError
 from dist_cl.trainer import Trainer
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto",
                         help="'auto' (resume from the run directory's newest checkpoint if any), 'latest', or a path")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and its data, then exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config, each key with what it means, then exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01 selection.strategy=sc")
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
@@ -71,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before the process group: its timeout and backend are in the config
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        check_backbone(cfg.model.backbone)
     except ConfigError as err:
         return _user_error("config error", err)
+    if args.print_config:
+        print(describe(cfg))
+        return 0
     return run_distributed(partial(train, cfg, args), cfg.dist.timeout_s, cfg.dist.backend)
 
 

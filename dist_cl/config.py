@@ -4,9 +4,12 @@ Every field has a type and a default; ``load_config`` rejects unknown keys (sugg
 values of the wrong type and inconsistent settings before any process group or data is touched.
 """
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +82,7 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """The two-view augmentation of training pairs."""
 
 
 @dataclass
@@ -108,16 +112,21 @@ class LossConfig:
     tau: float = 0.1
     """Temperature (initial value when learnable)."""
     learnable_tau: bool = False
+    """Learn tau (as log 1/tau) with the model instead of fixing it at loss.tau."""
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 30
+    """Epochs to train; the learning-rate schedule runs over them."""
     global_batch_size: int = 64
     """Samples per optimizer step over all ranks; each rank takes global_batch_size / world_size."""
     lr: float = 1e-3
+    """Peak learning rate, reached after train.warmup_epochs, then decayed by a cosine to 0."""
     optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    """timm's optimizer of that name (sgd: with momentum, not Nesterov)."""
     weight_decay: float = 1e-4
+    """Decoupled (adamw) or L2 (sgd, lars) weight decay."""
     momentum: float = 0.9
     """SGD / LARS momentum."""
     warmup_epochs: float = 2.0
@@ -154,6 +163,7 @@ class EvalConfig:
     every_epochs: int = 5
     """Evaluate after every this many epochs (and at the end); 0 disables."""
     knn_k: int = 20
+    """Neighbours of the held-out kNN classifier over training embeddings."""
     train_pairs: int = 100_000
     """Training pairs of the training-set metrics (train/full_batch_loss, train/retrieval_top1): all of them
     up to this many, a fixed random subset of this many beyond (N^2 similarities are computed in blocks)."""
@@ -189,18 +199,29 @@ class DistConfig:
 @dataclass
 class Config:
     seed: int = 0
+    """Run seed: initialisation, augmentation and every plan's seed derive from it."""
     run: RunConfig = field(default_factory=RunConfig)
+    """Where the run writes."""
     data: DataConfig = field(default_factory=DataConfig)
+    """What is trained and evaluated on."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The contrastive objective."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """How global batches are chosen."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
     dist: DistConfig = field(default_factory=DistConfig)
+    """The process group."""
 
     @property
     def run_dir(self) -> Path:
+        """run.dir, or runs/<run.name>."""
         return Path(self.run.dir or f"runs/{self.run.name}")
 
     def to_dict(self) -> dict:
@@ -319,8 +340,15 @@ def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config
     return cfg
 
 
+TOOL_OUTPUTS = Path("runs/tools")
+"""The tools' default output folder; no run's default run directory (runs/<run.name>) is in it."""
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need no data or process group; ``world_size`` adds the divisibility check."""
+    if not cfg.run.dir and cfg.run_dir == TOOL_OUTPUTS:
+        raise ConfigError(f"run.name={cfg.run.name!r} would put the run in {TOOL_OUTPUTS}, where tools write their "
+                          "outputs; choose another run.name or set run.dir")
     t = cfg.train
     positive = {
         "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
@@ -414,6 +442,46 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by world_size={world_size}; "
             f"use a multiple of {world_size}"
         )
+
+
+def field_docs() -> dict[str, str]:
+    """Every config key's docstring (the string literal under its field in this module), by dotted key."""
+    classes = {node.name: node for node in ast.parse(inspect.getsource(sys.modules[__name__])).body
+               if isinstance(node, ast.ClassDef)}
+    docs: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        body = classes[cls.__name__].body
+        for stmt, following in zip(body, body[1:] + [None]):
+            if not isinstance(stmt, ast.AnnAssign):
+                continue
+            name = stmt.target.id
+            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            docs[prefix + name] = " ".join(following.value.value.split()) if is_doc else ""
+            field_type = typing.get_type_hints(cls)[name]
+            if dataclasses.is_dataclass(field_type):
+                walk(field_type, f"{prefix}{name}.")
+
+    walk(Config, "")
+    return docs
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by its docstring as a comment (``--print-config``)."""
+    docs, lines = field_docs(), []
+
+    def emit(tree: dict, prefix: str, indent: str) -> None:
+        for key, value in tree.items():
+            doc = docs[prefix + key]
+            if isinstance(value, dict) and key not in FREE_FORM:
+                lines.append(f"{indent}{key}:  # {doc}")
+                emit(value, f"{prefix}{key}.", indent + "  ")
+            else:
+                shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+                lines.append(f"{indent}{key}: {shown}  # {doc}")
+
+    emit(cfg.to_dict(), "", "")
+    return "\n".join(lines)
 
 
 def save_config(cfg: Config, path: Path) -> None:

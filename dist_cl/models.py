@@ -4,6 +4,7 @@ A timm backbone (``pretrained=False``) with a projection MLP, shared by both vie
 side (CLIP, ``two_towers``); and the free-embedding model of the paper's synthetic setting.
 """
 
+import difflib
 import logging
 import math
 
@@ -143,6 +144,17 @@ class FreeEmbeddings(nn.Module):
 
     def embed(self, index: torch.Tensor, side: str = "a", output: str = "projection") -> torch.Tensor:
         return F.normalize((self.u if side == "a" else self.v)[index], dim=-1)
+
+
+def check_backbone(name: str) -> None:
+    """A ConfigError unless ``name`` is 'free' or a model in timm's registry, with the closest names:
+    before any process group starts, rather than a timm traceback from every rank."""
+    if name == "free" or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"model.backbone={name!r} is not a timm model; {hint}list them with "
+                      "python -c \"import timm; print(timm.list_models())\"")
 
 
 def build_model(cfg: Config, num_samples: int) -> nn.Module:

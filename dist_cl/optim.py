@@ -35,6 +35,17 @@ def lr_factor(progress: float, warmup: float, total: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / max(total - warmup, 1e-12))))
 
 
+def epochs_change_warning(saved_epochs: int, train: TrainConfig, progress: float) -> str | None:
+    """The learning-rate jump that resuming at ``progress`` (epochs) with another ``train.epochs`` makes:
+    the schedule is a function of progress over the total, so a new total moves the whole cosine."""
+    if saved_epochs == train.epochs:
+        return None
+    before, after = (train.lr * lr_factor(progress, train.warmup_epochs, total) for total in (saved_epochs,
+                                                                                              train.epochs))
+    return (f"train.epochs changed from {saved_epochs} to {train.epochs} on resume: the learning rate at epoch "
+            f"{progress:.2f} goes from {before:.3g} to {after:.3g} (the cosine schedule is over train.epochs)")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, epoch: int, cursor: int, n_batches: int) -> float:
     """The schedule's rate for global batch ``cursor`` of ``epoch`` (half a step in, so none is zero)."""
     factor = lr_factor(epoch + (cursor + 0.5) / n_batches, train.warmup_epochs, train.epochs)

@@ -133,6 +133,16 @@ def resolved(plan: BatchPlan, figures: SelectionFigures) -> Future:
     return future
 
 
+def left_out_warning(num_samples: int, batch_size: int, strategy: str) -> str | None:
+    """What a partition leaves out of each epoch when N is not a multiple of B; None where nothing is."""
+    left_out = num_samples % batch_size
+    if not left_out or not STRATEGIES[strategy].partition:
+        return None
+    which = "the same ones every epoch" if not STRATEGIES[strategy].per_epoch else "different ones each epoch"
+    return (f"{left_out} of the {num_samples} training samples ({left_out / num_samples:.1%}) are left out of "
+            f"every epoch ({which}): N is not a multiple of train.global_batch_size={batch_size}")
+
+
 def plan_strategy(selection: SelectionConfig, bank_epoch: int) -> str:
     """The strategy of a plan selected from the bank as it is in epoch ``bank_epoch``: random during
     warm-up (the bank is not filled yet, or the embeddings not yet worth selecting on), then the

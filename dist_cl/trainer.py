@@ -28,8 +28,8 @@ from dist_cl.distributed import DistInfo, check_same_on_all_ranks
 from dist_cl.evaluation import evaluate
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
 from dist_cl.models import build_training_model
-from dist_cl.optim import build_optimizer, set_lr
-from dist_cl.planning import EpochPlanner
+from dist_cl.optim import build_optimizer, epochs_change_warning, set_lr
+from dist_cl.planning import EpochPlanner, left_out_warning
 from dist_cl.sampler import PlanSampler
 from dist_cl.seeding import RankRNG, derive_seed
 from dist_cl.step import NonFiniteError, TrainStep
@@ -66,6 +66,9 @@ class Trainer:
         self.planner = EpochPlanner(cfg.selection, cfg.seed, cfg.train.global_batch_size, self.train_set,
                                     self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name)
         self.sampler = PlanSampler(None, info.rank, info.world_size)
+        left_out = left_out_warning(len(self.train_set), cfg.train.global_batch_size, cfg.selection.strategy)
+        if left_out and info.is_main:
+            log.warning(left_out)
         self.counters = TrainCounters()
         self.metrics: RunMetrics | None = None
         # where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s
@@ -107,6 +110,11 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was made with an incompatible config "
                                   f"({'; '.join(differences)}); resume with the original config or start a new run.dir")
         self.checkpoints.restore(state)
+        plan = self.sampler.plan
+        change = epochs_change_warning(state["meta"]["config"]["train"]["epochs"], self.cfg.train,
+                                       self.counters.epoch + (self.sampler.cursor / len(plan) if plan else 0.0))
+        if change:
+            log.warning(change)
         if state["meta"]["world_size"] != self.info.world_size:
             log.warning("resuming on %d ranks from %d: per-rank RNG streams restart (plans and bank are kept)",
                         self.info.world_size, state["meta"]["world_size"])

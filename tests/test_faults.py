@@ -76,9 +76,10 @@ def test_checkpoint_from_incompatible_config_is_refused_and_left_intact(tmp_path
     assert digests(tmp_path / "run") == before
 
 
-def test_longer_schedule_resumes_from_a_finished_run(tmp_path):
+def test_longer_schedule_resumes_from_a_finished_run_and_names_the_learning_rate_jump(tmp_path, caplog):
     assert run(tmp_path) == 0
     assert run(tmp_path, "train.epochs=4") == 0
+    assert "train.epochs changed from 3 to 4 on resume: the learning rate at epoch 3.00 goes from 0 to" in caplog.text
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     assert latest == f"step-{4 * 4:08d}.pt"
 

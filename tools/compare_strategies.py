@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_cl.config import TOOL_OUTPUTS
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = "random,osgd,sc,sc_global"
 PROBE_NAME = "probe.json"
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=5, help="eval.every_epochs (default %(default)s)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--out", type=Path, default=TOOL_OUTPUTS / "compare",
+                        help="where the runs and tables go (default %(default)s; runs/tools/ holds no trainer run)")
     parser.add_argument("--table", type=Path, help="markdown output (default <out>/results.md)")
     parser.add_argument("--plot", type=Path, help="PNG output (default <out>/strategies.png)")
     parser.add_argument("--table-every", type=int, default=5,

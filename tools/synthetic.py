@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
+from dist_cl.config import TOOL_OUTPUTS
 from dist_cl.losses import batch_infonce
 from dist_cl.seeding import derive_seed
 from dist_cl.selection import select_batches
@@ -45,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tau", type=float, default=1.0, help="temperature (official: 1, plain unit vectors)")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--report-steps", type=int, nargs="+", default=[100, 500, 2000])
-    parser.add_argument("--out", type=Path, default=Path("runs/synthetic"))
+    parser.add_argument("--out", type=Path, default=TOOL_OUTPUTS / "synthetic",
+                        help="output folder (default %(default)s; runs/tools/ holds no trainer run)")
     args = parser.parse_args(argv)
     if args.large:
         args.n, args.b = 16, 4
