@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import Config, ConfigError, describe, load_config, validate
+from dist_cl.console import setup_console
 from dist_cl.data.shards import ShardError, check_shards
 from dist_cl.distributed import Backend, DistInfo, close_distributed, exit_process, init_distributed
 from dist_cl.models import check_backbone
@@ -84,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
-    logging.basicConfig(
-        level=logging.INFO if info.is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(message)s",
-    )
+    setup_console(info.rank, cfg.run.print_every_s)
     trainer = Trainer(cfg, info)
     if args.dry_run:
         if cfg.data.name == "shards":

@@ -33,6 +33,9 @@ class RunConfig:
     """Run directory (TensorBoard, checkpoints, metrics, resolved config); empty means runs/<name>."""
     log_every_steps: int = 10
     """Steps between TensorBoard scalar writes."""
+    print_every_s: float = 10.0
+    """Least seconds between two epoch lines on the terminal (train.log, metrics.jsonl and TensorBoard keep
+    every epoch; the first and last epoch always print); 0 prints every epoch."""
 
 
 @dataclass
@@ -366,7 +369,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "train.grad_clip": t.grad_clip, "eval.every_epochs": cfg.eval.every_epochs,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
-        "selection.every_steps": cfg.selection.every_steps,
+        "selection.every_steps": cfg.selection.every_steps, "run.print_every_s": cfg.run.print_every_s,
         "data.subset": cfg.data.subset, "data.heldout_subset": cfg.data.heldout_subset,
         "eval.corruption_samples": cfg.eval.corruption_samples,
     }

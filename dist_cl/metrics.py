@@ -10,11 +10,14 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from dist_cl.console import THROTTLED, duration
 
 log = logging.getLogger("dist_cl")
 
@@ -60,6 +63,8 @@ class EpochRecord:
 
     epoch: int
     """Epochs completed, this one included (the same count the evaluation lines use)."""
+    strategy: str
+    """The strategy of the epoch's plan (random during selection.warmup_epochs)."""
     step: int
     steps: int
     """Optimizer steps taken in this epoch by this attempt (a resumed epoch counts from the resume)."""
@@ -75,16 +80,18 @@ class EpochRecord:
 class RunMetrics:
     """Reports of one rank: rank 0 writes TensorBoard (``<run>/tb``) and metrics.jsonl, the others nothing."""
 
-    def __init__(self, run_dir: Path, is_main: bool, log_every_steps: int):
+    def __init__(self, run_dir: Path, is_main: bool, log_every_steps: int, epochs: int, epochs_done: int):
+        """``epochs``: the run's total; ``epochs_done``: completed before this attempt (the ETA's start)."""
         self.is_main = is_main
         self.log_every_steps = log_every_steps
+        self.epochs, self.epochs_done, self.started = epochs, epochs_done, time.perf_counter()
         self.path = run_dir / "metrics.jsonl"
         self.writer = SummaryWriter(str(run_dir / "tb")) if is_main else None
 
     def progress_bar(self, total: int, done: int, epoch: int) -> tqdm:
-        """The epoch's bar, on rank 0's terminal only."""
-        return tqdm(total=total, initial=done, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-                    disable=not (self.is_main and sys.stderr.isatty()))
+        """Epoch ``epoch``'s bar (0-based: the bar of the first is "epoch 1/E"), on rank 0's terminal only."""
+        return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
+                    dynamic_ncols=True, disable=not (self.is_main and sys.stderr.isatty()))
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
         """``train/<name>`` scalars of ``step``, every ``run.log_every_steps`` steps."""
@@ -93,10 +100,17 @@ class RunMetrics:
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def epoch(self, record: EpochRecord) -> None:
-        figures = record.selection
-        log.info("epoch %d step %d | data %.2fs total %.2fs | %.0f samples/s | lr %.3e | loss %.4f | selection "
-                 "%.2fs (waited %.2fs)", record.epoch - 1, record.step, record.data_seconds, record.train_seconds,
-                 record.samples_per_s, record.lr, record.loss, figures.seconds or 0.0, figures.wait_seconds or 0.0)
+        """The epoch's line (on the terminal at most every run.print_every_s, the first of a process and the
+        last of the run always), its selection scalars and its metrics.jsonl record."""
+        figures, done = record.selection, record.epoch - self.epochs_done
+        eta = (time.perf_counter() - self.started) / max(done, 1) * (self.epochs - record.epoch)
+        hardness = ", ".join(f"{name} {value:.3f}" for name, value in (
+            ("lift", figures.lift), ("realised lift", figures.realised_lift)) if value is not None)
+        log.info("epoch %d/%d step %d | loss %.4f | lr %.3e | %.0f samples/s, data %.2fs of %.2fs | %s%s | "
+                 "selection %.2fs (waited %.2fs) | ETA %s", record.epoch, self.epochs, record.step, record.loss,
+                 record.lr, record.samples_per_s, record.data_seconds, record.train_seconds, record.strategy,
+                 f" ({hardness})" if hardness else "", figures.seconds or 0.0, figures.wait_seconds or 0.0,
+                 duration(eta), extra={} if record.epoch == self.epochs else THROTTLED)
         if self.writer is not None:
             for tag, value in figures.scalars().items():
                 self.writer.add_scalar(tag, value, record.step)
@@ -112,7 +126,8 @@ class RunMetrics:
                 tag = f"train/{key.removeprefix('train_')}" if key.startswith("train_") else f"eval/{key}"
                 self.writer.add_scalar(tag, value, step)
         self.append({"kind": "eval", "epoch": epoch, "step": step, "loss": loss, **metrics, **figures.scalars()})
-        log.info("eval epoch %d step %d | %s", epoch, step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.info("eval epoch %d/%d step %d | %s", epoch, self.epochs, step,
+                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def append(self, record: dict) -> None:
         if self.is_main:

@@ -23,6 +23,7 @@ import dist_cl
 from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import CheckpointError, RunCheckpoints
 from dist_cl.config import Config, config_differences, save_config
+from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.distributed import DistInfo, check_same_on_all_ranks
 from dist_cl.evaluation import evaluate
@@ -71,6 +72,7 @@ class Trainer:
             log.warning(left_out)
         self.counters = TrainCounters()
         self.metrics: RunMetrics | None = None
+        self.log_file: logging.Handler | None = None
         # where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.checkpoint.timeout_s))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", cfg.checkpoint.keep, {
@@ -94,7 +96,7 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "world_size": self.info.world_size, "version": dist_cl.__version__}
         path = self.checkpoints.save(self.counters.step, meta)
         if path is not None:
-            log.info("saved checkpoint %s", path)
+            log.debug("saved checkpoint %s", path)  # train.log only: one a step would flood the terminal
 
     def resume(self, which: str) -> bool:
         """Load ``which`` ('auto', 'latest' or a path); 'auto' resumes only where a checkpoint exists."""
@@ -124,9 +126,21 @@ class Trainer:
     # ---------------------------------------------------------------- training
     def fit(self) -> None:
         cfg, counters = self.cfg, self.counters
+        if counters.epoch >= cfg.train.epochs:
+            log.info("run already complete at epoch %d/%d (step %d) in %s: raise train.epochs to train on, or set a "
+                     "new run.dir to start again", counters.epoch, cfg.train.epochs, counters.step, self.run_dir)
+            return
+        started = time.perf_counter()
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps)
+            self.log_file = open_log_file(self.run_dir)
+            backend = dist.get_backend() if dist.is_initialized() else "none"
+            for line in banner(cfg, self.info.world_size, self.info.device, backend, len(self.train_set),
+                               len(self.heldout_set) if self.heldout_set is not None else 0,
+                               sum(p.numel() for p in self.model.parameters())):
+                log.info(line)
+        self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps, cfg.train.epochs,
+                                  counters.epoch)
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
         check_same_on_all_ranks("config", digest)
         if counters.step == 0 and cfg.eval.every_epochs:
@@ -146,6 +160,11 @@ class Trainer:
             if every and (counters.epoch % every == 0 or counters.epoch == cfg.train.epochs):
                 self.evaluate(loss, figures)
             self.save_checkpoint()
+        if self.info.is_main:
+            saved = self.checkpoints.checkpointer.checkpoints()
+            for line in summary(self.metrics.path, self.run_dir, counters.epoch, counters.step,
+                                time.perf_counter() - started, saved[-1] if saved else None):
+                log.info(line)
 
     def train_epoch(self, figures: SelectionFigures) -> float:
         """Train the rest of the sampler's plan; this epoch's mean loss."""
@@ -232,7 +251,8 @@ class Trainer:
         if figures.wait_seconds is not None:
             figures.share = figures.wait_seconds / (figures.wait_seconds + seconds)
         samples_s = len(losses) * self.cfg.train.global_batch_size / max(seconds, 1e-9)
-        self.metrics.epoch(EpochRecord(epoch=self.counters.epoch + 1, step=self.counters.step, steps=len(losses),
+        self.metrics.epoch(EpochRecord(epoch=self.counters.epoch + 1, strategy=self.sampler.plan.strategy,
+                                       step=self.counters.step, steps=len(losses),
                                        loss=mean_loss, train_seconds=seconds, data_seconds=data_time,
                                        samples_per_s=samples_s, lr=self.optimizer.param_groups[0]["lr"],
                                        selection=figures))
@@ -260,3 +280,5 @@ class Trainer:
         self.planner.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.log_file is not None:
+            close_log_file(self.log_file)

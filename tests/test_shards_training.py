@@ -19,7 +19,7 @@ def test_two_process_training_reads_digits_shards(tmp_path):
     make_digits_shards(tmp_path / "shards")
     run_dir = tmp_path / "run"
     proc = torchrun(train_cmd(run_dir, *SHARD_RUN, f"data.path={tmp_path / 'shards'}", "data.num_workers=1"))
-    assert "epoch 0 step 44 " in proc.stderr  # 1437 training digits // 32
+    assert "epoch 1/1 step 44 " in proc.stderr  # 1437 training digits // 32
     assert (run_dir / "checkpoints" / "step-00000044.pt").exists()
     assert "knn_top1" in (run_dir / "metrics.jsonl").read_text()
 

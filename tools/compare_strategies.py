@@ -8,11 +8,11 @@
     python tools/compare_strategies.py ... -- loss.tau=0.2               # extra overrides for every run
     python tools/compare_strategies.py --composition EMB/train           # same-label share + lift of each plan
 
-Every run goes to <out>/<label>-s<seed> (run.dir), its rank-0 log to train.log there and its wall time,
-command and load average to run_info.json. A run whose metrics.jsonl already holds the final epoch is
-skipped, so an interrupted comparison is resumed by running the same command again (a run cut short is
-resumed from its checkpoint by launch/train.py; its wall time then covers the last attempt only and is
-marked "resumed").
+Every run goes to <out>/<label>-s<seed> (run.dir), its terminal output (every rank's) to console.log there
+(the trainer writes train.log itself), its wall time, command and load average to run_info.json. A run
+whose metrics.jsonl already holds the final epoch is skipped, so an interrupted comparison is resumed by
+running the same command again (a run cut short is resumed from its checkpoint by launch/train.py; its
+wall time then covers the last attempt only and is marked "resumed").
 
 Aggregation reads each run's metrics.jsonl alone: its evaluation lines (the metrics at every evaluated
 epoch) and its epoch lines (training and selection seconds, selection/* figures of every epoch), plus
@@ -102,7 +102,7 @@ def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
     cpu_before = os.times()
-    with open(directory / "train.log", "a") as log:
+    with open(directory / "console.log", "a") as log:  # the trainer keeps rank 0's lines in train.log itself
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     wall = time.perf_counter() - started
     cpu_after = os.times()
@@ -118,7 +118,7 @@ def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
     print(f"[done] {entry.label} seed {seed}: rc {code}, {wall:.1f}s wall, {child_cpu:.1f}s CPU, "
           f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
     if code != 0:
-        print(f"[fail] see {directory / 'train.log'}", flush=True)
+        print(f"[fail] see {directory / 'console.log'}", flush=True)
 
 
 def probe(entry: Entry, seed: int, args) -> None:
