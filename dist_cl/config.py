@@ -506,6 +506,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def changed_keys(cfg: Config) -> dict:
+    """The dotted keys whose value differs from the default, with their values (TensorBoard's hparams)."""
+    defaults = _flatten(Config().to_dict())
+    return {key: value for key, value in _flatten(cfg.to_dict()).items() if defaults.get(key) != value}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose change makes a checkpoint unusable, with both values."""
     a, b = _flatten(saved), _flatten(current)

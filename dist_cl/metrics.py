@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from dist_cl.board import Board
 from dist_cl.console import THROTTLED, duration
+from dist_cl.data.pairs import PairDataset
 
 log = logging.getLogger("dist_cl")
 
@@ -77,16 +78,25 @@ class EpochRecord:
     selection: SelectionFigures
 
 
-class RunMetrics:
-    """Reports of one rank: rank 0 writes TensorBoard (``<run>/tb``) and metrics.jsonl, the others nothing."""
+def tag(key: str) -> str:
+    """An evaluation metric's TensorBoard tag: training-set metrics beside train/loss (train/full_batch_loss is
+    the paper's objective), the others under eval/."""
+    return f"train/{key.removeprefix('train_')}" if key.startswith("train_") else f"eval/{key}"
 
-    def __init__(self, run_dir: Path, is_main: bool, log_every_steps: int, epochs: int, epochs_done: int):
-        """``epochs``: the run's total; ``epochs_done``: completed before this attempt (the ETA's start)."""
+
+class RunMetrics:
+    """Reports of one rank: rank 0 writes TensorBoard (dist_cl.board) and metrics.jsonl, the others nothing."""
+
+    def __init__(self, run_dir: Path, is_main: bool, log_every_steps: int, epochs: int, epochs_done: int,
+                 first_step: int, batch_size: int):
+        """``epochs``: the run's total; ``epochs_done`` and ``first_step``: where this attempt starts."""
         self.is_main = is_main
         self.log_every_steps = log_every_steps
         self.epochs, self.epochs_done, self.started = epochs, epochs_done, time.perf_counter()
         self.path = run_dir / "metrics.jsonl"
-        self.writer = SummaryWriter(str(run_dir / "tb")) if is_main else None
+        self.board = Board(run_dir / "tb", first_step, epochs_done, batch_size) if is_main else None
+        self.changed: dict = {}
+        self.last_evaluation: dict[str, float] = {}
 
     def progress_bar(self, total: int, done: int, epoch: int) -> tqdm:
         """Epoch ``epoch``'s bar (0-based: the bar of the first is "epoch 1/E"), on rank 0's terminal only."""
@@ -95,9 +105,8 @@ class RunMetrics:
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
         """``train/<name>`` scalars of ``step``, every ``run.log_every_steps`` steps."""
-        if self.writer is not None and step % self.log_every_steps == 0:
-            for name, value in scalars.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
+        if self.board is not None and step % self.log_every_steps == 0:
+            self.board.scalars({f"train/{name}": value for name, value in scalars.items()}, step)
 
     def epoch(self, record: EpochRecord) -> None:
         """The epoch's line (on the terminal at most every run.print_every_s, the first of a process and the
@@ -111,20 +120,17 @@ class RunMetrics:
                  record.lr, record.samples_per_s, record.data_seconds, record.train_seconds, record.strategy,
                  f" ({hardness})" if hardness else "", figures.seconds or 0.0, figures.wait_seconds or 0.0,
                  duration(eta), extra={} if record.epoch == self.epochs else THROTTLED)
-        if self.writer is not None:
-            for tag, value in figures.scalars().items():
-                self.writer.add_scalar(tag, value, record.step)
+        if self.board is not None:
+            self.board.scalars(figures.scalars(), record.step, record.epoch)
         fields = {k: v for k, v in dataclasses.asdict(record).items() if k != "selection"}
         self.append({"kind": "epoch", **fields, **figures.scalars()})
 
     def evaluation(self, epoch: int, step: int, loss: float | None, metrics: dict[str, float],
                    figures: SelectionFigures) -> None:
-        """Evaluation ``metrics`` after ``epoch`` epochs; training-set metrics go beside train/loss
-        (train/full_batch_loss is the paper's objective), the others under eval/."""
-        if self.writer is not None:
-            for key, value in metrics.items():
-                tag = f"train/{key.removeprefix('train_')}" if key.startswith("train_") else f"eval/{key}"
-                self.writer.add_scalar(tag, value, step)
+        """Evaluation ``metrics`` after ``epoch`` epochs (their tags: ``tag``)."""
+        self.last_evaluation = metrics
+        if self.board is not None:
+            self.board.scalars({tag(key): value for key, value in metrics.items()}, step, epoch)
         self.append({"kind": "eval", "epoch": epoch, "step": step, "loss": loss, **metrics, **figures.scalars()})
         log.info("eval epoch %d/%d step %d | %s", epoch, self.epochs, step,
                  " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -134,6 +140,27 @@ class RunMetrics:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def config(self, resolved: dict, changed: dict, step: int) -> None:
+        """The resolved config as text, and the keys that differ from the defaults for hparams."""
+        self.changed = changed
+        if self.board is not None:
+            self.board.config(resolved, step)
+
+    def batch(self, dataset, indices, step: int) -> None:
+        """One selected global batch as images with their labels; nothing for data without images."""
+        if self.board is None or not hasattr(dataset, "raw") or type(dataset).raw is PairDataset.raw:
+            return
+        images = [dataset.raw(int(i)) for i in indices]
+        classes = getattr(dataset, "classes", None)
+        labels = None if dataset.labels is None else [
+            classes[dataset.labels[i]] if classes else str(dataset.labels[i]) for i in indices]
+        self.board.batch(images, labels, step)
+
+    def hparams(self) -> None:
+        """At the end of a run: the changed config keys against the last evaluation's metrics."""
+        if self.board is not None and self.last_evaluation:
+            self.board.hparams(self.changed, {tag(key): value for key, value in self.last_evaluation.items()})
+
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.board is not None:
+            self.board.close()

@@ -88,6 +88,8 @@ def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.dev
     started = time.perf_counter()
     figures = SelectionFigures()
     batches = select_plan(request, map_fn, device)
+    if request.strategy == "random":
+        figures.lift = 1.0  # its definition: a random plan against a random partition
     if request.u is not None:
         figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32,
                             loss=request.loss)

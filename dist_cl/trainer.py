@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import dist_cl
 from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import CheckpointError, RunCheckpoints
-from dist_cl.config import Config, config_differences, save_config
+from dist_cl.config import Config, changed_keys, config_differences, save_config
 from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.distributed import DistInfo, check_same_on_all_ranks
@@ -140,7 +140,8 @@ class Trainer:
                                sum(p.numel() for p in self.model.parameters())):
                 log.info(line)
         self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps, cfg.train.epochs,
-                                  counters.epoch)
+                                  counters.epoch, counters.step, cfg.train.global_batch_size)
+        self.metrics.config(cfg.to_dict(), changed_keys(cfg), counters.step)
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
         check_same_on_all_ranks("config", digest)
         if counters.step == 0 and cfg.eval.every_epochs:
@@ -154,12 +155,16 @@ class Trainer:
                 self.planner.plan_ahead(counters.epoch, counters.step, first_step, cfg.train.epochs)
             loss = self.train_epoch(figures)
             counters.epoch += 1
-            self.planner.finish(self.sampler.plan)
+            trained = self.sampler.plan
+            self.planner.finish(trained)
             self.sampler.load_state_dict(None)
             every = cfg.eval.every_epochs
             if every and (counters.epoch % every == 0 or counters.epoch == cfg.train.epochs):
                 self.evaluate(loss, figures)
+                if len(trained):
+                    self.metrics.batch(self.train_set, trained.batches[0], counters.step)
             self.save_checkpoint()
+        self.metrics.hparams()
         if self.info.is_main:
             saved = self.checkpoints.checkpointer.checkpoints()
             for line in summary(self.metrics.path, self.run_dir, counters.epoch, counters.step,
@@ -178,13 +183,14 @@ class Trainer:
             loader = DataLoader(self.train_set, batch_sampler=sampler,
                                 **loader_options(cfg.data.num_workers, self.info.device))
             for view_a, view_b, index in loader:
-                data_time += time.perf_counter() - tick
+                waited = time.perf_counter() - tick
+                data_time += waited
                 loss, random_loss = self.train_one(view_a, view_b, index)
                 if loss is not None:
                     losses.append(loss)
                     if random_loss is not None:
                         scored.append((loss, random_loss))
-                self.report_step(bar, losses, time.perf_counter() - started, data_time)
+                self.report_step(bar, losses, time.perf_counter() - started, waited)
                 # before the checkpoint, so that one taken here already holds the re-selected rest
                 reselected = self.planner.reselection_due(sampler.plan, sampler.cursor)
                 if reselected:
@@ -200,15 +206,19 @@ class Trainer:
         bar.close()
         return self.report_epoch(losses, scored, data_time, time.perf_counter() - started - reselect_time, figures)
 
-    def report_step(self, bar, losses: list, seconds: float, data_time: float) -> None:
-        """The progress bar after every step, the train/* scalars every run.log_every_steps steps."""
+    def report_step(self, bar, losses: list, seconds: float, data_wait: float) -> None:
+        """The progress bar after every step, the train/* scalars every run.log_every_steps steps: the step's
+        own data wait, and tau and the skipped steps only where they can change (no flat cards)."""
         samples_s = len(losses) * self.cfg.train.global_batch_size / max(seconds, 1e-9)
         loss, lr = losses[-1] if losses else float("nan"), self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_s:.0f}")
         bar.update()
-        self.metrics.step(self.counters.step, {
-            "loss": loss, "lr": lr, "samples_per_s": samples_s, "data_time_s": data_time,
-            "tau": float(self.model.temperature()), "skipped_steps": self.counters.skipped_steps})
+        scalars = {"loss": loss, "lr": lr, "samples_per_s": samples_s, "data_time_s": data_wait}
+        if self.cfg.loss.learnable_tau:
+            scalars["tau"] = float(self.model.temperature())
+        if self.cfg.train.nonfinite == "skip":
+            scalars["skipped_steps"] = self.counters.skipped_steps
+        self.metrics.step(self.counters.step, scalars)
 
     def train_one(self, view_a, view_b, index) -> tuple[float | None, float | None]:
         """One step at the sampler's cursor: (its loss or None if skipped, the loss of a random global batch

@@ -46,7 +46,7 @@ def test_warmup_epochs_plan_random_batches_then_the_strategy():
     policy = planner(warmup_epochs=2, options={"cell_size": 32})
     for epoch in (0, 1):
         plan, figures = policy.plan(epoch, step=epoch * 12)
-        assert plan.strategy == "random" and figures.lift is None
+        assert plan.strategy == "random" and figures.lift == 1.0
         np.testing.assert_array_equal(plan.batches, select_batches("random", None, None, B, num_samples=N,
                                                                    seed=derive_seed(SEED, epoch)))
     plan, figures = policy.plan(2, step=24)

@@ -160,11 +160,12 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
     info_path = directory / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     epochs_trained = read_metrics(directory / "metrics.jsonl", kind="epoch").values()
-    loss_aware = [r for r in epochs_trained if "selection/lift" in r]
+    loss_aware = [r for r in epochs_trained  # runs from before the records named their strategy: lift written
+                  if r.get("strategy", "random" if "selection/lift" not in r else None) != "random"]
     final = metrics[epochs]
 
     def per_epoch_mean(field: str) -> float:
-        """Mean over the loss-aware epochs (the ones that wrote a lift), all epochs for random."""
+        """Mean over the loss-aware epochs (not a random plan's: warm-up's), all epochs for random."""
         kept = [r[field] for r in (loss_aware or epochs_trained) if field in r]
         return float(np.mean(kept)) if kept else float("nan")
 

@@ -1,0 +1,67 @@
+"""A run's TensorBoard, laid out to answer "did selection help?" across runs of different strategies.
+
+- Scalars against the optimizer step in ``<run>/tb``; the evaluation and selection scalars also against
+  epochs (``<run>/tb/by_epoch``, tags ``by_epoch/...``) and samples seen (``<run>/tb/by_samples``), so runs
+  with different steps per epoch line up. Each axis has its own writer: TensorBoard's purge on resume
+  (``purge_step``) counts in the writer's own x values.
+- A resumed attempt hides what a killed one wrote after its checkpoint: every writer starts with
+  ``purge_step`` just past where the checkpoint left off, so no step shows twice.
+- The resolved config as text, the config keys that differ from the defaults as hparams with the final
+  metrics, and at each evaluation an image grid of one selected batch with its labels.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import make_grid
+
+
+def _purge_step(done: int) -> int:
+    """Where a writer's events of an earlier attempt stop counting: past ``done`` (what the checkpoint
+    holds), or all of them for a run that starts from scratch."""
+    return done + 1 if done else 0
+
+
+class Board:
+    def __init__(self, tb_dir: Path, first_step: int, epochs_done: int, batch_size: int):
+        self.batch_size = batch_size
+        self.by_step = SummaryWriter(str(tb_dir), purge_step=_purge_step(first_step))
+        self.by_epoch = SummaryWriter(str(tb_dir / "by_epoch"), purge_step=_purge_step(epochs_done))
+        self.by_samples = SummaryWriter(str(tb_dir / "by_samples"), purge_step=_purge_step(first_step * batch_size))
+
+    def scalars(self, scalars: dict[str, float], step: int, epoch: int | None = None) -> None:
+        """Against ``step``; also against epochs and samples seen where ``epoch`` (epochs completed) is given."""
+        for tag, value in scalars.items():
+            self.by_step.add_scalar(tag, value, step)
+            if epoch is not None:
+                self.by_epoch.add_scalar(f"by_epoch/{tag}", value, epoch)
+                self.by_samples.add_scalar(f"by_samples/{tag}", value, step * self.batch_size)
+
+    def config(self, resolved: dict, step: int) -> None:
+        self.by_step.add_text("config", "```yaml\n" + yaml.safe_dump(resolved, sort_keys=False) + "```", step)
+
+    def hparams(self, changed: dict, final: dict[str, float]) -> None:
+        """``changed`` config keys (dotted) against the ``final`` scalar tags of this run, in the HPARAMS tab."""
+        shown = {key: value if isinstance(value, int | float | str | bool) else str(value)
+                 for key, value in changed.items()}
+        writer = self.by_step._get_file_writer()
+        for summary in hparams(shown, final):
+            writer.add_summary(summary)
+
+    def batch(self, images: list[torch.Tensor], labels: list[str] | None, step: int) -> None:
+        """One selected batch as a grid, row-major, with its labels as a table of the same shape."""
+        columns = math.ceil(math.sqrt(len(images)))
+        self.by_step.add_image("selection/batch", make_grid(images, nrow=columns, padding=2, pad_value=1.0), step)
+        if labels is not None:
+            rows = [labels[i:i + columns] for i in range(0, len(labels), columns)]
+            table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+            header = "| " + " | ".join([" "] * columns) + " |\n|" + "---|" * columns + "\n"
+            self.by_step.add_text("selection/batch_labels", header + table, step)
+
+    def close(self) -> None:
+        for writer in (self.by_step, self.by_epoch, self.by_samples):
+            writer.close()
