@@ -506,10 +506,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+NOT_HYPERPARAMETERS = ("run.", "checkpoint.", "dist.", "data.num_workers", "data.path")
+"""Keys that say where and how a run is kept, not what it learns: left out of TensorBoard's hparams."""
+
+
 def changed_keys(cfg: Config) -> dict:
-    """The dotted keys whose value differs from the default, with their values (TensorBoard's hparams)."""
+    """The dotted hyperparameter keys whose value differs from the default, with their values (hparams)."""
     defaults = _flatten(Config().to_dict())
-    return {key: value for key, value in _flatten(cfg.to_dict()).items() if defaults.get(key) != value}
+    return {key: value for key, value in _flatten(cfg.to_dict()).items()
+            if defaults.get(key) != value and not key.startswith(NOT_HYPERPARAMETERS)}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -57,6 +57,7 @@ def test_config_text_and_hparams_are_in_the_event_files(tmp_path):
     assert "selection.strategy" not in start.hparams  # random, the default
     assert "train.lr" in start.hparams and "loss.tau" in start.hparams  # synthetic.yaml changes them
     assert "train.global_batch_size" in start.hparams and "seed" not in start.hparams  # seed 0 is the default
+    assert not any(key.startswith(("run.", "checkpoint.")) for key in start.hparams)  # where, not what
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment.metric_infos} >= {"eval/retrieval_top1", "train/full_batch_loss"}
     assert "train/tau" not in events.Tags()["scalars"] and "train/skipped_steps" not in events.Tags()["scalars"]
