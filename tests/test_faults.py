@@ -35,6 +35,7 @@ def digests(directory):
         (["train.global_batch_size=16"], {}, "train.global_batch_size=16 is larger than the 8 training samples"),
         (["train.optimiser=sgd"], {}, "unknown config key 'train.optimiser'; did you mean train.optimizer?"),
         (["data.num_samples=many"], {}, "data.num_samples='many' is a str; expected int"),
+        (["loss.name=hcl", "loss.hcl_tau_plus=0.1"], {}, "loss.name=hcl needs loss.hcl_beta"),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, capsys, args, env, message):
