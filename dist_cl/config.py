@@ -548,8 +548,9 @@ def changed_keys(cfg: Config) -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose change makes a checkpoint unusable, with both values."""
-    a, b = _flatten(saved), _flatten(current)
+    """Keys whose change makes a checkpoint unusable, with both values. A key the checkpoint's config lacks was
+    added since; it counts as its default, which keeps the behaviour of the version that wrote it."""
+    a, b = {**_flatten(Config().to_dict()), **_flatten(saved)}, _flatten(current)
     return [
         f"{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}"
         for key in sorted(set(a) | set(b))

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from conftest import ROOT, torchrun
 
 from dist_cl import cli
-from dist_cl.checkpoint import CheckpointError, load_checkpoint
+from dist_cl.checkpoint import Checkpointer, CheckpointError, load_checkpoint
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
@@ -83,6 +83,20 @@ def test_longer_schedule_resumes_from_a_finished_run_and_names_the_learning_rate
     assert "train.epochs changed from 3 to 4 on resume: the learning rate at epoch 3.00 goes from 0 to" in caplog.text
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     assert latest == f"step-{4 * 4:08d}.pt"
+
+
+def test_a_checkpoint_from_before_the_loss_settings_resumes(tmp_path):
+    """Checkpoints written before loss.gamma, loss.hcl_* and the loss component existed resume: the missing keys
+    count as their defaults, the missing component as a loss without state."""
+    assert run(tmp_path) == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    state, _ = load_checkpoint(ckpt)
+    del state["loss"]
+    for key in ("gamma", "hcl_tau_plus", "hcl_beta"):
+        del state["meta"]["config"]["loss"][key]
+    Checkpointer(ckpt, keep=3).save(state, 12)
+    assert run(tmp_path, "train.epochs=4") == 0
+    assert (ckpt / "latest").read_text() == "step-00000016.pt"
 
 
 @pytest.fixture
