@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_cl.config import LossConfig
 from dist_cl.distributed import gather_rows, gather_with_grad
 
 
@@ -40,11 +41,6 @@ def batch_ntxent(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
     other_view = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(s.device)
     positives = s.gather(-1, other_view.expand(*s.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     return (s.logsumexp(-1) - positives).mean(-1)
-
-
-BATCH_LOSSES = {"infonce": batch_infonce, "ntxent": batch_ntxent}
-"""Each training loss (``loss.name``) per batch, as batch selection scores it: OSGD keeps the batches of
-highest training loss, and the lift compares plans under it (docs/DESIGN.md §4)."""
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -218,18 +214,46 @@ class HCLLoss(GlobalBatchLoss):
         n = u_all.shape[0]
         partner, negatives = _pair_masks(b, n, self.rank, u.device)
         logits = torch.cat([u, v]) @ torch.cat([u_all, v_all]).T / tau
-        m = 2 * n - 2
-        neg_logits = logits[negatives].view(2 * b, m)
-        pos = logits[torch.arange(2 * b, device=u.device), partner].exp()
-        neg, imp = neg_logits.exp(), (self.beta * neg_logits).exp()
-        reweight_neg = (imp * neg).sum(-1) / imp.mean(-1)
-        ng = (-self.tau_plus * m * pos + reweight_neg) / (1 - self.tau_plus)
-        floor = m * torch.exp(-1 / torch.as_tensor(tau, dtype=logits.dtype, device=logits.device))
-        ng = torch.clamp(ng, min=floor)
-        return (-torch.log(pos / (pos + ng))).mean()
+        rows = torch.arange(2 * b, device=u.device)
+        return _hcl(logits[rows, partner], logits[negatives].view(2 * b, 2 * n - 2), tau, self.tau_plus,
+                    self.beta).mean()
+
+
+def _hcl(pos_logits: torch.Tensor, neg_logits: torch.Tensor, tau, tau_plus: float, beta: float) -> torch.Tensor:
+    """HCL's -log(p / (p + Ng)) of each anchor from its positive logit (...) and its N negative logits (..., N)
+    (official ``hcl_loss``, sogclr/builder.py L161-L178)."""
+    m = neg_logits.shape[-1]
+    pos = pos_logits.exp()
+    neg, imp = neg_logits.exp(), (beta * neg_logits).exp()
+    reweight_neg = (imp * neg).sum(-1) / imp.mean(-1)
+    ng = (-tau_plus * m * pos + reweight_neg) / (1 - tau_plus)
+    floor = m * torch.exp(-1 / torch.as_tensor(tau, dtype=neg_logits.dtype, device=neg_logits.device))
+    ng = torch.clamp(ng, min=floor)
+    return -torch.log(pos / (pos + ng))
+
+
+def batch_hcl(u: torch.Tensor, v: torch.Tensor, tau: float, *, tau_plus: float, beta: float) -> torch.Tensor:
+    """HCL of each batch in ``u, v`` of shape (..., B, d) -> (...), at ``HCLLoss``'s scale."""
+    b = u.shape[-2]
+    partner, negatives = _pair_masks(b, b, 0, u.device)
+    z = torch.cat([u, v], dim=-2)
+    s = z @ z.transpose(-1, -2) / tau
+    positives = s.gather(-1, partner.expand(*s.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return _hcl(positives, s[..., negatives].unflatten(-1, (2 * b, 2 * b - 2)), tau, tau_plus, beta).mean(-1)
 
 
 LOSSES = {"infonce": InfoNCELoss, "ntxent": NTXentLoss, "sogclr": SogCLRLoss, "hcl": HCLLoss}
+
+BATCH_LOSSES = {"infonce": batch_infonce, "ntxent": batch_ntxent, "sogclr": batch_infonce, "hcl": batch_hcl}
+"""Each training loss (``loss.name``) per batch, as batch selection scores it: OSGD keeps the batches of
+highest training loss, and the lift compares plans under it (docs/DESIGN.md §4). SogCLR's loss of a batch
+depends on its u history, which a bank snapshot does not hold: it is scored with the stateless symmetric
+InfoNCE at the same tau, as ``SogCLRLoss.score`` scores it. Options beyond tau: ``batch_options``."""
+
+
+def batch_options(loss: LossConfig) -> dict:
+    """The settings beyond tau that ``BATCH_LOSSES[loss.name]`` and ``HCLLoss`` take: HCL's tau_plus and beta."""
+    return {"tau_plus": loss.hcl_tau_plus, "beta": loss.hcl_beta} if loss.name == "hcl" else {}
 
 
 def build_loss(name: str, rank: int, world_size: int, **options) -> GlobalBatchLoss:

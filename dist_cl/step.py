@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cl.config import Config
-from dist_cl.losses import build_loss
+from dist_cl.losses import batch_options, build_loss
 
 log = logging.getLogger("dist_cl")
 
@@ -48,8 +48,8 @@ class TrainStep:
         self.train, self.model, self.optimizer, self.device = cfg.train, model, optimizer, device
         self.ddp = model if getattr(model, "averages_own_gradients", False) else DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        options = {"sogclr": {"num_samples": num_samples, "gamma": cfg.loss.gamma},
-                   "hcl": {"tau_plus": cfg.loss.hcl_tau_plus, "beta": cfg.loss.hcl_beta}}.get(cfg.loss.name, {})
+        options = ({"num_samples": num_samples, "gamma": cfg.loss.gamma} if cfg.loss.name == "sogclr"
+                   else batch_options(cfg.loss))
         self.loss_fn = build_loss(cfg.loss.name, rank, world_size, **options).to(device)
         """Its state (SogCLR's u table) is a checkpoint component of its own (``Trainer``)."""
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]

@@ -27,6 +27,7 @@ from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.distributed import DistInfo, check_same_on_all_ranks
 from dist_cl.evaluation import evaluate
+from dist_cl.losses import batch_options
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
 from dist_cl.models import build_training_model
 from dist_cl.optim import build_optimizer, epochs_change_warning, set_lr
@@ -66,7 +67,8 @@ class Trainer:
                                  len(self.train_set))
         self.bank = EmbeddingBank(len(self.train_set), cfg.model.embed_dim, info.device)
         self.planner = EpochPlanner(cfg.selection, cfg.seed, cfg.train.global_batch_size, self.train_set,
-                                    self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name)
+                                    self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name,
+                                    batch_options(cfg.loss))
         self.sampler = PlanSampler(None, info.rank, info.world_size)
         left_out = left_out_warning(len(self.train_set), cfg.train.global_batch_size, cfg.selection.strategy)
         if left_out and info.is_main:

@@ -1,6 +1,7 @@
 """SogCLR and HCL (the paper code's other objectives) against float64 references written term by term from
 their formulas (docs/DESIGN.md §1), in one process and on 2 torchrun ranks."""
 
+import itertools
 import json
 import math
 
@@ -13,7 +14,8 @@ from test_losses import unit_rows
 
 from dist_cl import cli
 from dist_cl.checkpoint import load_checkpoint
-from dist_cl.losses import HCLLoss, InfoNCELoss, NTXentLoss, SogCLRLoss
+from dist_cl.losses import HCLLoss, InfoNCELoss, NTXentLoss, SogCLRLoss, batch_hcl
+from dist_cl.selection import batch_losses, select_batches
 
 
 def reference_sogclr_step(u, v, batch, table, gamma, tau):
@@ -121,6 +123,15 @@ def test_sogclr_scores_with_infonce_and_leaves_the_u_table_alone():
     assert torch.equal(loss.u_table, table) and not loss.scores_itself
 
 
+@pytest.mark.parametrize("case", ["hcl", "hcl_clamped"])
+def test_batch_hcl_is_hcl_of_each_batch(case):
+    """The per-batch form selection scores with, on a stack of batches, against the float64 reference."""
+    options = CASES[case][1]
+    u, v = (torch.from_numpy(unit_rows((3, 6, 4), seed)) for seed in (10, 11))
+    want = [reference_hcl(u[b], v[b], TAU, options["tau_plus"], options["beta"])[0].item() for b in range(3)]
+    np.testing.assert_allclose(batch_hcl(u, v, TAU, **options).numpy(), want, rtol=1e-12)
+
+
 def test_hcl_without_reweighting_or_debiasing_is_ntxent():
     u, v = (torch.from_numpy(unit_rows((12, 6), seed)) for seed in (8, 9))
     got = HCLLoss(tau_plus=0.0, beta=0.0)(u, v, 0.2).item()
@@ -151,3 +162,21 @@ def test_sogclr_trains_free_embeddings_and_scores_its_lift_with_infonce(tmp_path
     first, last = [r for r in records if r["kind"] == "eval"]
     assert last["train_full_batch_loss"] < first["train_full_batch_loss"] - 0.5
     assert last["loss"] < 0 and 0.5 < last["selection/realised_lift"] < 1.5
+
+
+def test_osgd_scores_batches_with_hcl_and_sogclr_batches_with_infonce():
+    """Under loss.name=hcl OSGD keeps the highest HCL batches (its settings passed on), which here are not
+    InfoNCE's; under sogclr it ranks by InfoNCE at the same tau."""
+    u, v = unit_rows((9, 3), 4), unit_rows((9, 3), 5)
+    options = {"tau_plus": 0.8, "beta": 0.5}
+    batches = list(itertools.combinations(range(9), 3))
+    hcl = {b: reference_hcl(*(torch.from_numpy(x[list(b)]) for x in (u, v)), 0.2, **options)[0].item()
+           for b in batches}
+    ranked = sorted(batches, key=hcl.get, reverse=True)[:3]
+    infonce = select_batches("osgd", u, v, 3, seed=0, tau=0.2)
+    assert ranked != [tuple(row) for row in infonce]
+    plan = select_batches("osgd", u, v, 3, seed=0, tau=0.2, loss="hcl", loss_options=options)
+    assert [tuple(row) for row in plan] == ranked
+    np.testing.assert_allclose(batch_losses(u, v, plan, tau=0.2, loss="hcl", loss_options=options),
+                               [hcl[b] for b in ranked], rtol=1e-12)
+    np.testing.assert_array_equal(select_batches("osgd", u, v, 3, seed=0, tau=0.2, loss="sogclr"), infonce)
