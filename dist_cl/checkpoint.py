@@ -147,11 +147,13 @@ class RunCheckpoints:
 
 
 def upgrade(state: dict) -> dict:
-    """A checkpoint of dist_cl 0.1.0 (counters and meta at the top level) in today's layout."""
+    """A checkpoint of an earlier layout in today's: dist_cl 0.1.0's had counters and meta at the top level, and
+    none before SogCLR had the ``loss`` component (no loss had state then)."""
+    upgraded = {"loss": {}, **state}
     if "meta" in state:
-        return state
-    upgraded = {k: v for k, v in state.items() if k not in ("epoch", "step", "skipped_steps", "config",
-                                                                "world_size", "version")}
+        return upgraded
+    upgraded = {k: v for k, v in upgraded.items() if k not in ("epoch", "step", "skipped_steps", "config",
+                                                                   "world_size", "version")}
     upgraded["counters"] = {k: state[k] for k in ("epoch", "step", "skipped_steps")}
     upgraded["meta"] = {k: state[k] for k in ("config", "world_size", "version")}
     return upgraded

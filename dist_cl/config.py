@@ -110,12 +110,22 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["infonce", "ntxent"] = "infonce"
-    """infonce: symmetric, B-1 negatives per direction (the paper's loss); ntxent: SimCLR, 2B-2 negatives."""
+    name: Literal["infonce", "ntxent", "sogclr", "hcl"] = "infonce"
+    """infonce: symmetric, B-1 negatives per direction (the paper's loss); ntxent: SimCLR, 2B-2 negatives;
+    sogclr: SogCLR's dynamic contrastive loss, a per-sample moving average u of the negative term standing in
+    for the negatives a batch lacks; hcl: Robinson et al.'s hard-negative loss (docs/DESIGN.md §1)."""
     tau: float = 0.1
     """Temperature (initial value when learnable)."""
     learnable_tau: bool = False
-    """Learn tau (as log 1/tau) with the model instead of fixing it at loss.tau."""
+    """Learn tau (as log 1/tau) with the model instead of fixing it at loss.tau (not with sogclr, whose loss has
+    no gradient w.r.t. tau)."""
+    gamma: float = 0.9
+    """sogclr: weight of this step's mean in the moving average u, in (0, 1] (1: no memory); a sample's first
+    visit sets its u to that mean."""
+    hcl_tau_plus: float | None = None
+    """hcl, required: the prior probability that a negative is a false one (same class), in [0, 1)."""
+    hcl_beta: float | None = None
+    """hcl, required: how strongly hard negatives are up-weighted, >= 0 (0: the debiased loss alone)."""
 
 
 @dataclass
@@ -420,6 +430,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if key not in accepted:
             raise ConfigError(f"selection.options.{key} is not an option of strategy {cfg.selection.strategy!r}; "
                               f"known: {', '.join(sorted(accepted))}")
+    validate_loss(cfg.loss)
     if (cfg.data.subset or cfg.data.heldout_subset) and cfg.data.name != "fashion_mnist":
         raise ConfigError(f"data.subset and data.heldout_subset sample Fashion-MNIST; data.name={cfg.data.name!r} "
                           "reads all its data: set them to 0")
@@ -487,6 +498,30 @@ def describe(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def validate_loss(loss: LossConfig) -> None:
+    if not 0.0 < loss.gamma <= 1.0:
+        raise ConfigError(f"loss.gamma={loss.gamma} must be in (0, 1]: the weight of a step's mean in SogCLR's "
+                          "moving average (0.9 in the paper's code)")
+    if loss.name == "sogclr" and loss.learnable_tau:
+        raise ConfigError("loss.learnable_tau=true with loss.name=sogclr: SogCLR's loss has no gradient w.r.t. tau "
+                          "(it only enters the detached weights); set loss.learnable_tau=false")
+    hcl_keys = {"loss.hcl_tau_plus": loss.hcl_tau_plus, "loss.hcl_beta": loss.hcl_beta}
+    if loss.name != "hcl":
+        if any(value is not None for value in hcl_keys.values()):
+            raise ConfigError(f"loss.hcl_tau_plus and loss.hcl_beta set HCL; loss.name={loss.name!r} ignores them: "
+                              "remove them or set loss.name=hcl")
+        return
+    missing = [key for key, value in hcl_keys.items() if value is None]
+    if missing:
+        raise ConfigError(f"loss.name=hcl needs {' and '.join(missing)} (the paper's code asserts both), e.g. "
+                          "loss.hcl_tau_plus=0.1 loss.hcl_beta=1.0")
+    if not 0.0 <= loss.hcl_tau_plus < 1.0:
+        raise ConfigError(f"loss.hcl_tau_plus={loss.hcl_tau_plus} is a prior probability of false negatives; "
+                          "use a value in [0, 1)")
+    if loss.hcl_beta < 0:
+        raise ConfigError(f"loss.hcl_beta={loss.hcl_beta} must be >= 0")
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -518,8 +553,9 @@ def changed_keys(cfg: Config) -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose change makes a checkpoint unusable, with both values."""
-    a, b = _flatten(saved), _flatten(current)
+    """Keys whose change makes a checkpoint unusable, with both values. A key the checkpoint's config lacks was
+    added since; it counts as its default, which keeps the behaviour of the version that wrote it."""
+    a, b = {**_flatten(Config().to_dict()), **_flatten(saved)}, _flatten(current)
     return [
         f"{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}"
         for key in sorted(set(a) | set(b))

@@ -39,6 +39,8 @@ class PlanRequest:
     tau: float = 0.1
     loss: str = "infonce"
     """The training loss (``loss.name``): what osgd scores its batches with, and the lift compares under."""
+    loss_options: dict | None = None
+    """Its settings beyond tau (``dist_cl.losses.batch_options``)."""
     u: np.ndarray | None = None
     """The bank (a copy where training goes on writing it meanwhile); None for strategies that ignore it."""
     v: np.ndarray | None = None
@@ -74,7 +76,8 @@ def select_plan(request: PlanRequest, map_fn=distributed_map, device: torch.devi
         return select_batches(request.strategy, None, None, request.batch_size, seed=request.seed,
                               num_samples=request.num_samples, **request.options)
     select = partial(select_everywhere, request.strategy, request.u, request.v, request.batch_size,
-                     tau=request.tau, loss=request.loss, map_fn=map_fn, device=device, **request.options)
+                     tau=request.tau, loss=request.loss, loss_options=request.loss_options, map_fn=map_fn,
+                     device=device, **request.options)
     batches = select(seed=request.seed)
     while len(batches) < request.rows:
         batches = np.concatenate([batches, select(seed=derive_seed(request.seed, len(batches)))])
@@ -92,7 +95,7 @@ def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.dev
         figures.lift = 1.0  # its definition: a random plan against a random partition
     if request.u is not None:
         figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32,
-                            loss=request.loss)
+                            loss=request.loss, loss_options=request.loss_options)
         figures.bank_staleness = request.staleness
     figures.prepare_seconds = request.prepare_seconds
     figures.seconds = request.prepare_seconds + time.perf_counter() - started
@@ -179,8 +182,10 @@ class EpochPlanner:
     """
 
     def __init__(self, selection: SelectionConfig, run_seed: int, batch_size: int, dataset, model,
-                 bank: EmbeddingBank, info: DistInfo, num_workers: int = 0, loss: str = "infonce"):
+                 bank: EmbeddingBank, info: DistInfo, num_workers: int = 0, loss: str = "infonce",
+                 loss_options: dict | None = None):
         self.selection, self.run_seed, self.batch_size, self.loss = selection, run_seed, batch_size, loss
+        self.loss_options = loss_options
         self.dataset, self.model, self.bank, self.info, self.num_workers = dataset, model, bank, info, num_workers
         self.background = BackgroundPlanner(info.device) if selection.overlap else None
         self.ahead: Future | None = None
@@ -206,7 +211,7 @@ class EpochPlanner:
             self.complete_bank(train_epoch, step)
             u, v = self.bank.u.numpy(), self.bank.v.numpy()
             request = replace(request, u=u.copy() if copy_bank else u, v=v.copy() if copy_bank else v,
-                              tau=float(self.model.temperature()), loss=self.loss,
+                              tau=float(self.model.temperature()), loss=self.loss, loss_options=self.loss_options,
                               staleness=self.bank.staleness(first_step))
         return replace(request, prepare_seconds=time.perf_counter() - started)
 

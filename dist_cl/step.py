@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cl.config import Config
-from dist_cl.losses import build_loss
+from dist_cl.losses import batch_options, build_loss
 
 log = logging.getLogger("dist_cl")
 
@@ -31,6 +31,9 @@ class StepResult:
     v: torch.Tensor
     skipped: bool
     """No update was made: skipped under train.nonfinite=skip, or an fp16 overflow."""
+    score: float | None = None
+    """This rank's scoring loss of the batch (``loss_fn.score``) before the update, where asked; None where not
+    asked or skipped."""
 
 
 class TrainStep:
@@ -41,23 +44,35 @@ class TrainStep:
     """
 
     def __init__(self, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
-                 world_size: int, device: torch.device):
+                 world_size: int, device: torch.device, num_samples: int):
         self.train, self.model, self.optimizer, self.device = cfg.train, model, optimizer, device
         self.ddp = model if getattr(model, "averages_own_gradients", False) else DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.loss_fn = build_loss(cfg.loss.name, rank, world_size)
+        options = ({"num_samples": num_samples, "gamma": cfg.loss.gamma} if cfg.loss.name == "sogclr"
+                   else batch_options(cfg.loss))
+        self.loss_fn = build_loss(cfg.loss.name, rank, world_size, **options).to(device)
+        """Its state (SogCLR's u table) is a checkpoint component of its own (``Trainer``)."""
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
         if self.amp_dtype is not None and device.type != "cuda":
             log.warning("train.amp=%s needs CUDA; training in float32 on %s", cfg.train.amp, device)
             self.amp_dtype = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
-    def __call__(self, view_a, view_b, where: Callable[[], str]) -> StepResult:
-        """``where()`` names the step and batch in the message of a non-finite one."""
+    def __call__(self, view_a, view_b, index: torch.Tensor, where: Callable[[], str], score: bool = False
+                 ) -> StepResult:
+        """One step on this rank's rows (sample indices ``index``); ``where()`` names the step and batch in the
+        message of a non-finite one; ``score``: also give the batch's scoring loss (a collective: ask on every
+        rank or none)."""
         view_a, view_b = view_a.to(self.device, non_blocking=True), view_b.to(self.device, non_blocking=True)
-        # a skipped step must not leave its NaNs in BatchNorm's running statistics either
-        buffers = [b.clone() for b in self.model.buffers()] if self.train.nonfinite == "skip" else None
-        u, v, loss = self.forward_loss(self.ddp, view_a, view_b)
+        # a skipped step must not leave its NaNs in BatchNorm's running statistics or the loss's state either
+        state = [*self.model.buffers(), *self.loss_fn.buffers()]
+        buffers = [b.clone() for b in state] if self.train.nonfinite == "skip" else None
+        u, v, tau = self.forward(self.ddp, view_a, view_b)
+        loss = self.loss_fn(u, v, tau, index)  # float32 with autocast off (dist_cl.losses)
+        scored = None
+        if score and not self.loss_fn.scores_itself:
+            with torch.no_grad():
+                scored = self.loss_fn.score(u, v, tau)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -66,30 +81,31 @@ class TrainStep:
         overflow = not finite_grad and self.amp_dtype is torch.float16
         if not finite_loss or (not finite_grad and not overflow):
             if buffers is not None and not finite_loss:
-                torch._foreach_copy_(list(self.model.buffers()), buffers)
+                torch._foreach_copy_(state, buffers)
             if self.scaler.is_enabled():
                 self.scaler.update()  # closes the step unscale_ opened; the non-finite grads lower the scale
             self.fault("loss" if not finite_loss else "gradient", where())
             return StepResult(None, u, v, skipped=True)
         self.scaler.step(self.optimizer)  # under fp16, skips the update where the gradients overflowed
         self.scaler.update()
-        return StepResult(value, u, v, skipped=overflow)
+        if score:
+            scored = value if scored is None else scored.item()
+        return StepResult(value, u, v, skipped=overflow, score=scored)
 
-    def forward_loss(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(u, v, loss of the global batch) of ``model`` (the DDP wrapper, or the bare model to score)."""
+    def forward(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, v, tau) of ``model`` (the DDP wrapper, or the bare model to score) under autocast."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            u, v, tau = model(view_a, view_b)
-            loss = self.loss_fn(u, v, tau)  # float32 with autocast off (dist_cl.losses)
-        return u, v, loss
+            return model(view_a, view_b)
 
     @torch.no_grad()
     def score(self, view_a, view_b) -> float:
-        """This rank's loss of a global batch under the model as it is, in train mode like a trained batch,
-        BatchNorm's running statistics left as they were (a collective: the loss gathers)."""
+        """This rank's scoring loss (``loss_fn.score``: the training loss where it is defined per batch) of a
+        global batch under the model as it is, in train mode like a trained batch, BatchNorm's running
+        statistics left as they were, the loss's state untouched (a collective: the loss gathers)."""
         buffers = [b.clone() for b in self.model.buffers()]
-        _, _, loss = self.forward_loss(self.model, view_a.to(self.device), view_b.to(self.device))
+        u, v, tau = self.forward(self.model, view_a.to(self.device), view_b.to(self.device))
         torch._foreach_copy_(list(self.model.buffers()), buffers)
-        return loss.item()
+        return self.loss_fn.score(u, v, tau).item()
 
     @staticmethod
     def outcome(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool, float]:

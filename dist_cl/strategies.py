@@ -25,7 +25,8 @@ class Strategy:
     takes_device: bool = False
     """True: it computes on a torch ``device``."""
     takes_loss: bool = False
-    """True: it scores batches with the training loss, named by ``loss`` (``loss.name``)."""
+    """True: it scores batches with the training loss, named by ``loss`` (``loss.name``), whose settings beyond tau
+    are ``loss_options``."""
 
 
 STRATEGIES = {

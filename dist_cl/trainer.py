@@ -27,6 +27,7 @@ from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.distributed import DistInfo, check_same_on_all_ranks
 from dist_cl.evaluation import evaluate
+from dist_cl.losses import batch_options
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
 from dist_cl.models import build_training_model
 from dist_cl.optim import build_optimizer, epochs_change_warning, set_lr
@@ -62,10 +63,12 @@ class Trainer:
         self.model = build_training_model(cfg, len(self.train_set), getattr(self.train_set, "channels",
                                                                             cfg.model.in_chans), info.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
-        self.step_fn = TrainStep(cfg, self.model, self.optimizer, info.rank, info.world_size, info.device)
+        self.step_fn = TrainStep(cfg, self.model, self.optimizer, info.rank, info.world_size, info.device,
+                                 len(self.train_set))
         self.bank = EmbeddingBank(len(self.train_set), cfg.model.embed_dim, info.device)
         self.planner = EpochPlanner(cfg.selection, cfg.seed, cfg.train.global_batch_size, self.train_set,
-                                    self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name)
+                                    self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name,
+                                    batch_options(cfg.loss))
         self.sampler = PlanSampler(None, info.rank, info.world_size)
         left_out = left_out_warning(len(self.train_set), cfg.train.global_batch_size, cfg.selection.strategy)
         if left_out and info.is_main:
@@ -76,7 +79,8 @@ class Trainer:
         # where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.checkpoint.timeout_s))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", cfg.checkpoint.keep, {
-            "model": self.model, "optimizer": self.optimizer, "scaler": self.step_fn.scaler, "bank": self.bank,
+            "model": self.model, "loss": self.step_fn.loss_fn, "optimizer": self.optimizer,
+            "scaler": self.step_fn.scaler, "bank": self.bank,
             "sampler": self.sampler, "next_plan": self.planner, "counters": self.counters,
             "rng": RankRNG(cfg.seed, info.rank, info.world_size, info.device),
         }, info.is_main, group)
@@ -185,11 +189,11 @@ class Trainer:
             for view_a, view_b, index in loader:
                 waited = time.perf_counter() - tick
                 data_time += waited
-                loss, random_loss = self.train_one(view_a, view_b, index)
+                loss, lift_pair = self.train_one(view_a, view_b, index)
                 if loss is not None:
                     losses.append(loss)
-                    if random_loss is not None:
-                        scored.append((loss, random_loss))
+                    if lift_pair is not None:
+                        scored.append(lift_pair)
                 self.report_step(bar, losses, time.perf_counter() - started, waited)
                 # before the checkpoint, so that one taken here already holds the re-selected rest
                 reselected = self.planner.reselection_due(sampler.plan, sampler.cursor)
@@ -220,25 +224,27 @@ class Trainer:
             scalars["skipped_steps"] = self.counters.skipped_steps
         self.metrics.step(self.counters.step, scalars)
 
-    def train_one(self, view_a, view_b, index) -> tuple[float | None, float | None]:
-        """One step at the sampler's cursor: (its loss or None if skipped, the loss of a random global batch
-        scored before the update, at the steps that log selection/realised_lift, else None)."""
+    def train_one(self, view_a, view_b, index) -> tuple[float | None, tuple[float, float] | None]:
+        """One step at the sampler's cursor: (its loss or None if skipped, at the steps that log
+        selection/realised_lift the scoring losses of its batch and of a random global batch, both before
+        the update, else None)."""
         counters, sampler = self.counters, self.sampler
         scoring = (counters.step + 1) % self.cfg.run.log_every_steps == 0
         random_loss = self.random_batch_loss() if scoring else None
         set_lr(self.optimizer, self.cfg.train, counters.epoch, sampler.cursor, len(sampler.plan))
-        result = self.step_fn(view_a, view_b, lambda: f"step {counters.step} {self.describe_batch(sampler.cursor)}")
+        result = self.step_fn(view_a, view_b, index,
+                              lambda: f"step {counters.step} {self.describe_batch(sampler.cursor)}", score=scoring)
         counters.skipped_steps += result.skipped
         if result.loss is not None:
             self.bank.update(index, result.u, result.v, counters.step)
         sampler.advance()
         counters.step += 1
-        return result.loss, random_loss
+        return result.loss, (result.score, random_loss) if result.score is not None else None
 
     @torch.no_grad()
     def random_batch_loss(self) -> float:
-        """This rank's loss on a random global batch, under the model as it is before this step's update:
-        the reference of selection/realised_lift. A collective (the loss gathers)."""
+        """This rank's scoring loss (``TrainStep.score``) of a random global batch, under the model as it is
+        before this step's update: the reference of selection/realised_lift. A collective (the loss gathers)."""
         rng = np.random.default_rng(derive_seed(self.cfg.seed, self.counters.epoch, self.counters.step))
         batch = rng.choice(len(self.train_set), self.cfg.train.global_batch_size, replace=False)
         samples = [self.train_set[int(i)] for i in self.sampler.local_slice(batch)]

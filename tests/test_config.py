@@ -67,12 +67,29 @@ def test_yaml_file_then_overrides(tmp_path):
         (["eval.train_pairs=0"], "eval.train_pairs=0 must be positive"),
         (["data.augment.flip_prob=1.5"], "data.augment.flip_prob=1.5 is a probability; use a value in [0, 1]"),
         (["train=3"], "train must be a mapping of TrainConfig fields"),
+        (["loss.name=hcl"], "loss.name=hcl needs loss.hcl_tau_plus and loss.hcl_beta (the paper's code asserts both)"),
+        (["loss.name=hcl", "loss.hcl_tau_plus=0.1"], "loss.name=hcl needs loss.hcl_beta (the paper's code"),
+        (["loss.name=hcl", "loss.hcl_beta=1"], "loss.name=hcl needs loss.hcl_tau_plus (the paper's code"),
+        (["loss.name=hcl", "loss.hcl_tau_plus=1", "loss.hcl_beta=1"],
+         "loss.hcl_tau_plus=1.0 is a prior probability of false negatives; use a value in [0, 1)"),
+        (["loss.name=hcl", "loss.hcl_tau_plus=-0.1", "loss.hcl_beta=1"], "loss.hcl_tau_plus=-0.1 is a prior"),
+        (["loss.name=hcl", "loss.hcl_tau_plus=0.1", "loss.hcl_beta=-1"], "loss.hcl_beta=-1.0 must be >= 0"),
+        (["loss.hcl_beta=1"], "loss.name='infonce' ignores them: remove them or set loss.name=hcl"),
+        (["loss.gamma=0"], "loss.gamma=0.0 must be in (0, 1]"),
+        (["loss.name=sogclr", "loss.gamma=1.5"], "loss.gamma=1.5 must be in (0, 1]"),
+        (["loss.name=sogclr", "loss.learnable_tau=true"], "SogCLR's loss has no gradient w.r.t. tau"),
     ],
 )
 def test_bad_config_names_the_field_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_the_objectives_load_with_their_settings():
+    assert load_config(None, ["loss.name=sogclr"]).loss.gamma == 0.9
+    loss = load_config(None, ["loss.name=hcl", "loss.hcl_tau_plus=0", "loss.hcl_beta=1"]).loss
+    assert (loss.hcl_tau_plus, loss.hcl_beta) == (0.0, 1.0) and isinstance(loss.hcl_tau_plus, float)
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from conftest import ROOT, torchrun
 
 from dist_cl import cli
-from dist_cl.checkpoint import CheckpointError, load_checkpoint
+from dist_cl.checkpoint import Checkpointer, CheckpointError, load_checkpoint
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
@@ -35,6 +35,7 @@ def digests(directory):
         (["train.global_batch_size=16"], {}, "train.global_batch_size=16 is larger than the 8 training samples"),
         (["train.optimiser=sgd"], {}, "unknown config key 'train.optimiser'; did you mean train.optimizer?"),
         (["data.num_samples=many"], {}, "data.num_samples='many' is a str; expected int"),
+        (["loss.name=hcl", "loss.hcl_tau_plus=0.1"], {}, "loss.name=hcl needs loss.hcl_beta"),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, capsys, args, env, message):
@@ -84,6 +85,20 @@ def test_longer_schedule_resumes_from_a_finished_run_and_names_the_learning_rate
     assert latest == f"step-{4 * 4:08d}.pt"
 
 
+def test_a_checkpoint_from_before_the_loss_settings_resumes(tmp_path):
+    """Checkpoints written before loss.gamma, loss.hcl_* and the loss component existed resume: the missing keys
+    count as their defaults, the missing component as a loss without state."""
+    assert run(tmp_path) == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    state, _ = load_checkpoint(ckpt)
+    del state["loss"]
+    for key in ("gamma", "hcl_tau_plus", "hcl_beta"):
+        del state["meta"]["config"]["loss"][key]
+    Checkpointer(ckpt, keep=3).save(state, 12)
+    assert run(tmp_path, "train.epochs=4") == 0
+    assert (ckpt / "latest").read_text() == "step-00000016.pt"
+
+
 @pytest.fixture
 def poisoned_digit(monkeypatch):
     """Digit 5 of the training split turns into NaN pixels, as a corrupt sample would."""
@@ -120,11 +135,15 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
     assert found.group(3).startswith(", ".join(map(str, batch[:16])))
 
 
-def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit):
-    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
+@pytest.mark.parametrize("loss", ["infonce", "sogclr"])
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit, loss):
+    """Under SogCLR the skipped step's NaN u rows are undone too: left in the table, they would make every later
+    step that meets those samples non-finite."""
+    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip", f"loss.name={loss}"]) == 0
     state, _ = load_checkpoint(tmp_path)
     assert state["counters"]["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in state["loss"].values())
 
 
 def test_ranks_holding_different_plans_raise_instead_of_hanging():

@@ -27,6 +27,9 @@ def assert_same_weights(a: dict, b: dict):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["bank"]["u"], b["bank"]["u"])
+    assert a["loss"].keys() == b["loss"].keys()  # SogCLR's u table; nothing for a loss without state
+    for key in a["loss"]:
+        assert torch.equal(a["loss"][key], b["loss"][key]), key
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +83,15 @@ def _children(pid: int) -> list[int]:
     (("selection.strategy=sc_global",), 30),
     (("selection.strategy=sc_global", "selection.overlap=true", "selection.warmup_epochs=0"), 10),
     (("selection.strategy=sc_global", "selection.every_steps=8"), 35),
-], ids=["random", "sc_global", "sc_global-overlap", "sc_global-every8"])
+    (("loss.name=sogclr", "selection.strategy=sc_global", "selection.every_steps=8"), 35),
+], ids=["random", "sc_global", "sc_global-overlap", "sc_global-every8", "sogclr-sc_global-every8"])
 def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_runs, tmp_path, overrides,
                                                                      kill_after_step):
     """22 steps per epoch: step 10 is inside epoch 0; step 30 is inside epoch 1, the first sc_global plan.
     With overlap, epoch 1's plan is being computed when the kill comes at step 10: the checkpoints of
     epoch 0 must carry it, since the bank it was computed from is gone by then. With every_steps=8, step
-    35 lies between the re-selections at steps 30 and 38 of epoch 1."""
+    35 lies between the re-selections at steps 30 and 38 of epoch 1. Under SogCLR the u table, written by
+    every step of both epochs, must come back too."""
     reference_run = reference_runs(*overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
@@ -109,3 +114,5 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     final = final_model(tmp_path)
     assert_same_weights(final, final_model(reference_run))
     assert torch.equal(final["bank"]["written_at"], final_model(reference_run)["bank"]["written_at"])
+    if "loss.name=sogclr" in overrides:
+        assert final["loss"]["u_table"].count_nonzero() >= 22 * 64  # at least one epoch's samples

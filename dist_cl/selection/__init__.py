@@ -54,7 +54,7 @@ GROUP_STREAM = 2
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
                    group_size: int = 0, map_fn: Callable | None = None, device=None, num_samples: int | None = None,
-                   loss: str = "infonce", **options) -> np.ndarray:
+                   loss: str = "infonce", loss_options: dict | None = None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
     A strategy that ignores the embeddings (dist_cl.strategies: ``reads_embeddings`` False) may be given
@@ -75,7 +75,8 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     ``map_fn(fn, items)``: how a strategy that splits into independent pieces (sc_global's cells) maps
     them, e.g. over ranks with dist_cl.distributed.distributed_map; the plan does not depend on it.
     ``device``: the torch device a strategy that computes on one (sc_global) uses; None: the current one.
-    ``loss``: the training loss (``loss.name``), with which a strategy that scores batches (osgd) scores them.
+    ``loss``: the training loss (``loss.name``), with which a strategy that scores batches (osgd) scores them;
+    ``loss_options``: its settings beyond tau (``dist_cl.losses.batch_options``).
     """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -91,7 +92,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     if device is not None and STRATEGIES[name].takes_device:
         options["device"] = device
     if STRATEGIES[name].takes_loss:
-        options["loss"] = loss
+        options["loss"], options["loss_options"] = loss, loss_options
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
     n_random = round(random_fraction * batch_size)

@@ -64,8 +64,9 @@ def osgd_batches(n: int, batch_size: int, **options) -> int:
 
 
 def osgd(u, v, batch_size: int, *, seed: int, tau: float = 0.1, q: int | None = None, k: int | None = None,
-         max_batches: int = 100_000, loss: str = "infonce") -> np.ndarray:
-    """Ordered SGD: the highest-loss batches, hardest first, scored with the training loss ``loss``.
+         max_batches: int = 100_000, loss: str = "infonce", loss_options: dict | None = None) -> np.ndarray:
+    """Ordered SGD: the highest-loss batches, hardest first, scored with the training loss ``loss`` (settings
+    ``loss_options``).
 
     Exact (no ``k`` and N-choose-B <= max_batches): the q (default N // B) highest-loss batches among all
     N-choose-B; rows may share indices. Otherwise "kb": a seeded random partition cut into chunks of k
@@ -78,11 +79,12 @@ def osgd(u, v, batch_size: int, *, seed: int, tau: float = 0.1, q: int | None = 
     k, q = osgd_shape(n, batch_size, q, k, max_batches)
     if k is None:
         batches = all_batches(n, batch_size)
-        order = np.argsort(-batch_losses(u, v, batches, tau, loss=loss), kind="stable")
+        order = np.argsort(-batch_losses(u, v, batches, tau, loss=loss, loss_options=loss_options), kind="stable")
         return batches[order[:q]]
     n_batches = n // batch_size
     perm = np.random.default_rng(seed).permutation(n)
     chunks = perm[: (n_batches // k) * k * batch_size].reshape(-1, k, batch_size)
-    losses = batch_losses(u, v, chunks.reshape(-1, batch_size), tau, loss=loss).reshape(-1, k)
+    losses = batch_losses(u, v, chunks.reshape(-1, batch_size), tau, loss=loss,
+                          loss_options=loss_options).reshape(-1, k)
     top = np.argsort(-losses, axis=1, kind="stable")[:, :q]
     return np.take_along_axis(chunks, top[..., None], axis=1).reshape(-1, batch_size)
