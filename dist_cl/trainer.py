@@ -37,6 +37,10 @@ from dist_cl.step import NonFiniteError, TrainStep
 log = logging.getLogger("dist_cl")
 
 
+class SkippedStepsError(NonFiniteError):
+    """train.nonfinite=skip skipped more than train.max_skipped_fraction of an epoch's steps."""
+
+
 @dataclasses.dataclass
 class TrainCounters:
     """Where training is: epochs completed, optimizer steps taken, steps skipped (a checkpoint component)."""
@@ -44,12 +48,16 @@ class TrainCounters:
     epoch: int = 0
     step: int = 0
     skipped_steps: int = 0
+    """Steps without an update: non-finite ones skipped under train.nonfinite=skip, and fp16 overflows."""
+    epoch_nonfinite: int = 0
+    """Steps of this epoch skipped as non-finite (what train.max_skipped_fraction caps)."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.skipped_steps = state["epoch"], state["step"], state["skipped_steps"]
+        self.epoch_nonfinite = state.get("epoch_nonfinite", 0)  # absent from older checkpoints
 
 
 class Trainer:
@@ -80,12 +88,15 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """A collective. Weights that overflowed in an update from finite gradients are refused, so the
         newest checkpoint on disk is always one that training can continue from."""
-        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
-        if not torch.isfinite(torch.stack(norms)).all():
+        state = self.model.state_dict()
+        bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
             walked = self.sampler.plan is not None and self.sampler.cursor
             where = self.describe_batch(self.sampler.cursor - 1) if walked else ""
-            raise NonFiniteError(f"non-finite weights after the update of step {self.counters.step - 1} {where}; not "
-                                 "saving them over the last good checkpoint; lower train.lr or set train.grad_clip")
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise NonFiniteError(f"non-finite weights or buffers ({shown}) after the update of step "
+                                 f"{self.counters.step - 1} {where}; not saving them over the last good checkpoint; "
+                                 "lower train.lr or set train.grad_clip")
         self.bank.sync()
         self.planner.wait()  # rank 0 saves the plan computed ahead: every rank waits for it here, not in the barrier
         meta = {"config": self.cfg.to_dict(), "world_size": self.info.world_size, "version": dist_cl.__version__}
@@ -132,6 +143,7 @@ class Trainer:
                 self.planner.plan_ahead(counters.epoch, counters.step, first_step, cfg.train.epochs)
             loss = self.train_epoch(figures)
             counters.epoch += 1
+            counters.epoch_nonfinite = 0
             self.planner.finish(self.sampler.plan)
             self.sampler.load_state_dict(None)
             every = cfg.eval.every_epochs
@@ -194,9 +206,23 @@ class Trainer:
         counters.skipped_steps += result.skipped
         if result.loss is not None:
             self.bank.update(index, result.u, result.v, counters.step)
+        else:
+            self.check_skipped(len(sampler.plan))
         sampler.advance()
         counters.step += 1
         return result.loss, random_loss
+
+    def check_skipped(self, epoch_steps: int) -> None:
+        """Count a non-finite step skipped; stop the run once more than train.max_skipped_fraction of this
+        epoch's ``epoch_steps`` were. Every rank takes the same decision: the skip is a reduced flag."""
+        counters, cap = self.counters, self.cfg.train.max_skipped_fraction
+        counters.epoch_nonfinite += 1
+        if counters.epoch_nonfinite > cap * epoch_steps:
+            raise SkippedStepsError(
+                f"train.nonfinite=skip skipped {counters.epoch_nonfinite} of the {epoch_steps} steps of epoch "
+                f"{counters.epoch} (the last at step {counters.step}), more than train.max_skipped_fraction={cap}: "
+                "the weights are diverging or the data holds broken samples; lower train.lr, set "
+                "train.grad_clip, or check the data (the skipped batches are in the warnings above)")
 
     @torch.no_grad()
     def random_batch_loss(self) -> float:

@@ -14,6 +14,7 @@ from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
 from dist_cl.selection import SelectionError
+from dist_cl.trainer import SkippedStepsError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
              "selection.strategy=random"]
@@ -84,15 +85,29 @@ def test_longer_schedule_resumes_from_a_finished_run(tmp_path):
 
 
 @pytest.fixture
-def poisoned_digit(monkeypatch):
-    """Digit 5 of the training split turns into NaN pixels, as a corrupt sample would."""
+def poisoned_digit(monkeypatch, request):
+    """Digit 5 of the training split turns into NaN pixels (or the value ``request.param``), as a corrupt
+    sample would. Pixels of 1e30 keep the loss finite and overflow BatchNorm's running variance to inf."""
     load = DigitsPairs.load
+    value = getattr(request, "param", float("nan"))
 
     def poisoned(self, index):
         image = load(self, index)
-        return torch.full_like(image, float("nan")) if index == POISONED else image
+        return torch.full_like(image, value) if index == POISONED else image
 
     monkeypatch.setattr(DigitsPairs, "load", poisoned)
+
+
+def assert_every_checkpoint_finite(directory) -> list[int]:
+    """The steps of the checkpoints in ``directory``, each checked: every floating tensor of the model
+    (parameters and buffers, BatchNorm statistics among them) finite."""
+    steps = []
+    for path in sorted(directory.glob("step-*.pt")):
+        state, _ = load_checkpoint(path)
+        bad = [k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        assert not bad, f"{path.name}: {bad}"
+        steps.append(state["counters"]["step"])
+    return steps
 
 
 POISONED = 5
@@ -119,11 +134,25 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
     assert found.group(3).startswith(", ".join(map(str, batch[:16])))
 
 
+@pytest.mark.parametrize("poisoned_digit", [float("nan"), 1e30], indirect=True, ids=["nan", "overflow"])
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit):
-    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip"]) == 0
+    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip", "train.max_skipped_fraction=0.5",
+                     "checkpoint.every_steps=1", "checkpoint.keep=10"]) == 0
     state, _ = load_checkpoint(tmp_path)
     assert state["counters"]["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert assert_every_checkpoint_finite(tmp_path / "checkpoints") == list(range(1, 7))
+
+
+@pytest.mark.parametrize("poisoned_digit", [1e30], indirect=True)
+def test_nonfinite_skip_past_its_cap_stops_with_a_named_error(tmp_path, poisoned_digit):
+    """The default cap, a tenth of an epoch, is 0.3 of these 3-step epochs: the first skip passes it."""
+    with pytest.raises(SkippedStepsError) as err:
+        cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip", "checkpoint.every_steps=1",
+                  "checkpoint.keep=10"])
+    found = re.search(r"skipped 1 of the 3 steps of epoch 0 \(the last at step (\d)\), more than "
+                      r"train.max_skipped_fraction=0.1", str(err.value))
+    assert found, str(err.value)
+    assert assert_every_checkpoint_finite(tmp_path / "checkpoints") == list(range(1, int(found.group(1)) + 1))
 
 
 def test_ranks_holding_different_plans_raise_instead_of_hanging():
