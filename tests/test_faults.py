@@ -84,6 +84,22 @@ def test_longer_schedule_resumes_from_a_finished_run(tmp_path):
     assert latest == f"step-{4 * 4:08d}.pt"
 
 
+def test_a_full_disk_is_a_named_error_that_removes_its_tmp_and_keeps_the_previous_checkpoint(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = digests(ckpt)
+    # the temporary name of the next checkpoint leads to /dev/full, where the kernel fails every write: ENOSPC
+    (ckpt / ".step-00000016.pt.tmp").symlink_to("/dev/full")
+    assert run(tmp_path, "train.epochs=4") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: cannot write checkpoint {ckpt}/step-00000016.pt: No space left on device \(it "
+                        rf"needs [\d.]+ MiB, [\d.]+ MiB free on {ckpt}\); the previous checkpoints are kept; free "
+                        r"space or set run.dir on another file system, then resume\n", err), err
+    assert digests(ckpt) == before and not list(ckpt.glob(".*"))
+    assert run(tmp_path, "train.epochs=4") == 0
+    assert (ckpt / "latest").read_text() == "step-00000016.pt"
+
+
 @pytest.fixture
 def poisoned_digit(monkeypatch, request):
     """Digit 5 of the training split turns into NaN pixels (or the value ``request.param``), as a corrupt
