@@ -16,7 +16,14 @@ from pathlib import Path
 from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import Config, ConfigError, load_config, validate
 from dist_cl.data.shards import ShardError, check_shards
-from dist_cl.distributed import Backend, DistInfo, close_distributed, exit_process, init_distributed
+from dist_cl.distributed import (
+    Backend,
+    DistInfo,
+    close_distributed,
+    exit_process,
+    init_distributed,
+    name_timeout,
+)
 from dist_cl.selection import SelectionError
 from dist_cl.trainer import Trainer
 
@@ -35,8 +42,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.ya
 def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, backend: Backend = "auto") -> int:
     """The exit code of ``body(info)`` run in the process group that torchrun's environment describes.
 
-    A user error ends it with a one-line message on stderr and exit code 2. The group is destroyed however
-    ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
+    A user error ends it with a one-line message on stderr and exit code 2; a collective's timeout is
+    raised again as a RankTimeoutError that names the rank that stopped answering. The group is destroyed
+    however ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
     """
     try:
         info = init_distributed(timeout_s, backend)
@@ -46,6 +54,11 @@ def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, b
         return body(info)
     except USER_ERRORS as err:
         return _user_error("error", err)
+    except RuntimeError as err:
+        named = name_timeout(err, timeout_s)
+        if named is None:
+            raise
+        raise named from err
     finally:
         close_distributed()
 

@@ -24,7 +24,7 @@ from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import CheckpointError, RunCheckpoints
 from dist_cl.config import Config, config_differences, save_config
 from dist_cl.data import build_dataset, loader_options
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks, mark_progress
 from dist_cl.evaluation import evaluate
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
 from dist_cl.models import build_training_model
@@ -97,6 +97,7 @@ class Trainer:
             raise NonFiniteError(f"non-finite weights or buffers ({shown}) after the update of step "
                                  f"{self.counters.step - 1} {where}; not saving them over the last good checkpoint; "
                                  "lower train.lr or set train.grad_clip")
+        mark_progress(f"checkpoint at step {self.counters.step}")
         self.bank.sync()
         self.planner.wait()  # rank 0 saves the plan computed ahead: every rank waits for it here, not in the barrier
         meta = {"config": self.cfg.to_dict(), "world_size": self.info.world_size, "version": dist_cl.__version__}
@@ -137,6 +138,7 @@ class Trainer:
         while counters.epoch < cfg.train.epochs:
             figures = SelectionFigures()
             if self.sampler.plan is None:
+                mark_progress(f"plan of epoch {counters.epoch}")
                 plan, figures = self.planner.plan(counters.epoch, counters.step)
                 self.sampler.start(plan)
                 first_step = counters.step + len(plan)
@@ -199,6 +201,7 @@ class Trainer:
         """One step at the sampler's cursor: (its loss or None if skipped, the loss of a random global batch
         scored before the update, at the steps that log selection/realised_lift, else None)."""
         counters, sampler = self.counters, self.sampler
+        mark_progress(f"step {counters.step}")
         scoring = (counters.step + 1) % self.cfg.run.log_every_steps == 0
         random_loss = self.random_batch_loss() if scoring else None
         set_lr(self.optimizer, self.cfg.train, counters.epoch, sampler.cursor, len(sampler.plan))
@@ -257,6 +260,7 @@ class Trainer:
         return mean_loss
 
     def evaluate(self, loss: float | None, figures: SelectionFigures) -> None:
+        mark_progress(f"evaluation at step {self.counters.step}")
         self.broadcast_buffers()
         cfg = self.cfg
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,

@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +111,41 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     final = final_model(tmp_path)
     assert_same_weights(final, final_model(reference_run))
     assert torch.equal(final["bank"]["written_at"], final_model(reference_run)["bank"]["written_at"])
+
+
+def _worker(agent_pid: int, rank: int) -> int:
+    """The pid of the agent's worker of ``rank``."""
+    [pid] = [pid for pid in _children(agent_pid)
+             if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    return pid
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_timeout_of_a_stalled_rank_names_it(tmp_path):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0's collective times out after dist.timeout_s, and its error
+    names rank 1, not only itself (which torchrun reports as the failed rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(tmp_path, "--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random",
+                      "eval.every_epochs=0", "checkpoint.every_steps=20", "dist.timeout_s=10",
+                      "checkpoint.timeout_s=10")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trigger = tmp_path / "checkpoints" / "step-00000040.pt"
+    deadline = time.time() + 120
+    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert trigger.exists(), "the run never reached its step-40 checkpoint"
+    stalled, victim = _worker(agent.pid, 1), _worker(agent.pid, 0)
+    os.kill(stalled, signal.SIGSTOP)
+    while _running(victim) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(stalled, signal.SIGCONT)  # lets it take torchrun's SIGTERM
+    output, _ = agent.communicate(timeout=120)
+    assert agent.returncode != 0
+    assert re.search(r"RankTimeoutError: rank 0: a collective timed out after dist.timeout_s=10 s: rank 1 stopped "
+                     r"answering \(no heartbeat for 3 s; its last mark: (step|checkpoint at step) \d+\)", output), \
+        output[-5000:]
