@@ -37,6 +37,10 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written; the message names the file, the error and the free space."""
 
 
+class CheckpointDisagreementError(CheckpointError):
+    """A rank cannot load the checkpoint rank 0 resumes from; the message names the rank, the file and why."""
+
+
 def _write_tmp(path: Path, data: bytes, written: list[Path]) -> Path:
     """Write ``data`` to ``path``'s temporary name and fsync it; the name is appended to ``written`` first,
     so that a write that fails half way is cleaned up too."""
@@ -117,6 +121,11 @@ class Checkpointer:
             return [path]
         return list(reversed(self.checkpoints()))
 
+    @staticmethod
+    def digest(path: Path) -> str:
+        """The sha256 in ``path``'s sidecar (``load`` verified it against the file)."""
+        return path.with_name(path.name + ".sha256").read_text().strip()
+
     def load(self, which: str = "latest") -> tuple[dict, Path, list[str]]:
         """(state, path, problems): the newest checkpoint that verifies, and why newer ones were skipped."""
         problems = []
@@ -176,6 +185,50 @@ class RunCheckpoints:
         """(state, path, problems) of ``which`` ('latest' or a path), checked, not yet restored."""
         state, path, problems = self.checkpointer.load(which)
         return upgrade(state), path, problems
+
+    def load_agreed(self, which: str) -> tuple[dict, Path, list[str]] | None:
+        """``load(which)`` with every rank on rank 0's choice (a collective); None where ``which`` is 'auto'
+        and rank 0 finds no checkpoint.
+
+        Rank 0 alone resolves ``which`` and broadcasts the identity of what it chose (file, step, sha256);
+        every other rank loads that file and checks both. Ranks that resolved 'latest' themselves resumed
+        from different steps where their listings differed (node-local run directories, a lagging NFS
+        listing) and trained on mismatched state. Any rank that cannot load rank 0's choice makes every
+        rank raise CheckpointDisagreementError, naming it, before anything trains.
+        """
+        chosen: list = [None, None]  # (path, step, sha256) or None; rank 0's error
+        if self.is_main:
+            try:
+                if which != "auto" or self.checkpointer.checkpoints():
+                    state, path, problems = self.load("latest" if which == "auto" else which)
+                    chosen[0] = (str(path), state["counters"]["step"], self.checkpointer.digest(path))
+            except CheckpointError as err:
+                chosen[1] = str(err)
+        dist.broadcast_object_list(chosen, src=0, group=self.group)
+        if chosen[1] is not None:
+            raise CheckpointError(chosen[1])
+        if chosen[0] is None:
+            return None
+        name, step, digest = chosen[0]
+        problem = None
+        if not self.is_main:
+            try:
+                state, path, problems = self.load(name)
+                mine = (state["counters"]["step"], self.checkpointer.digest(path))
+                if mine != (step, digest):
+                    problem = (f"its copy is another checkpoint (step {mine[0]}, sha256 {mine[1][:12]}) than rank "
+                               f"0's (step {step}, sha256 {digest[:12]})")
+            except CheckpointError as err:
+                problem = str(err)
+        problems_by_rank: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(problems_by_rank, problem, group=self.group)
+        failed = [(rank, p) for rank, p in enumerate(problems_by_rank) if p is not None]
+        if failed:
+            raise CheckpointDisagreementError(
+                "; ".join(f"rank {rank} cannot load {name}, the checkpoint rank 0 resumes from (step {step}): {p}"
+                          for rank, p in failed)
+                + "; every rank must see the same run.dir (a file system shared by all nodes), so nothing was trained")
+        return state, path, problems
 
     def restore(self, state: dict) -> None:
         """Give every component its state back."""

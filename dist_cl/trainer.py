@@ -106,12 +106,12 @@ class Trainer:
             log.info("saved checkpoint %s", path)
 
     def resume(self, which: str) -> bool:
-        """Load ``which`` ('auto', 'latest' or a path); 'auto' resumes only where a checkpoint exists."""
-        if which == "auto":
-            if not self.checkpoints.checkpointer.checkpoints():
-                return False
-            which = "latest"
-        state, path, problems = self.checkpoints.load(which)
+        """Load ``which`` ('auto', 'latest' or a path) on every rank, as rank 0 resolves it (a collective);
+        'auto' resumes only where rank 0 finds a checkpoint."""
+        loaded = self.checkpoints.load_agreed(which)
+        if loaded is None:
+            return False
+        state, path, problems = loaded
         for problem in problems:
             log.warning("skipped checkpoint %s", problem)
         differences = config_differences(state["meta"]["config"], self.cfg.to_dict())

@@ -149,3 +149,44 @@ def test_the_timeout_of_a_stalled_rank_names_it(tmp_path):
     assert re.search(r"RankTimeoutError: rank 0: a collective timed out after dist.timeout_s=10 s: rank 1 stopped "
                      r"answering \(no heartbeat for 3 s; its last mark: (step|checkpoint at step) \d+\)", output), \
         output[-5000:]
+
+
+SYNTHETIC = ("--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random")
+"""4 steps an epoch: FAST makes checkpoints at steps 4, 5 and 8."""
+
+
+def node_local_views(tmp_path, reference_run, newest: dict[int, int]) -> None:
+    """tmp_path/rank<r>/run/checkpoints holding the reference run's checkpoints up to step ``newest[r]``."""
+    for rank, last in newest.items():
+        view = tmp_path / f"rank{rank}" / "run" / "checkpoints"
+        view.mkdir(parents=True)
+        for path in (reference_run / "checkpoints").glob("step-*"):
+            if int(path.name[5:13]) <= last:
+                shutil.copy(path, view / path.name)
+
+
+def rank_cwd_cmd(tmp_path) -> list[str]:
+    return [str(ROOT / "tests" / "scripts" / "rank_cwd.py"), str(tmp_path), *FAST, *SYNTHETIC, "run.dir=run"]
+
+
+def test_ranks_resume_from_rank_0s_checkpoint_when_another_sees_a_newer_one(reference_runs, tmp_path):
+    """Rank 1's run directory has step 5, rank 0's only step 4: both resume from step 4 and end as an
+    uninterrupted run does (had rank 1 resumed from its own newest, their cursors would differ)."""
+    reference_run = reference_runs(*SYNTHETIC)
+    node_local_views(tmp_path, reference_run, {0: 4, 1: 5})
+    proc = torchrun(rank_cwd_cmd(tmp_path))
+    assert "at epoch 1 step 4" in proc.stderr
+    assert_same_weights(final_model(tmp_path / "rank0" / "run"), final_model(reference_run))
+
+
+def test_a_rank_that_cannot_see_rank_0s_checkpoint_fails_by_name_before_training(reference_runs, tmp_path):
+    reference_run = reference_runs(*SYNTHETIC)
+    node_local_views(tmp_path, reference_run, {0: 5, 1: 4})
+    before = sorted(p.name for p in (tmp_path / "rank0" / "run" / "checkpoints").iterdir())
+    proc = torchrun(rank_cwd_cmd(tmp_path), check=False)
+    assert proc.returncode != 0
+    message = ("error: rank 1 cannot load run/checkpoints/step-00000005.pt, the checkpoint rank 0 resumes from "
+               "(step 5): checkpoint 'run/checkpoints/step-00000005.pt' does not exist")
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # every rank says it and exits
+    assert "every rank must see the same run.dir" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "rank0" / "run" / "checkpoints").iterdir()) == before
