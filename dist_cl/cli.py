@@ -1,8 +1,9 @@
 """Command-line entry points: the trainer's (``launch/train.py``, the ``dist-cl-train`` script), and
 ``run_distributed``, the frame the trainer and every tool that runs under torchrun share.
 
-A user error (a bad config, no usable checkpoint, broken shards, impossible selection options) ends the
-process with its message as one line on stderr and exit code 2, not with a traceback from every rank.
+A user error (a bad config, no usable checkpoint, broken shards, impossible selection options, a run
+directory another job holds) ends the process with its message as one line on stderr and exit code 2,
+not with a traceback from every rank.
 """
 
 import argparse
@@ -24,10 +25,11 @@ from dist_cl.distributed import (
     init_distributed,
     name_timeout,
 )
+from dist_cl.runlock import RunDirLockedError, hold_run_dir
 from dist_cl.selection import SelectionError
 from dist_cl.trainer import Trainer
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError, RunDirLockedError)
 """Errors whose message names the problem in the user's input and the fix."""
 
 USAGE = """Train dist_cl: ``torchrun --standalone --nproc_per_node=2 launch/train.py [--config PATH] [key=value ...]``.
@@ -101,8 +103,9 @@ def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
         logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
                                           len(trainer.train_set))
         return 0
-    trainer.resume(args.resume)
-    trainer.fit()
+    with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main):
+        trainer.resume(args.resume)
+        trainer.fit()
     trainer.close()
     return 0
 

@@ -30,6 +30,11 @@ class RunConfig:
     """Run directory (TensorBoard, checkpoints, metrics, resolved config); empty means runs/<name>."""
     log_every_steps: int = 10
     """Steps between TensorBoard scalar writes."""
+    lock_stale_s: float = 600.0
+    """A run directory's lock (run.lock, one job per run directory) left by a job on another host is
+    stale, and taken over, once its holder has not refreshed it for this long; the holder refreshes it
+    every tenth of this. It must exceed the clock difference between the hosts. A lock from this host is
+    stale as soon as its process has ended."""
 
 
 @dataclass
@@ -332,7 +337,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     positive = {
         "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
         "loss.tau": cfg.loss.tau, "model.embed_dim": cfg.model.embed_dim, "checkpoint.keep": cfg.checkpoint.keep,
-        "dist.timeout_s": cfg.dist.timeout_s,
+        "dist.timeout_s": cfg.dist.timeout_s, "run.lock_stale_s": cfg.run.lock_stale_s,
         "checkpoint.timeout_s": cfg.checkpoint.timeout_s, "data.num_samples": cfg.data.num_samples,
         "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
         "eval.train_pairs": cfg.eval.train_pairs,

@@ -6,9 +6,12 @@
 #   sbatch --nodes=1 --gpus-per-node=4 launch/slurm.sh configs/cifar100_32px.yaml
 #   RUN_DIR=/shared/runs/in1k-sc sbatch launch/slurm.sh configs/imagenet.yaml selection.strategy=sc_global
 #
-# Arguments: the config, then dotted overrides for launch/train.py. Submitting the same command again resumes
-# from the run directory's newest checkpoint (launch/train.py --resume auto); within a job, torchrun restarts
-# failed workers up to --max-restarts times and they resume on their own.
+# Arguments: the config, then dotted overrides for launch/train.py. Each job gets a run directory of its own,
+# /shared/runs/<config name>-<job id>, so two experiments from one config never share one. To resume a run,
+# name its directory: RUN_DIR=/shared/runs/imagenet-123456 sbatch launch/slurm.sh configs/imagenet.yaml resumes
+# from its newest checkpoint (launch/train.py --resume auto). A run directory is locked for its job's lifetime
+# (run.lock): a second job on it fails at once, naming the first. Within a job, torchrun restarts failed workers
+# up to --max-restarts times and they resume on their own.
 #SBATCH --job-name=dist_cl
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -22,7 +25,7 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 
 CONFIG=${1:-configs/imagenet.yaml}
 shift $(( $# > 0 ? 1 : 0 ))
-RUN_DIR=${RUN_DIR:-/shared/runs/$(basename "$CONFIG" .yaml)}
+RUN_DIR=${RUN_DIR:-/shared/runs/$(basename "$CONFIG" .yaml)-$SLURM_JOB_ID}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RDZV_PORT=${RDZV_PORT:-29500}

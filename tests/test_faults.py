@@ -1,18 +1,25 @@
 """Bad input and numerical faults: clear errors that name the problem and the fix, and nothing damaged."""
 
 import hashlib
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, torchrun
+from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl import cli
 from dist_cl.checkpoint import CheckpointError, load_checkpoint
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
+from dist_cl.runlock import RunDirLockedError, RunLock
 from dist_cl.selection import SelectionError
 from dist_cl.trainer import SkippedStepsError
 
@@ -188,3 +195,69 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_uses_the_previous(tmp_pa
     assert "skipped checkpoint step-00000012.pt: checksum mismatch (truncated or corrupt)" in caplog.text
     assert "resumed from" in caplog.text and "at epoch 2 step 10" in caplog.text
     assert (ckpt / "latest").read_text() == "step-00000016.pt"
+
+
+def test_a_second_job_on_a_locked_run_dir_fails_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path,
+                                                                                                       caplog):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *SYNTHETIC, "train.epochs=100000",
+                              f"run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "latest").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid
+        second = torchrun(train_cmd(run_dir, *SYNTHETIC), check=False)
+        assert second.returncode != 0
+        message = (f"error: run.dir {run_dir} is in use by another job: host {socket.gethostname()}, pid {first.pid}, "
+                   "job None, started ")
+        assert second.stderr.count(message) == 2, second.stderr[-3000:]  # both ranks, before any training
+        assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid
+    finally:
+        first.kill()
+        first.wait()
+    assert (run_dir / "run.lock").exists()  # a SIGKILLed job leaves its lock behind
+    with caplog.at_level("WARNING", logger="dist_cl"):
+        assert run(tmp_path, "train.epochs=1") == 0
+    assert f"taking over the stale lock of {run_dir}: its pid {first.pid} is no longer running on this host" \
+        in caplog.text
+    assert not (run_dir / "run.lock").exists()
+
+
+def write_lock(run_dir, **holder) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "job": "4242",
+                                                  "started": "2026-01-01T00:00:00+0000", **holder}))
+
+
+def test_a_lock_from_another_host_is_held_until_its_refreshes_stop_for_lock_stale_s(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    write_lock(tmp_path)
+    with pytest.raises(RunDirLockedError, match=f"run.dir {tmp_path} is in use by another job: host node-elsewhere, "
+                                                "pid 1, job 4242, started 2026-01-01T00:00:00"):
+        RunLock(tmp_path, stale_s=600).acquire()
+    os.utime(tmp_path / "run.lock", (time.time() - 601, time.time() - 601))
+    lock = RunLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text()) == lock.owner
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_same_jobs_lock_from_another_host_is_a_restart_and_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    write_lock(tmp_path)
+    lock = RunLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_the_holder_refreshes_its_lock(tmp_path):
+    lock = RunLock(tmp_path, stale_s=1.0)
+    lock.acquire()
+    os.utime(tmp_path / "run.lock", (0, 0))
+    time.sleep(0.5)
+    assert (tmp_path / "run.lock").stat().st_mtime > time.time() - 1
+    lock.release()
