@@ -27,7 +27,7 @@ from dist_cl.distributed import (
 )
 from dist_cl.runlock import RunDirLockedError, hold_run_dir
 from dist_cl.selection import SelectionError
-from dist_cl.trainer import Trainer
+from dist_cl.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer
 
 USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError, RunDirLockedError)
 """Errors whose message names the problem in the user's input and the fix."""
@@ -103,9 +103,15 @@ def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
         logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
                                           len(trainer.train_set))
         return 0
-    with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main):
+    with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main), trainer.stop.handling():
         trainer.resume(args.resume)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Preempted as stopped:
+            logging.getLogger("dist_cl").warning("preempted: %s; exit code %d asks to be requeued", stopped,
+                                                 REQUEUE_EXIT_CODE)
+            trainer.close()
+            return REQUEUE_EXIT_CODE
     trainer.close()
     return 0
 

@@ -12,7 +12,10 @@ import datetime
 import hashlib
 import json
 import logging
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -39,6 +42,46 @@ log = logging.getLogger("dist_cl")
 
 class SkippedStepsError(NonFiniteError):
     """train.nonfinite=skip skipped more than train.max_skipped_fraction of an epoch's steps."""
+
+
+REQUEUE_EXIT_CODE = 75
+"""The exit code of a preempted run: EX_TEMPFAIL of sysexits.h ("a temporary failure; retry later").
+Every rank finished the same step and its checkpoint is written; run the same command again to resume."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; every rank finished its step and the checkpoint of that step is written."""
+
+
+class StopRequest:
+    """SIGTERM (what SLURM and Kubernetes send before killing a job, and torchrun forwards) or SIGUSR1
+    (SLURM's --signal, forwarded by torchrun --signals-to-handle) asks the run to stop. The handler only
+    records it; the step in flight finishes, and ``agreed`` (a collective, after every step) makes every
+    rank stop after the same step, whichever ranks the signal reached and when."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def request(self, signum: int, frame) -> None:
+        self.signal = signum
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """The stop signals set this request for the body; their previous handlers are restored after it."""
+        previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank gets the same answer)."""
+        asked = torch.tensor([self.signal is not None], dtype=torch.int32)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        return bool(asked.item())
 
 
 @dataclasses.dataclass
@@ -76,6 +119,7 @@ class Trainer:
         self.sampler = PlanSampler(None, info.rank, info.world_size)
         self.counters = TrainCounters()
         self.metrics: RunMetrics | None = None
+        self.stop = StopRequest()
         # where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.checkpoint.timeout_s))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", cfg.checkpoint.keep, {
@@ -152,6 +196,8 @@ class Trainer:
             if every and (counters.epoch % every == 0 or counters.epoch == cfg.train.epochs):
                 self.evaluate(loss, figures)
             self.save_checkpoint()
+            if counters.epoch < cfg.train.epochs and self.stop.agreed():
+                raise Preempted(f"stopped at the end of epoch {counters.epoch} (step {counters.step})")
 
     def train_epoch(self, figures: SelectionFigures) -> float:
         """Train the rest of the sampler's plan; this epoch's mean loss."""
@@ -179,8 +225,13 @@ class Trainer:
                     sampler.start(self.planner.reselect(sampler.plan, sampler.cursor, counters.step, figures),
                                   sampler.cursor)
                     reselect_time += time.perf_counter() - began
-                if cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0:
+                saved = cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0
+                if saved:
                     self.save_checkpoint()
+                if self.stop.agreed():
+                    if not saved:
+                        self.save_checkpoint()
+                    raise Preempted(f"stopped after step {counters.step} (epoch {counters.epoch})")
                 tick = time.perf_counter()
                 if reselected:
                     break  # this loader walks the old plan

@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.checkpoint import load_checkpoint
+from dist_cl.trainer import REQUEUE_EXIT_CODE
 
 FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
 
@@ -190,3 +191,44 @@ def test_a_rank_that_cannot_see_rank_0s_checkpoint_fails_by_name_before_training
     assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # every rank says it and exits
     assert "every rank must see the same run.dir" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "rank0" / "run" / "checkpoints").iterdir()) == before
+
+
+def test_sigterm_to_the_agent_checkpoints_the_step_in_flight_on_every_rank_and_resumes_bitwise_equal(
+        reference_runs, tmp_path):
+    """torchrun forwards SIGTERM to its workers: both finish their step, agree to stop after the same one,
+    write its checkpoint and exit REQUEUE_EXIT_CODE; torchrun itself, signalled, exits 1 (its SignalException)."""
+    reference_run = reference_runs("selection.strategy=random")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(tmp_path, *FAST, "selection.strategy=random")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trigger = tmp_path / "checkpoints" / "step-00000010.pt"
+    deadline = time.time() + 120
+    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert trigger.exists(), "the run never reached its step-10 checkpoint"
+    agent.send_signal(signal.SIGTERM)
+    output, _ = agent.communicate(timeout=120)
+    assert agent.returncode == 1, output[-5000:]
+    stops = re.findall(rf"\[rank (\d)\] WARNING preempted: stopped after step (\d+) \(epoch 0\); exit code "
+                       rf"{REQUEUE_EXIT_CODE} asks to be requeued", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"], output[-5000:]
+    [step] = {int(s) for _, s in stops}
+    assert 10 <= step < 22 and (tmp_path / "checkpoints" / "latest").read_text() == f"step-{step:08d}.pt"
+    proc = torchrun(train_cmd(tmp_path, *FAST, "selection.strategy=random"))
+    assert f"at epoch 0 step {step}" in proc.stderr
+    assert_same_weights(final_model(tmp_path), final_model(reference_run))
+
+
+def test_sigusr1_to_a_single_process_run_exits_with_the_requeue_code_after_a_checkpoint(tmp_path):
+    cmd = [sys.executable, *train_cmd(tmp_path, *SYNTHETIC, "train.epochs=100000", "eval.every_epochs=0")]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoints" / "latest").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGUSR1)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == REQUEUE_EXIT_CODE == 75, err[-3000:]
+    step = int(re.search(r"preempted: stopped (?:after step|at the end of epoch \d+ \(step) (\d+)", err).group(1))
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{step:08d}.pt"
+    assert load_checkpoint(tmp_path)[0]["counters"]["step"] == step
