@@ -202,7 +202,7 @@ class RunCheckpoints:
                 if which != "auto" or self.checkpointer.checkpoints():
                     state, path, problems = self.load("latest" if which == "auto" else which)
                     chosen[0] = (str(path), state["counters"]["step"], self.checkpointer.digest(path))
-            except CheckpointError as err:
+            except (CheckpointError, OSError) as err:  # on every rank, not on rank 0 alone while the others wait
                 chosen[1] = str(err)
         dist.broadcast_object_list(chosen, src=0, group=self.group)
         if chosen[1] is not None:
@@ -218,7 +218,7 @@ class RunCheckpoints:
                 if mine != (step, digest):
                     problem = (f"its copy is another checkpoint (step {mine[0]}, sha256 {mine[1][:12]}) than rank "
                                f"0's (step {step}, sha256 {digest[:12]})")
-            except CheckpointError as err:
+            except (CheckpointError, OSError) as err:
                 problem = str(err)
         problems_by_rank: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(problems_by_rank, problem, group=self.group)

@@ -66,7 +66,17 @@ class RunLock:
         self.thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        """Hold the lock, taking over a stale one; RunDirLockedError where another job holds it."""
+        """Hold the lock, taking over a stale one; RunDirLockedError where another job holds it, or where
+        the lock cannot be created at all (on every rank, not on rank 0 alone while the others wait)."""
+        try:
+            self._acquire()
+        except OSError as err:
+            raise RunDirLockedError(f"cannot lock run.dir {self.path.parent}: {err}; choose a writable run.dir") \
+                from err
+        self.thread = threading.Thread(target=self._refresh, name="dist_cl-run-lock", daemon=True)
+        self.thread.start()
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         unreadable_since = None
         while not self._create():
@@ -85,8 +95,6 @@ class RunLock:
                     "wait for it to end or choose another run.dir; if that job is gone, delete the lock file")
             log.warning("taking over the stale lock of %s: %s", self.path.parent, why)
             self.path.unlink(missing_ok=True)
-        self.thread = threading.Thread(target=self._refresh, name="dist_cl-run-lock", daemon=True)
-        self.thread.start()
 
     def stale(self, holder: dict) -> str | None:
         """Why ``holder``'s lock is stale, or None while it is live."""
@@ -94,7 +102,10 @@ class RunLock:
             return None if _pid_running(holder["pid"]) else f"its pid {holder['pid']} is no longer running on this host"
         if holder["job"] is not None and holder["job"] == self.owner["job"]:
             return f"it is this job's ({holder['job']}), left on host {holder['host']} before a restart"
-        age = time.time() - self.path.stat().st_mtime
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "it was removed meanwhile"
         if age > self.stale_s:
             return (f"host {holder['host']} has not refreshed it for {age:.0f} s "
                     f"(run.lock_stale_s={self.stale_s:g})")

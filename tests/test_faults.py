@@ -224,6 +224,12 @@ def test_a_second_job_on_a_locked_run_dir_fails_naming_the_first_and_a_dead_ones
     assert not (run_dir / "run.lock").exists()
 
 
+def test_a_run_dir_that_cannot_be_locked_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    assert run(tmp_path) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot lock run.dir {tmp_path / 'run'}: [Errno 17] File exists")
+
+
 def write_lock(run_dir, **holder) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "job": "4242",
