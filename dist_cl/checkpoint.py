@@ -2,6 +2,12 @@
 
 Each checkpoint ``step-00000123.pt`` has a ``.sha256`` beside it and ``latest`` names the newest. Loading
 verifies the checksum and falls back to the previous checkpoint when the newest is truncated or corrupt.
+A checkpoint without its ``.sha256`` is refused like a corrupt one: saving renames the sidecar into place
+before the checkpoint, so a file dist_cl wrote never lacks it, and one that does was copied without it or
+put there by hand; loading it unchecked would let a flipped bit resume silently and spread into every
+later checkpoint, under valid checksums. The error says how to restore the sidecar of a trusted file.
+A save that fails (disk full, quota, I/O) removes its temporary files and raises CheckpointWriteError
+with the path and the free space; the previous checkpoints and ``latest`` are untouched.
 What goes in one is composed: ``RunCheckpoints`` saves a ``{name: component}`` map, each component its own
 state, so a component registered there cannot be forgotten by resume.
 """
@@ -11,6 +17,7 @@ import io
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,13 +33,29 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint; the message says which files were tried and why they failed."""
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; the message names the file, the error and the free space."""
+
+
+class CheckpointDisagreementError(CheckpointError):
+    """A rank cannot load the checkpoint rank 0 resumes from; the message names the rank, the file and why."""
+
+
+def _write_tmp(path: Path, data: bytes, written: list[Path]) -> Path:
+    """Write ``data`` to ``path``'s temporary name and fsync it; the name is appended to ``written`` first,
+    so that a write that fails half way is cleaned up too."""
     tmp = path.with_name(f".{path.name}.tmp")
+    written.append(tmp)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def _free_space(directory: Path) -> str:
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    return f"{shutil.disk_usage(existing).free / 2**20:.1f} MiB free on {existing}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,16 +79,34 @@ class Checkpointer:
         return [p for _, p in sorted(found)]
 
     def save(self, state: dict, step: int) -> Path:
-        """Write ``state`` atomically as step-<step>.pt, point ``latest`` at it, prune old ones."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` atomically as step-<step>.pt, point ``latest`` at it, prune old ones.
+
+        Both files are written and synced under temporary names before either is renamed, the sidecar
+        first: an error while writing leaves no trace, and a crash between the renames leaves a sidecar
+        without its checkpoint (ignored) or a checkpoint whose checksum fails (skipped), never an unchecked one.
+        """
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
         path = self.directory / f"step-{step:08d}.pt"
-        _fsync_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-        _fsync_write(path, data)
-        _fsync_write(self.directory / "latest", path.name.encode())
-        _fsync_dir(self.directory)
+        sidecar = path.with_name(path.name + ".sha256")
+        written: list[Path] = []
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp_sidecar = _write_tmp(sidecar, hashlib.sha256(data).hexdigest().encode(), written)
+            tmp_data = _write_tmp(path, data, written)
+            tmp_latest = _write_tmp(self.directory / "latest", path.name.encode(), written)
+            os.replace(tmp_sidecar, sidecar)
+            os.replace(tmp_data, path)
+            os.replace(tmp_latest, self.directory / "latest")
+            _fsync_dir(self.directory)
+        except OSError as err:
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {err.strerror or err} (it needs {len(data) / 2**20:.1f} MiB, "
+                f"{_free_space(self.directory)}); the previous checkpoints are kept; free space or set "
+                "run.dir on another file system, then resume") from err
         for old in self.checkpoints()[: -self.keep]:
             old.unlink()
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
@@ -80,13 +121,22 @@ class Checkpointer:
             return [path]
         return list(reversed(self.checkpoints()))
 
+    @staticmethod
+    def digest(path: Path) -> str:
+        """The sha256 in ``path``'s sidecar (``load`` verified it against the file)."""
+        return path.with_name(path.name + ".sha256").read_text().strip()
+
     def load(self, which: str = "latest") -> tuple[dict, Path, list[str]]:
         """(state, path, problems): the newest checkpoint that verifies, and why newer ones were skipped."""
         problems = []
         for path in self.resolve(which):
             data = path.read_bytes()
             digest_file = path.with_name(path.name + ".sha256")
-            if digest_file.is_file() and digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
+            if not digest_file.is_file():
+                problems.append(f"{path.name}: no {digest_file.name} beside it, so it cannot be verified (if you "
+                                f"trust the file: sha256sum {path} | cut -d' ' -f1 > {digest_file})")
+                continue
+            if digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
                 problems.append(f"{path.name}: checksum mismatch (truncated or corrupt)")
                 continue
             try:
@@ -135,6 +185,50 @@ class RunCheckpoints:
         """(state, path, problems) of ``which`` ('latest' or a path), checked, not yet restored."""
         state, path, problems = self.checkpointer.load(which)
         return upgrade(state), path, problems
+
+    def load_agreed(self, which: str) -> tuple[dict, Path, list[str]] | None:
+        """``load(which)`` with every rank on rank 0's choice (a collective); None where ``which`` is 'auto'
+        and rank 0 finds no checkpoint.
+
+        Rank 0 alone resolves ``which`` and broadcasts the identity of what it chose (file, step, sha256);
+        every other rank loads that file and checks both. Ranks that resolved 'latest' themselves resumed
+        from different steps where their listings differed (node-local run directories, a lagging NFS
+        listing) and trained on mismatched state. Any rank that cannot load rank 0's choice makes every
+        rank raise CheckpointDisagreementError, naming it, before anything trains.
+        """
+        chosen: list = [None, None]  # (path, step, sha256) or None; rank 0's error
+        if self.is_main:
+            try:
+                if which != "auto" or self.checkpointer.checkpoints():
+                    state, path, problems = self.load("latest" if which == "auto" else which)
+                    chosen[0] = (str(path), state["counters"]["step"], self.checkpointer.digest(path))
+            except (CheckpointError, OSError) as err:  # on every rank, not on rank 0 alone while the others wait
+                chosen[1] = str(err)
+        dist.broadcast_object_list(chosen, src=0, group=self.group)
+        if chosen[1] is not None:
+            raise CheckpointError(chosen[1])
+        if chosen[0] is None:
+            return None
+        name, step, digest = chosen[0]
+        problem = None
+        if not self.is_main:
+            try:
+                state, path, problems = self.load(name)
+                mine = (state["counters"]["step"], self.checkpointer.digest(path))
+                if mine != (step, digest):
+                    problem = (f"its copy is another checkpoint (step {mine[0]}, sha256 {mine[1][:12]}) than rank "
+                               f"0's (step {step}, sha256 {digest[:12]})")
+            except (CheckpointError, OSError) as err:
+                problem = str(err)
+        problems_by_rank: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(problems_by_rank, problem, group=self.group)
+        failed = [(rank, p) for rank, p in enumerate(problems_by_rank) if p is not None]
+        if failed:
+            raise CheckpointDisagreementError(
+                "; ".join(f"rank {rank} cannot load {name}, the checkpoint rank 0 resumes from (step {step}): {p}"
+                          for rank, p in failed)
+                + "; every rank must see the same run.dir (a file system shared by all nodes), so nothing was trained")
+        return state, path, problems
 
     def restore(self, state: dict) -> None:
         """Give every component its state back."""

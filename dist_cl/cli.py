@@ -1,8 +1,9 @@
 """Command-line entry points: the trainer's (``launch/train.py``, the ``dist-cl-train`` script), and
 ``run_distributed``, the frame the trainer and every tool that runs under torchrun share.
 
-A user error (a bad config, no usable checkpoint, broken shards, impossible selection options) ends the
-process with its message as one line on stderr and exit code 2, not with a traceback from every rank.
+A user error (a bad config, no usable checkpoint, broken shards, impossible selection options, a run
+directory another job holds) ends the process with its message as one line on stderr and exit code 2,
+not with a traceback from every rank.
 """
 
 import argparse
@@ -17,12 +18,20 @@ from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import Config, ConfigError, describe, load_config, validate
 from dist_cl.console import setup_console
 from dist_cl.data.shards import ShardError, check_shards
-from dist_cl.distributed import Backend, DistInfo, close_distributed, exit_process, init_distributed
+from dist_cl.distributed import (
+    Backend,
+    DistInfo,
+    close_distributed,
+    exit_process,
+    init_distributed,
+    name_timeout,
+)
 from dist_cl.models import check_backbone
+from dist_cl.runlock import RunDirLockedError, hold_run_dir
 from dist_cl.selection import SelectionError
-from dist_cl.trainer import Trainer
+from dist_cl.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError, RunDirLockedError)
 """Errors whose message names the problem in the user's input and the fix."""
 
 USAGE = """Train dist_cl: ``torchrun --standalone --nproc_per_node=2 launch/train.py [--config PATH] [key=value ...]``.
@@ -37,8 +46,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.ya
 def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, backend: Backend = "auto") -> int:
     """The exit code of ``body(info)`` run in the process group that torchrun's environment describes.
 
-    A user error ends it with a one-line message on stderr and exit code 2. The group is destroyed however
-    ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
+    A user error ends it with a one-line message on stderr and exit code 2; a collective's timeout is
+    raised again as a RankTimeoutError that names the rank that stopped answering. The group is destroyed
+    however ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
     """
     try:
         info = init_distributed(timeout_s, backend)
@@ -48,6 +58,11 @@ def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, b
         return body(info)
     except USER_ERRORS as err:
         return _user_error("error", err)
+    except RuntimeError as err:
+        named = name_timeout(err, timeout_s)
+        if named is None:
+            raise
+        raise named from err
     finally:
         close_distributed()
 
@@ -93,8 +108,15 @@ def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
         logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
                                           len(trainer.train_set))
         return 0
-    trainer.resume(args.resume)
-    trainer.fit()
+    with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main), trainer.stop.handling():
+        trainer.resume(args.resume)
+        try:
+            trainer.fit()
+        except Preempted as stopped:
+            logging.getLogger("dist_cl").warning("preempted: %s; exit code %d asks to be requeued", stopped,
+                                                 REQUEUE_EXIT_CODE)
+            trainer.close()
+            return REQUEUE_EXIT_CODE
     trainer.close()
     return 0
 

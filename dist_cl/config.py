@@ -36,6 +36,11 @@ class RunConfig:
     print_every_s: float = 10.0
     """Least seconds between two epoch lines on the terminal (train.log, metrics.jsonl and TensorBoard keep
     every epoch; the first and last epoch always print); 0 prints every epoch."""
+    lock_stale_s: float = 600.0
+    """A run directory's lock (run.lock, one job per run directory) left by a job on another host is
+    stale, and taken over, once its holder has not refreshed it for this long; the holder refreshes it
+    every tenth of this. It must exceed the clock difference between the hosts. A lock from this host is
+    stale as soon as its process has ended."""
 
 
 @dataclass
@@ -149,7 +154,14 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     """Mixed precision on CUDA; ignored (with a warning) on CPU."""
     nonfinite: Literal["error", "skip"] = "error"
-    """A non-finite loss or gradient stops the run (error) or skips the step and counts it (skip)."""
+    """A non-finite loss, gradient or BatchNorm statistic stops the run (error) or skips the step and counts
+    it (skip)."""
+    max_skipped_fraction: float = 0.1
+    """Under nonfinite=skip, the run stops (SkippedStepsError) once more than this fraction of an epoch's
+    steps were skipped. A skip drops the batch's update: one corrupt sample now and then is tolerable, but
+    a tenth of an epoch skipped means diverging weights or broken data, and a run that goes on trains on
+    another data set than the one configured. Counted per epoch, so a run that starts diverging late
+    stops within that epoch; 1 never stops."""
 
 
 @dataclass
@@ -366,7 +378,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     positive = {
         "train.epochs": t.epochs, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
         "loss.tau": cfg.loss.tau, "model.embed_dim": cfg.model.embed_dim, "checkpoint.keep": cfg.checkpoint.keep,
-        "dist.timeout_s": cfg.dist.timeout_s,
+        "dist.timeout_s": cfg.dist.timeout_s, "run.lock_stale_s": cfg.run.lock_stale_s,
         "checkpoint.timeout_s": cfg.checkpoint.timeout_s, "data.num_samples": cfg.data.num_samples,
         "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
         "eval.train_pairs": cfg.eval.train_pairs,
@@ -386,6 +398,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    if not 0.0 <= t.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"train.max_skipped_fraction={t.max_skipped_fraction} is a fraction of an epoch's steps; "
+                          "use a value in [0, 1]")
     if t.global_batch_size < 2:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be at least 2 (a batch needs negatives)")
     a = cfg.data.augment
@@ -527,7 +542,8 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-RESUMABLE_CHANGES = ("train.epochs", "eval.", "checkpoint.", "run.", "dist.", "data.num_workers")
+RESUMABLE_CHANGES = ("train.epochs", "train.max_skipped_fraction", "eval.", "checkpoint.", "run.", "dist.",
+                     "data.num_workers")
 """Config keys that may differ between a checkpoint and the run resuming it."""
 
 

@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +23,89 @@ from dist_cl.config import ConfigError
 
 class RankDivergenceError(RuntimeError):
     """Ranks hold different plans or configs: continuing would silently train different things."""
+
+
+class RankTimeoutError(RuntimeError):
+    """A collective timed out; the message names the rank that stopped answering where that can be known."""
+
+
+class Liveness:
+    """Every rank's heartbeat and last progress mark, in the process group's store.
+
+    A collective that times out only says that some peer did not answer, and torchrun then blames the
+    rank that raised: the victim. Each rank's thread raises a counter in the store every ``interval``
+    seconds, and the trainer marks where it is (``mark_progress``); the rank whose collective timed out
+    reads them: a rank whose counter stands still has stopped (a frozen process, a dead host, a hung
+    file system it cannot leave); a live rank whose mark is behind is stuck in its own work before the
+    collective; where every rank is alive at the same mark, one of them is slow inside it.
+    """
+
+    def __init__(self, store, rank: int, world_size: int, interval: float = 1.0):
+        self.store = dist.PrefixStore("dist_cl/liveness", store)
+        self.rank, self.world_size, self.interval = rank, world_size, interval
+        self.marks = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="dist_cl-heartbeat", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.store.add(f"beat/{self.rank}", 1)
+            except RuntimeError:  # the store's host is gone: the job is ending, and the next collective says so
+                return
+
+    def mark(self, what: str) -> None:
+        self.marks += 1
+        self.store.set(f"mark/{self.rank}", f"{self.marks} {what}")
+
+    def last_mark(self, rank: int) -> tuple[int, str]:
+        key = f"mark/{rank}"
+        if not self.store.check([key]):
+            return 0, "none yet"
+        count, what = self.store.get(key).decode().split(" ", 1)
+        return int(count), what
+
+    def who_stopped(self) -> str:
+        """Which rank stopped answering, as far as the heartbeats and marks tell (takes 3 intervals)."""
+        others = [r for r in range(self.world_size) if r != self.rank]
+        before = {r: self.store.add(f"beat/{r}", 0) for r in others}
+        self.stopped.wait(3 * self.interval)
+        silent = [r for r in others if self.store.add(f"beat/{r}", 0) == before[r]]
+        marks = {r: self.last_mark(r) for r in range(self.world_size)}
+        mine = marks[self.rank]
+        if silent:
+            return "; ".join(f"rank {r} stopped answering (no heartbeat for {3 * self.interval:.0f} s; its last mark: "
+                             f"{marks[r][1]})" for r in silent)
+        behind = [r for r in others if marks[r][0] < mine[0]]
+        if behind:
+            return "; ".join(f"rank {r} is alive but stuck before it (its last mark: {marks[r][1]})" for r in behind)
+        return f"every rank is alive and at {mine[1]}: one of them is slow inside it"
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+_liveness: Liveness | None = None
+
+
+def mark_progress(what: str) -> None:
+    """Record where this rank is (e.g. "step 25"), for the message of a collective that times out."""
+    if _liveness is not None:
+        _liveness.mark(what)
+
+
+def name_timeout(err: RuntimeError, timeout_s: float) -> RankTimeoutError | None:
+    """``err`` as a RankTimeoutError naming the rank that stopped answering, if it is a collective's timeout."""
+    if _liveness is None or "timed out" not in str(err).lower():
+        return None
+    try:
+        who = _liveness.who_stopped()
+    except RuntimeError as store_err:  # the store went down with the job
+        who = f"the store that would tell which is gone too ({store_err})"
+    return RankTimeoutError(f"rank {_liveness.rank}: a collective timed out after dist.timeout_s={timeout_s:g} s: "
+                            f"{who}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +159,7 @@ def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> Dis
     plain ``init_process_group`` reads them (``Gloo connectFullMesh failed`` or a hang). Namespacing
     the group's keys by ``TORCHELASTIC_RESTART_COUNT`` makes every round start from a clean slate.
     """
+    global _liveness
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -96,10 +181,16 @@ def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> Dis
         backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+    if world_size > 1:
+        _liveness = Liveness(store, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def close_distributed() -> None:
+    global _liveness
+    if _liveness is not None:
+        _liveness.close()
+        _liveness = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -64,7 +64,7 @@ class TrainStep:
         message of a non-finite one; ``score``: also give the batch's scoring loss (a collective: ask on every
         rank or none)."""
         view_a, view_b = view_a.to(self.device, non_blocking=True), view_b.to(self.device, non_blocking=True)
-        # a skipped step must not leave its NaNs in BatchNorm's running statistics or the loss's state either
+        # a skipped step leaves nothing behind: BatchNorm's running statistics and the loss's state included
         state = [*self.model.buffers(), *self.loss_fn.buffers()]
         buffers = [b.clone() for b in state] if self.train.nonfinite == "skip" else None
         u, v, tau = self.forward(self.ddp, view_a, view_b)
@@ -77,14 +77,15 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or float("inf"))
-        finite_loss, finite_grad, value = self.outcome(loss, grad_norm)
+        finite_loss, finite_grad, finite_buffers, value = self.outcome(loss, grad_norm, self.model)
         overflow = not finite_grad and self.amp_dtype is torch.float16
-        if not finite_loss or (not finite_grad and not overflow):
-            if buffers is not None and not finite_loss:
+        if not finite_loss or not finite_buffers or (not finite_grad and not overflow):
+            if buffers is not None:
                 torch._foreach_copy_(state, buffers)
             if self.scaler.is_enabled():
                 self.scaler.update()  # closes the step unscale_ opened; the non-finite grads lower the scale
-            self.fault("loss" if not finite_loss else "gradient", where())
+            what = "loss" if not finite_loss else "buffers (BatchNorm statistics)" if not finite_buffers else "gradient"
+            self.fault(what, where())
             return StepResult(None, u, v, skipped=True)
         self.scaler.step(self.optimizer)  # under fp16, skips the update where the gradients overflowed
         self.scaler.update()
@@ -108,16 +109,23 @@ class TrainStep:
         return self.loss_fn.score(u, v, tau).item()
 
     @staticmethod
-    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool, float]:
-        """(loss finite on every rank, gradients finite, this rank's loss) in one device-to-host copy.
+    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor,
+                model: torch.nn.Module) -> tuple[bool, bool, bool, float]:
+        """(loss finite on every rank, gradients finite, ``model``'s floating buffers finite, this rank's
+        loss) in one device-to-host copy.
 
-        Under fp16 the gradient flag is GradScaler's overflow test: unscale_ leaves a gradient inf or NaN
-        exactly where it found one.
+        A forward pass can overflow BatchNorm's running variance to inf while the loss it returns stays
+        finite (an input of 1e30 does), so the buffers are a flag of their own. Under fp16 the gradient
+        flag is GradScaler's overflow test: unscale_ leaves a gradient inf or NaN exactly where it found one.
         """
-        flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm)]).to(torch.float32)
+        floating = [b.detach() for b in model.buffers() if b.is_floating_point()]
+        # x * 0 is 0 for a finite x and NaN for inf or NaN: a norm of the products cannot overflow
+        zeros = torch._foreach_norm(torch._foreach_mul(floating, 0.0)) if floating else [loss.new_zeros(())]
+        flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm),
+                             torch.isfinite(torch.stack(zeros).sum())]).to(torch.float32)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        finite_loss, finite_grad, value = torch.cat([flags, loss.detach().float().reshape(1)]).tolist()
-        return bool(finite_loss), bool(finite_grad), value
+        finite_loss, finite_grad, finite_buffers, value = torch.cat([flags, loss.detach().float().reshape(1)]).tolist()
+        return bool(finite_loss), bool(finite_grad), bool(finite_buffers), value
 
     def fault(self, what: str, where: str) -> None:
         message = f"non-finite {what} at {where}"

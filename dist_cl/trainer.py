@@ -12,7 +12,10 @@ import datetime
 import hashlib
 import json
 import logging
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ from dist_cl.checkpoint import CheckpointError, RunCheckpoints
 from dist_cl.config import Config, changed_keys, config_differences, save_config
 from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks
+from dist_cl.distributed import DistInfo, check_same_on_all_ranks, mark_progress
 from dist_cl.evaluation import evaluate
 from dist_cl.losses import batch_options
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
@@ -39,6 +42,50 @@ from dist_cl.step import NonFiniteError, TrainStep
 log = logging.getLogger("dist_cl")
 
 
+class SkippedStepsError(NonFiniteError):
+    """train.nonfinite=skip skipped more than train.max_skipped_fraction of an epoch's steps."""
+
+
+REQUEUE_EXIT_CODE = 75
+"""The exit code of a preempted run: EX_TEMPFAIL of sysexits.h ("a temporary failure; retry later").
+Every rank finished the same step and its checkpoint is written; run the same command again to resume."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; every rank finished its step and the checkpoint of that step is written."""
+
+
+class StopRequest:
+    """SIGTERM (what SLURM and Kubernetes send before killing a job, and torchrun forwards) or SIGUSR1
+    (SLURM's --signal, forwarded by torchrun --signals-to-handle) asks the run to stop. The handler only
+    records it; the step in flight finishes, and ``agreed`` (a collective, after every step) makes every
+    rank stop after the same step, whichever ranks the signal reached and when."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def request(self, signum: int, frame) -> None:
+        self.signal = signum
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """The stop signals set this request for the body; their previous handlers are restored after it."""
+        previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank gets the same answer)."""
+        asked = torch.tensor([self.signal is not None], dtype=torch.int32)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        return bool(asked.item())
+
+
 @dataclasses.dataclass
 class TrainCounters:
     """Where training is: epochs completed, optimizer steps taken, steps skipped (a checkpoint component)."""
@@ -46,12 +93,16 @@ class TrainCounters:
     epoch: int = 0
     step: int = 0
     skipped_steps: int = 0
+    """Steps without an update: non-finite ones skipped under train.nonfinite=skip, and fp16 overflows."""
+    epoch_nonfinite: int = 0
+    """Steps of this epoch skipped as non-finite (what train.max_skipped_fraction caps)."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.skipped_steps = state["epoch"], state["step"], state["skipped_steps"]
+        self.epoch_nonfinite = state.get("epoch_nonfinite", 0)  # absent from older checkpoints
 
 
 class Trainer:
@@ -76,6 +127,7 @@ class Trainer:
         self.counters = TrainCounters()
         self.metrics: RunMetrics | None = None
         self.log_file: logging.Handler | None = None
+        self.stop = StopRequest()
         # where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.checkpoint.timeout_s))
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", cfg.checkpoint.keep, {
@@ -89,12 +141,16 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """A collective. Weights that overflowed in an update from finite gradients are refused, so the
         newest checkpoint on disk is always one that training can continue from."""
-        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
-        if not torch.isfinite(torch.stack(norms)).all():
+        state = self.model.state_dict()
+        bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
             walked = self.sampler.plan is not None and self.sampler.cursor
             where = self.describe_batch(self.sampler.cursor - 1) if walked else ""
-            raise NonFiniteError(f"non-finite weights after the update of step {self.counters.step - 1} {where}; not "
-                                 "saving them over the last good checkpoint; lower train.lr or set train.grad_clip")
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise NonFiniteError(f"non-finite weights or buffers ({shown}) after the update of step "
+                                 f"{self.counters.step - 1} {where}; not saving them over the last good checkpoint; "
+                                 "lower train.lr or set train.grad_clip")
+        mark_progress(f"checkpoint at step {self.counters.step}")
         self.bank.sync()
         self.planner.wait()  # rank 0 saves the plan computed ahead: every rank waits for it here, not in the barrier
         meta = {"config": self.cfg.to_dict(), "world_size": self.info.world_size, "version": dist_cl.__version__}
@@ -103,12 +159,12 @@ class Trainer:
             log.debug("saved checkpoint %s", path)  # train.log only: one a step would flood the terminal
 
     def resume(self, which: str) -> bool:
-        """Load ``which`` ('auto', 'latest' or a path); 'auto' resumes only where a checkpoint exists."""
-        if which == "auto":
-            if not self.checkpoints.checkpointer.checkpoints():
-                return False
-            which = "latest"
-        state, path, problems = self.checkpoints.load(which)
+        """Load ``which`` ('auto', 'latest' or a path) on every rank, as rank 0 resolves it (a collective);
+        'auto' resumes only where rank 0 finds a checkpoint."""
+        loaded = self.checkpoints.load_agreed(which)
+        if loaded is None:
+            return False
+        state, path, problems = loaded
         for problem in problems:
             log.warning("skipped checkpoint %s", problem)
         differences = config_differences(state["meta"]["config"], self.cfg.to_dict())
@@ -153,12 +209,14 @@ class Trainer:
         while counters.epoch < cfg.train.epochs:
             figures = SelectionFigures()
             if self.sampler.plan is None:
+                mark_progress(f"plan of epoch {counters.epoch}")
                 plan, figures = self.planner.plan(counters.epoch, counters.step)
                 self.sampler.start(plan)
                 first_step = counters.step + len(plan)
                 self.planner.plan_ahead(counters.epoch, counters.step, first_step, cfg.train.epochs)
             loss = self.train_epoch(figures)
             counters.epoch += 1
+            counters.epoch_nonfinite = 0
             trained = self.sampler.plan
             self.planner.finish(trained)
             self.sampler.load_state_dict(None)
@@ -168,6 +226,8 @@ class Trainer:
                 if len(trained):
                     self.metrics.batch(self.train_set, trained.batches[0], counters.step)
             self.save_checkpoint()
+            if counters.epoch < cfg.train.epochs and self.stop.agreed():
+                raise Preempted(f"stopped at the end of epoch {counters.epoch} (step {counters.step})")
         self.metrics.hparams()
         if self.info.is_main:
             saved = self.checkpoints.checkpointer.checkpoints()
@@ -202,8 +262,13 @@ class Trainer:
                     sampler.start(self.planner.reselect(sampler.plan, sampler.cursor, counters.step, figures),
                                   sampler.cursor)
                     reselect_time += time.perf_counter() - began
-                if cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0:
+                saved = cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0
+                if saved:
                     self.save_checkpoint()
+                if self.stop.agreed():
+                    if not saved:
+                        self.save_checkpoint()
+                    raise Preempted(f"stopped after step {counters.step} (epoch {counters.epoch})")
                 tick = time.perf_counter()
                 if reselected:
                     break  # this loader walks the old plan
@@ -229,6 +294,7 @@ class Trainer:
         selection/realised_lift the scoring losses of its batch and of a random global batch, both before
         the update, else None)."""
         counters, sampler = self.counters, self.sampler
+        mark_progress(f"step {counters.step}")
         scoring = (counters.step + 1) % self.cfg.run.log_every_steps == 0
         random_loss = self.random_batch_loss() if scoring else None
         set_lr(self.optimizer, self.cfg.train, counters.epoch, sampler.cursor, len(sampler.plan))
@@ -237,9 +303,23 @@ class Trainer:
         counters.skipped_steps += result.skipped
         if result.loss is not None:
             self.bank.update(index, result.u, result.v, counters.step)
+        else:
+            self.check_skipped(len(sampler.plan))
         sampler.advance()
         counters.step += 1
         return result.loss, (result.score, random_loss) if result.score is not None else None
+
+    def check_skipped(self, epoch_steps: int) -> None:
+        """Count a non-finite step skipped; stop the run once more than train.max_skipped_fraction of this
+        epoch's ``epoch_steps`` were. Every rank takes the same decision: the skip is a reduced flag."""
+        counters, cap = self.counters, self.cfg.train.max_skipped_fraction
+        counters.epoch_nonfinite += 1
+        if counters.epoch_nonfinite > cap * epoch_steps:
+            raise SkippedStepsError(
+                f"train.nonfinite=skip skipped {counters.epoch_nonfinite} of the {epoch_steps} steps of epoch "
+                f"{counters.epoch} (the last at step {counters.step}), more than train.max_skipped_fraction={cap}: "
+                "the weights are diverging or the data holds broken samples; lower train.lr, set "
+                "train.grad_clip, or check the data (the skipped batches are in the warnings above)")
 
     @torch.no_grad()
     def random_batch_loss(self) -> float:
@@ -275,6 +355,7 @@ class Trainer:
         return mean_loss
 
     def evaluate(self, loss: float | None, figures: SelectionFigures) -> None:
+        mark_progress(f"evaluation at step {self.counters.step}")
         self.broadcast_buffers()
         cfg = self.cfg
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,

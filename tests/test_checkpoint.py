@@ -38,6 +38,19 @@ def test_no_usable_checkpoint_is_a_named_error(tmp_path):
         ckpt.load(str(tmp_path / "missing.pt"))
 
 
+def test_a_checkpoint_without_its_sidecar_is_refused_and_the_previous_used(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=3)
+    ckpt.save({"step": 1}, 1)
+    newest = ckpt.save({"step": 2}, 2)
+    newest.with_name(newest.name + ".sha256").unlink()
+    state, path, problems = ckpt.load("latest")
+    assert state["step"] == 1
+    assert problems == [f"step-00000002.pt: no step-00000002.pt.sha256 beside it, so it cannot be verified (if you "
+                        f"trust the file: sha256sum {newest} | cut -d' ' -f1 > {newest}.sha256)"]
+    with pytest.raises(CheckpointError, match="no usable checkpoint: step-00000002.pt: no step-00000002.pt.sha256"):
+        ckpt.load(str(newest))
+
+
 def _assert_same(a, b, where: str) -> None:
     """Deep equality of checkpoint states: tensors and arrays exactly, containers item by item."""
     if isinstance(a, dict):

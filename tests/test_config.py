@@ -44,6 +44,7 @@ def test_yaml_file_then_overrides(tmp_path):
         (["train.amp=fp8"], "train.amp='fp8' is not one of 'none', 'bf16', 'fp16'"),
         (["train.lr=0"], "train.lr=0.0 must be positive"),
         (["train.global_batch_size=1"], "train.global_batch_size=1 must be at least 2"),
+        (["train.max_skipped_fraction=1.5"], "train.max_skipped_fraction=1.5 is a fraction of an epoch's steps"),
         (["selection.strategy=best"], "selection.strategy='best' is unknown; choose one of"),
         (["data.name=shards"], "data.name=shards needs data.path=<shard directory>"),
         (["data.name=shards", "data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),

@@ -1,19 +1,27 @@
 """Bad input and numerical faults: clear errors that name the problem and the fix, and nothing damaged."""
 
 import hashlib
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, torchrun
+from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl import cli
 from dist_cl.checkpoint import Checkpointer, CheckpointError, load_checkpoint
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
+from dist_cl.runlock import RunDirLockedError, RunLock
 from dist_cl.selection import SelectionError
+from dist_cl.trainer import SkippedStepsError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
              "selection.strategy=random"]
@@ -99,16 +107,46 @@ def test_a_checkpoint_from_before_the_loss_settings_resumes(tmp_path):
     assert (ckpt / "latest").read_text() == "step-00000016.pt"
 
 
+def test_a_full_disk_is_a_named_error_that_removes_its_tmp_and_keeps_the_previous_checkpoint(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = digests(ckpt)
+    # the temporary name of the next checkpoint leads to /dev/full, where the kernel fails every write: ENOSPC
+    (ckpt / ".step-00000016.pt.tmp").symlink_to("/dev/full")
+    assert run(tmp_path, "train.epochs=4") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: cannot write checkpoint {ckpt}/step-00000016.pt: No space left on device \(it "
+                        rf"needs [\d.]+ MiB, [\d.]+ MiB free on {ckpt}\); the previous checkpoints are kept; free "
+                        r"space or set run.dir on another file system, then resume\n", err), err
+    assert digests(ckpt) == before and not list(ckpt.glob(".*"))
+    assert run(tmp_path, "train.epochs=4") == 0
+    assert (ckpt / "latest").read_text() == "step-00000016.pt"
+
+
 @pytest.fixture
-def poisoned_digit(monkeypatch):
-    """Digit 5 of the training split turns into NaN pixels, as a corrupt sample would."""
+def poisoned_digit(monkeypatch, request):
+    """Digit 5 of the training split turns into NaN pixels (or the value ``request.param``), as a corrupt
+    sample would. Pixels of 1e30 keep the loss finite and overflow BatchNorm's running variance to inf."""
     load = DigitsPairs.load
+    value = getattr(request, "param", float("nan"))
 
     def poisoned(self, index):
         image = load(self, index)
-        return torch.full_like(image, float("nan")) if index == POISONED else image
+        return torch.full_like(image, value) if index == POISONED else image
 
     monkeypatch.setattr(DigitsPairs, "load", poisoned)
+
+
+def assert_every_checkpoint_finite(directory) -> list[int]:
+    """The steps of the checkpoints in ``directory``, each checked: every floating tensor of the model
+    (parameters and buffers, BatchNorm statistics among them) finite."""
+    steps = []
+    for path in sorted(directory.glob("step-*.pt")):
+        state, _ = load_checkpoint(path)
+        bad = [k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        assert not bad, f"{path.name}: {bad}"
+        steps.append(state["counters"]["step"])
+    return steps
 
 
 POISONED = 5
@@ -135,15 +173,30 @@ def test_nonfinite_loss_stops_with_the_step_and_batch_and_keeps_the_last_checkpo
     assert found.group(3).startswith(", ".join(map(str, batch[:16])))
 
 
-@pytest.mark.parametrize("loss", ["infonce", "sogclr"])
+@pytest.mark.parametrize("poisoned_digit,loss",
+                         [(float("nan"), "infonce"), (1e30, "infonce"), (float("nan"), "sogclr")],
+                         indirect=["poisoned_digit"], ids=["nan", "overflow", "nan-sogclr"])
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, poisoned_digit, loss):
     """Under SogCLR the skipped step's NaN u rows are undone too: left in the table, they would make every later
     step that meets those samples non-finite."""
-    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip", f"loss.name={loss}"]) == 0
+    assert cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip", "train.max_skipped_fraction=0.5",
+                     "checkpoint.every_steps=1", "checkpoint.keep=10", f"loss.name={loss}"]) == 0
     state, _ = load_checkpoint(tmp_path)
     assert state["counters"]["skipped_steps"] == 2  # the poisoned digit's batch, once per epoch
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert assert_every_checkpoint_finite(tmp_path / "checkpoints") == list(range(1, 7))
     assert all(torch.isfinite(t).all() for t in state["loss"].values())
+
+
+@pytest.mark.parametrize("poisoned_digit", [1e30], indirect=True)
+def test_nonfinite_skip_past_its_cap_stops_with_a_named_error(tmp_path, poisoned_digit):
+    """The default cap, a tenth of an epoch, is 0.3 of these 3-step epochs: the first skip passes it."""
+    with pytest.raises(SkippedStepsError) as err:
+        cli.main([*DIGITS, f"run.dir={tmp_path}", "train.nonfinite=skip", "checkpoint.every_steps=1",
+                  "checkpoint.keep=10"])
+    found = re.search(r"skipped 1 of the 3 steps of epoch 0 \(the last at step (\d)\), more than "
+                      r"train.max_skipped_fraction=0.1", str(err.value))
+    assert found, str(err.value)
+    assert assert_every_checkpoint_finite(tmp_path / "checkpoints") == list(range(1, int(found.group(1)) + 1))
 
 
 def test_ranks_holding_different_plans_raise_instead_of_hanging():
@@ -163,3 +216,75 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_uses_the_previous(tmp_pa
     assert "skipped checkpoint step-00000012.pt: checksum mismatch (truncated or corrupt)" in caplog.text
     assert "resumed from" in caplog.text and "at epoch 2 step 10" in caplog.text
     assert (ckpt / "latest").read_text() == "step-00000016.pt"
+
+
+def test_a_second_job_on_a_locked_run_dir_fails_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path,
+                                                                                                       caplog):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *SYNTHETIC, "train.epochs=100000",
+                              f"run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "latest").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid
+        second = torchrun(train_cmd(run_dir, *SYNTHETIC), check=False)
+        assert second.returncode != 0
+        message = (f"error: run.dir {run_dir} is in use by another job: host {socket.gethostname()}, pid {first.pid}, "
+                   "job None, started ")
+        assert second.stderr.count(message) == 2, second.stderr[-3000:]  # both ranks, before any training
+        assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid
+    finally:
+        first.kill()
+        first.wait()
+    assert (run_dir / "run.lock").exists()  # a SIGKILLed job leaves its lock behind
+    with caplog.at_level("WARNING", logger="dist_cl"):
+        assert run(tmp_path, "train.epochs=1") == 0
+    assert f"taking over the stale lock of {run_dir}: its pid {first.pid} is no longer running on this host" \
+        in caplog.text
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_run_dir_that_cannot_be_locked_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    assert run(tmp_path) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot lock run.dir {tmp_path / 'run'}: [Errno 17] File exists")
+
+
+def write_lock(run_dir, **holder) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "job": "4242",
+                                                  "started": "2026-01-01T00:00:00+0000", **holder}))
+
+
+def test_a_lock_from_another_host_is_held_until_its_refreshes_stop_for_lock_stale_s(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    write_lock(tmp_path)
+    with pytest.raises(RunDirLockedError, match=f"run.dir {tmp_path} is in use by another job: host node-elsewhere, "
+                                                "pid 1, job 4242, started 2026-01-01T00:00:00"):
+        RunLock(tmp_path, stale_s=600).acquire()
+    os.utime(tmp_path / "run.lock", (time.time() - 601, time.time() - 601))
+    lock = RunLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text()) == lock.owner
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_same_jobs_lock_from_another_host_is_a_restart_and_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    write_lock(tmp_path)
+    lock = RunLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_the_holder_refreshes_its_lock(tmp_path):
+    lock = RunLock(tmp_path, stale_s=1.0)
+    lock.acquire()
+    os.utime(tmp_path / "run.lock", (0, 0))
+    time.sleep(0.5)
+    assert (tmp_path / "run.lock").stat().st_mtime > time.time() - 1
+    lock.release()

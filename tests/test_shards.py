@@ -25,11 +25,14 @@ from dist_cl.data.shards import (
 from tools import make_shards
 
 
-def write_npz(path: Path, n: int = 23, shape: tuple = (6, 5, 3), labels: bool = True, seed: int = 0) -> dict:
+def write_npz(path: Path, n: int = 23, shape: tuple = (6, 5, 3), labels: bool | list = True, seed: int = 0) -> dict:
+    """Random images; random labels, none, or the ``labels`` given."""
     rng = np.random.default_rng(seed)
     arrays = {"images": rng.integers(0, 256, (n, *shape), dtype=np.uint8)}
-    if labels:
+    if labels is True:
         arrays["labels"] = rng.integers(0, 7, n)
+    elif labels is not False:
+        arrays["labels"] = np.asarray(labels)
     np.savez(path, **arrays)
     return arrays
 
@@ -247,6 +250,27 @@ def test_make_shards_refuses_to_overwrite_without_force(tmp_path, capsys):
     write_npz(tmp_path / "source.npz", n=12, seed=5)
     assert make_shards.main(args + ["--force"]) == 0
     assert len(dataset(out)) == 12 and len(list(out.glob("shard-*.tar"))) == 3
+
+
+@pytest.mark.parametrize("labels,message", [
+    ([0.0, 1.0, float("nan"), 2.0], "label 2 is nan; every labelled sample needs a class id"),
+    (["cat", "dog", "cat", "cat"], "label 0 is 'cat', a string; shards store integer class ids"),
+    ([0.0, 1.0, 1.0, 2.5], "label 3 is 2.5, not a whole number; class ids are integers"),
+    ([0, -1, 1, 1], "label 1 is -1; class ids count from 0"),
+], ids=["nan", "string", "fractional", "negative"])
+def test_make_shards_rejects_labels_that_are_not_class_ids(tmp_path, capsys, labels, message):
+    write_npz(tmp_path / "source.npz", n=4, labels=labels)
+    with pytest.raises(make_shards.LabelError, match=message):
+        make_shards.npz_source(tmp_path / "source.npz")
+    assert make_shards.main(["--source", "npz", "--input", str(tmp_path / "source.npz"),
+                             "--out", str(tmp_path / "out")]) == 2
+    assert f"make_shards: error: {tmp_path / 'source.npz'}: {message}" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_whole_float_labels_are_class_ids(tmp_path):
+    write_npz(tmp_path / "source.npz", n=3, labels=[2.0, 0.0, 1.0])
+    assert [make_shards.npz_source(tmp_path / "source.npz").read(i)[2] for i in range(3)] == [2, 0, 1]
 
 
 def test_make_shards_refuses_a_foreign_non_empty_directory(tmp_path, capsys):

@@ -2,17 +2,20 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.checkpoint import load_checkpoint
+from dist_cl.trainer import REQUEUE_EXIT_CODE
 
 FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
 
@@ -116,3 +119,123 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     assert torch.equal(final["bank"]["written_at"], final_model(reference_run)["bank"]["written_at"])
     if "loss.name=sogclr" in overrides:
         assert final["loss"]["u_table"].count_nonzero() >= 22 * 64  # at least one epoch's samples
+
+
+def _worker(agent_pid: int, rank: int) -> int:
+    """The pid of the agent's worker of ``rank``."""
+    [pid] = [pid for pid in _children(agent_pid)
+             if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    return pid
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_timeout_of_a_stalled_rank_names_it(tmp_path):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0's collective times out after dist.timeout_s, and its error
+    names rank 1, not only itself (which torchrun reports as the failed rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(tmp_path, "--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random",
+                      "eval.every_epochs=0", "checkpoint.every_steps=20", "dist.timeout_s=10",
+                      "checkpoint.timeout_s=10")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trigger = tmp_path / "checkpoints" / "step-00000040.pt"
+    deadline = time.time() + 120
+    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert trigger.exists(), "the run never reached its step-40 checkpoint"
+    stalled, victim = _worker(agent.pid, 1), _worker(agent.pid, 0)
+    os.kill(stalled, signal.SIGSTOP)
+    while _running(victim) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(stalled, signal.SIGCONT)  # lets it take torchrun's SIGTERM
+    output, _ = agent.communicate(timeout=120)
+    assert agent.returncode != 0
+    assert re.search(r"RankTimeoutError: rank 0: a collective timed out after dist.timeout_s=10 s: rank 1 stopped "
+                     r"answering \(no heartbeat for 3 s; its last mark: (step|checkpoint at step) \d+\)", output), \
+        output[-5000:]
+
+
+SYNTHETIC = ("--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random")
+"""4 steps an epoch: FAST makes checkpoints at steps 4, 5 and 8."""
+
+
+def node_local_views(tmp_path, reference_run, newest: dict[int, int]) -> None:
+    """tmp_path/rank<r>/run/checkpoints holding the reference run's checkpoints up to step ``newest[r]``."""
+    for rank, last in newest.items():
+        view = tmp_path / f"rank{rank}" / "run" / "checkpoints"
+        view.mkdir(parents=True)
+        for path in (reference_run / "checkpoints").glob("step-*"):
+            if int(path.name[5:13]) <= last:
+                shutil.copy(path, view / path.name)
+
+
+def rank_cwd_cmd(tmp_path) -> list[str]:
+    return [str(ROOT / "tests" / "scripts" / "rank_cwd.py"), str(tmp_path), *FAST, *SYNTHETIC, "run.dir=run"]
+
+
+def test_ranks_resume_from_rank_0s_checkpoint_when_another_sees_a_newer_one(reference_runs, tmp_path):
+    """Rank 1's run directory has step 5, rank 0's only step 4: both resume from step 4 and end as an
+    uninterrupted run does (had rank 1 resumed from its own newest, their cursors would differ)."""
+    reference_run = reference_runs(*SYNTHETIC)
+    node_local_views(tmp_path, reference_run, {0: 4, 1: 5})
+    proc = torchrun(rank_cwd_cmd(tmp_path))
+    assert "at epoch 1 step 4" in proc.stderr
+    assert_same_weights(final_model(tmp_path / "rank0" / "run"), final_model(reference_run))
+
+
+def test_a_rank_that_cannot_see_rank_0s_checkpoint_fails_by_name_before_training(reference_runs, tmp_path):
+    reference_run = reference_runs(*SYNTHETIC)
+    node_local_views(tmp_path, reference_run, {0: 5, 1: 4})
+    before = sorted(p.name for p in (tmp_path / "rank0" / "run" / "checkpoints").iterdir())
+    proc = torchrun(rank_cwd_cmd(tmp_path), check=False)
+    assert proc.returncode != 0
+    message = ("error: rank 1 cannot load run/checkpoints/step-00000005.pt, the checkpoint rank 0 resumes from "
+               "(step 5): checkpoint 'run/checkpoints/step-00000005.pt' does not exist")
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # every rank says it and exits
+    assert "every rank must see the same run.dir" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "rank0" / "run" / "checkpoints").iterdir()) == before
+
+
+def test_sigterm_to_the_agent_checkpoints_the_step_in_flight_on_every_rank_and_resumes_bitwise_equal(
+        reference_runs, tmp_path):
+    """torchrun forwards SIGTERM to its workers: both finish their step, agree to stop after the same one,
+    write its checkpoint and exit REQUEUE_EXIT_CODE; torchrun itself, signalled, exits 1 (its SignalException)."""
+    reference_run = reference_runs("selection.strategy=random")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(tmp_path, *FAST, "selection.strategy=random")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trigger = tmp_path / "checkpoints" / "step-00000010.pt"
+    deadline = time.time() + 120
+    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert trigger.exists(), "the run never reached its step-10 checkpoint"
+    agent.send_signal(signal.SIGTERM)
+    output, _ = agent.communicate(timeout=120)
+    assert agent.returncode == 1, output[-5000:]
+    stops = re.findall(rf"\[rank (\d)\] WARNING preempted: stopped after step (\d+) \(epoch 0\); exit code "
+                       rf"{REQUEUE_EXIT_CODE} asks to be requeued", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"], output[-5000:]
+    [step] = {int(s) for _, s in stops}
+    assert 10 <= step < 22 and (tmp_path / "checkpoints" / "latest").read_text() == f"step-{step:08d}.pt"
+    proc = torchrun(train_cmd(tmp_path, *FAST, "selection.strategy=random"))
+    assert f"at epoch 0 step {step}" in proc.stderr
+    assert_same_weights(final_model(tmp_path), final_model(reference_run))
+
+
+def test_sigusr1_to_a_single_process_run_exits_with_the_requeue_code_after_a_checkpoint(tmp_path):
+    cmd = [sys.executable, *train_cmd(tmp_path, *SYNTHETIC, "train.epochs=100000", "eval.every_epochs=0")]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoints" / "latest").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGUSR1)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == REQUEUE_EXIT_CODE == 75, err[-3000:]
+    step = int(re.search(r"preempted: stopped (?:after step|at the end of epoch \d+ \(step) (\d+)", err).group(1))
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{step:08d}.pt"
+    assert load_checkpoint(tmp_path)[0]["counters"]["step"] == step

@@ -45,6 +45,33 @@ class ShardWriteError(RuntimeError):
     """The output directory or the source cannot be used as asked; the message says how to proceed."""
 
 
+class LabelError(ShardWriteError):
+    """Labels that are not class ids (whole numbers from 0): NaN, strings, fractions; the message names
+    the first such label. A NaN cast to an integer became -2^63, and training crashed at its first evaluation."""
+
+
+def class_ids(labels: np.ndarray, source: Path) -> np.ndarray:
+    """``labels`` as int64 class ids, or LabelError naming the first label that is not one."""
+    def first(bad: np.ndarray) -> str:
+        i = int(np.flatnonzero(bad)[0])
+        return f"{source}: label {i} is {labels[i].item()!r}"
+
+    if labels.dtype.kind in "USO":
+        raise LabelError(f"{first(np.ones(len(labels), bool))}, a string; shards store integer class ids: map the "
+                         "class names to 0..K-1 (keep the names in the order of their ids)")
+    if labels.dtype.kind not in "biuf":
+        raise LabelError(f"{source}: labels of dtype {labels.dtype}; shards store integer class ids")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise LabelError(f"{first(~np.isfinite(labels))}; every labelled sample needs a class id: label it or "
+                             "leave it out")
+        if (labels != np.round(labels)).any():
+            raise LabelError(f"{first(labels != np.round(labels))}, not a whole number; class ids are integers")
+    if (labels < 0).any():
+        raise LabelError(f"{first(labels < 0)}; class ids count from 0")
+    return labels.astype(np.int64)
+
+
 @dataclass
 class Source:
     """Random access to the samples being sharded: index -> (image bytes, extension, label or None)."""
@@ -101,7 +128,7 @@ def npz_source(path: Path) -> Source:
     with np.load(path) as data:
         if "images" not in data:
             raise ShardWriteError(f"{path} has no 'images' array (it has {', '.join(data.files)})")
-        labels = data["labels"].astype(np.int64) if "labels" in data else None
+        labels = class_ids(data["labels"], path) if "labels" in data else None
         return array_source(data["images"], labels, None)
 
 
