@@ -117,13 +117,14 @@ def throughput(device: torch.device, config: str, overrides: list[str], steps: i
         x = (torch.rand(shape, device=info.device) if view.is_floating_point()  # images, or sample indices
              else torch.randint(len(trainer.train_set), shape, device=info.device))
         numerics = trainer.step_fn
+        index = torch.arange(len(x), device=info.device) % len(trainer.train_set)  # rows SogCLR's u table reads
         for step in range(steps + 5):  # 5 warm-up steps
             if step == 5:
                 _synchronize(info.device)
                 started = time.perf_counter()
             with torch.autocast(info.device.type, dtype=numerics.amp_dtype, enabled=numerics.amp_dtype is not None):
                 u, v, tau = numerics.ddp(x, x.flip(-1))
-                loss = numerics.loss_fn(u, v, tau)
+                loss = numerics.loss_fn(u, v, tau, index)
             trainer.optimizer.zero_grad(set_to_none=True)
             numerics.scaler.scale(loss).backward()
             numerics.scaler.step(trainer.optimizer)
