@@ -153,7 +153,8 @@ class Trainer:
         mark_progress(f"checkpoint at step {self.counters.step}")
         self.bank.sync()
         self.planner.wait()  # rank 0 saves the plan computed ahead: every rank waits for it here, not in the barrier
-        meta = {"config": self.cfg.to_dict(), "world_size": self.info.world_size, "version": dist_cl.__version__}
+        meta = {"config": self.cfg.to_dict(), "world_size": self.info.world_size, "version": dist_cl.__version__,
+                "threads": torch.get_num_threads()}
         path = self.checkpoints.save(self.counters.step, meta)
         if path is not None:
             log.debug("saved checkpoint %s", path)  # train.log only: one a step would flood the terminal
@@ -180,6 +181,11 @@ class Trainer:
         if state["meta"]["world_size"] != self.info.world_size:
             log.warning("resuming on %d ranks from %d: per-rank RNG streams restart (plans and bank are kept)",
                         self.info.world_size, state["meta"]["world_size"])
+        threads = state["meta"].get("threads", torch.get_num_threads())
+        if threads != torch.get_num_threads():  # CPU reductions split their sums by thread
+            log.warning("CPU ops use %d threads where the checkpoint's run used %d: training goes on correctly but "
+                        "no longer bit-identical to an uninterrupted run; set OMP_NUM_THREADS=%d to keep it so",
+                        torch.get_num_threads(), threads, threads)
         log.info("resumed from %s at epoch %d step %d", path, self.counters.epoch, self.counters.step)
         return True
 

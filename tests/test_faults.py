@@ -85,6 +85,19 @@ def test_checkpoint_from_incompatible_config_is_refused_and_left_intact(tmp_path
     assert digests(tmp_path / "run") == before
 
 
+def test_resuming_under_another_thread_count_warns_that_bit_identity_is_lost(tmp_path, caplog):
+    threads = torch.get_num_threads()
+    assert run(tmp_path, "train.epochs=1") == 0
+    torch.set_num_threads(threads + 1)
+    try:
+        assert run(tmp_path, "train.epochs=2") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (f"CPU ops use {threads + 1} threads where the checkpoint's run used {threads}: training goes on "
+            f"correctly but no longer bit-identical to an uninterrupted run; set OMP_NUM_THREADS={threads}"
+            ) in caplog.text
+
+
 def test_longer_schedule_resumes_from_a_finished_run_and_names_the_learning_rate_jump(tmp_path, caplog):
     assert run(tmp_path) == 0
     assert run(tmp_path, "train.epochs=4") == 0
