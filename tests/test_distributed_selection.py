@@ -52,7 +52,7 @@ def test_sc_global_training_writes_every_selection_scalar_with_lift_above_one(tm
               "train/full_batch_loss", "train/retrieval_top1"}
     assert wanted <= tags
     lifts = [e.value for e in events.Scalars("selection/lift")]
-    assert len(lifts) == 2 and min(lifts) > 1.0  # epochs 1 and 2 (epoch 0 warms the bank up)
+    assert lifts[0] == 1.0 and len(lifts) == 3 and min(lifts[1:]) > 1.0  # epoch 0 is random: it warms the bank up
     # the batches trained on are harder than random ones under the same model at the same steps
     realised = [e.value for e in events.Scalars("selection/realised_lift")]
     assert len(realised) == 3 and min(realised[1:]) > 1.0
@@ -115,4 +115,7 @@ def test_warmup_epochs_are_random_under_refresh_too(tmp_path):
                        "selection.embeddings=refresh", "selection.warmup_epochs=2"), nproc=1)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert [e.step for e in events.Scalars("selection/lift")] == [66]  # written at the end of epoch 2 only
+    assert [e.step for e in events.Scalars("selection/bank_staleness")] == [66]  # written by loss-aware plans only
+    assert [e.value for e in events.Scalars("selection/lift")][:2] == [1.0, 1.0]  # random's, by definition
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["strategy"] for r in epochs if r["kind"] == "epoch"] == ["random", "random", "sc_global"]

@@ -81,30 +81,35 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def agent_at_checkpoint(run_dir, step: int, *args: str, torchrun_args: tuple = ()) -> subprocess.Popen:
+    """A 2-rank torchrun agent training into ``run_dir``, returned once its step-``step`` checkpoint exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_args,
+           *train_cmd(run_dir, *args)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trigger = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+    deadline = time.time() + 120
+    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert trigger.exists(), f"the run never reached its step-{step} checkpoint"
+    return agent
+
+
 @pytest.mark.parametrize("overrides,kill_after_step", [
     (("selection.strategy=random",), 10),
     (("selection.strategy=sc_global",), 30),
     (("selection.strategy=sc_global", "selection.overlap=true", "selection.warmup_epochs=0"), 10),
-    (("selection.strategy=sc_global", "selection.every_steps=8"), 35),
     (("loss.name=sogclr", "selection.strategy=sc_global", "selection.every_steps=8"), 35),
-], ids=["random", "sc_global", "sc_global-overlap", "sc_global-every8", "sogclr-sc_global-every8"])
+], ids=["random", "sc_global", "sc_global-overlap", "sogclr-sc_global-every8"])
 def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_runs, tmp_path, overrides,
                                                                      kill_after_step):
     """22 steps per epoch: step 10 is inside epoch 0; step 30 is inside epoch 1, the first sc_global plan.
     With overlap, epoch 1's plan is being computed when the kill comes at step 10: the checkpoints of
     epoch 0 must carry it, since the bank it was computed from is gone by then. With every_steps=8, step
-    35 lies between the re-selections at steps 30 and 38 of epoch 1. Under SogCLR the u table, written by
-    every step of both epochs, must come back too."""
+    35 lies between the re-selections at steps 30 and 38 of epoch 1; that case runs under SogCLR, whose u
+    table, written by every step of both epochs, must come back too."""
     reference_run = reference_runs(*overrides)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           *train_cmd(tmp_path, *FAST, *overrides)]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trigger = tmp_path / "checkpoints" / f"step-{kill_after_step:08d}.pt"
-    deadline = time.time() + 120
-    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
-        time.sleep(0.05)
-    assert trigger.exists(), f"the run never reached its step-{kill_after_step} checkpoint"
+    agent = agent_at_checkpoint(tmp_path, kill_after_step, *FAST, *overrides, torchrun_args=("--max-restarts=1",))
     workers = _children(agent.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
@@ -136,17 +141,10 @@ def _running(pid: int) -> bool:
 def test_the_timeout_of_a_stalled_rank_names_it(tmp_path):
     """Rank 1 frozen (SIGSTOP) mid-run: rank 0's collective times out after dist.timeout_s, and its error
     names rank 1, not only itself (which torchrun reports as the failed rank)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *train_cmd(tmp_path, "--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random",
-                      "eval.every_epochs=0", "checkpoint.every_steps=20", "dist.timeout_s=10",
-                      "checkpoint.timeout_s=10")]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trigger = tmp_path / "checkpoints" / "step-00000040.pt"
+    agent = agent_at_checkpoint(tmp_path, 40, "--config", str(ROOT / "configs" / "synthetic.yaml"),
+                                "selection.strategy=random", "eval.every_epochs=0", "checkpoint.every_steps=20",
+                                "dist.timeout_s=10", "checkpoint.timeout_s=10")
     deadline = time.time() + 120
-    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
-        time.sleep(0.05)
-    assert trigger.exists(), "the run never reached its step-40 checkpoint"
     stalled, victim = _worker(agent.pid, 1), _worker(agent.pid, 0)
     os.kill(stalled, signal.SIGSTOP)
     while _running(victim) and time.time() < deadline:
@@ -205,15 +203,7 @@ def test_sigterm_to_the_agent_checkpoints_the_step_in_flight_on_every_rank_and_r
     """torchrun forwards SIGTERM to its workers: both finish their step, agree to stop after the same one,
     write its checkpoint and exit REQUEUE_EXIT_CODE; torchrun itself, signalled, exits 1 (its SignalException)."""
     reference_run = reference_runs("selection.strategy=random")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *train_cmd(tmp_path, *FAST, "selection.strategy=random")]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trigger = tmp_path / "checkpoints" / "step-00000010.pt"
-    deadline = time.time() + 120
-    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
-        time.sleep(0.05)
-    assert trigger.exists(), "the run never reached its step-10 checkpoint"
+    agent = agent_at_checkpoint(tmp_path, 10, *FAST, "selection.strategy=random")
     agent.send_signal(signal.SIGTERM)
     output, _ = agent.communicate(timeout=120)
     assert agent.returncode == 1, output[-5000:]
