@@ -1,9 +1,16 @@
 """Data sets that yield (view_a, view_b, index) with a dense integer index; built from the config."""
 
+import multiprocessing
+
 import torch
 
 from dist_cl.config import Config
 from dist_cl.data.pairs import PairDataset
+
+WORKER_PRELOAD = ["torch", "dist_cl.data.digits", "dist_cl.data.fashion_mnist", "dist_cl.data.shards"]
+"""What the forkserver imports once, so that each loader worker forks with it instead of importing torch
+and the data modules afresh: every pass over the data (each evaluation makes several) starts new workers."""
+multiprocessing.set_forkserver_preload(WORKER_PRELOAD)
 
 
 def loader_options(num_workers: int, device: torch.device | str) -> dict:
@@ -12,7 +19,7 @@ def loader_options(num_workers: int, device: torch.device | str) -> dict:
     Workers are started by a forkserver, not forked: when a loader starts, the planner thread and the
     FAISS/BLAS/OpenMP thread pools are live, and a forked child inherits their locks as they were (a
     deadlock when it next takes one). Workers are not persistent: each loader's workers get the dataset
-    as it is then, with the augmentation epoch set. Pinned batches make the copies to CUDA asynchronous.
+    as it is then, with the augmentation epoch set (``WORKER_PRELOAD`` makes starting them cheap). Pinned batches make the copies to CUDA asynchronous.
     """
     return dict(num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                 multiprocessing_context="forkserver" if num_workers else None)
