@@ -19,7 +19,8 @@ def loader_options(num_workers: int, device: torch.device | str) -> dict:
     Workers are started by a forkserver, not forked: when a loader starts, the planner thread and the
     FAISS/BLAS/OpenMP thread pools are live, and a forked child inherits their locks as they were (a
     deadlock when it next takes one). Workers are not persistent: each loader's workers get the dataset
-    as it is then, with the augmentation epoch set (``WORKER_PRELOAD`` makes starting them cheap). Pinned batches make the copies to CUDA asynchronous.
+    as it is then, with the augmentation epoch set (``WORKER_PRELOAD`` makes starting them cheap). Pinned
+    batches make the copies to CUDA asynchronous.
     """
     return dict(num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                 multiprocessing_context="forkserver" if num_workers else None)
