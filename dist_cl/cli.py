@@ -27,9 +27,10 @@ from dist_cl.distributed import (
     name_timeout,
 )
 from dist_cl.models import check_backbone
+from dist_cl.preemption import REQUEUE_EXIT_CODE, Preempted
 from dist_cl.runlock import RunDirLockedError, hold_run_dir
 from dist_cl.selection import SelectionError
-from dist_cl.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer
+from dist_cl.trainer import Trainer
 
 USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError, RunDirLockedError)
 """Errors whose message names the problem in the user's input and the fix."""

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.checkpoint import load_checkpoint
-from dist_cl.trainer import REQUEUE_EXIT_CODE
+from dist_cl.preemption import REQUEUE_EXIT_CODE
 
 FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
 
