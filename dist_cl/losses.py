@@ -38,8 +38,8 @@ def batch_ntxent(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
     z = torch.cat([u, v], dim=-2)
     s = z @ z.transpose(-1, -2) / tau
     s = s.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=s.device), float("-inf"))
-    other_view = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(s.device)
-    positives = s.gather(-1, other_view.expand(*s.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    partner, _ = _pair_masks(b, b, 0, s.device)
+    positives = s.gather(-1, partner.expand(*s.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     return (s.logsumexp(-1) - positives).mean(-1)
 
 
