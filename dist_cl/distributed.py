@@ -152,13 +152,39 @@ def served_devices(backend: str) -> set[str]:
     return {"gloo": {"cpu"}, "nccl": {"cuda"}}[backend]
 
 
-def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> DistInfo:
-    """Join (or create) the process group described by torchrun's environment variables.
+def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The store the process group forms in: a fresh one for every round of workers.
 
-    After a torchrun restart the agent's store still holds the previous round's gloo addresses, and a
-    plain ``init_process_group`` reads them (``Gloo connectFullMesh failed`` or a hang). Namespacing
-    the group's keys by ``TORCHELASTIC_RESTART_COUNT`` makes every round start from a clean slate.
+    A round must not read the previous round's keys (its gloo addresses: ``connectFullMesh failed`` or a
+    hang). Without ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, torchrun hands its workers the agent's own
+    store, which outlives the rounds, so the keys are namespaced by ``TORCHELASTIC_RESTART_COUNT``: right
+    on one node, but each agent counts its own restarts, so after a failure on several nodes the agents'
+    workers wait under different names (docs/DESIGN.md, "Restarts on several nodes"), and such a job is
+    refused (a ConfigError) when it may restart. With the variable set, each round's rank-0 agent picks a
+    free port and rank 0 hosts a new store there, as ``env://`` does; waiting for every rank bounds the
+    group's formation by ``timeout``.
     """
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if host is None or port is None:
+        raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR and MASTER_PORT: launch with torchrun")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dist.TCPStore(host, int(port), world_size=world_size, is_master=rank == 0, timeout=timeout,
+                             wait_for_workers=True)
+    nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise ConfigError(
+            f"rank {rank}: a job of {nodes} nodes with torchrun --max-restarts > 0 needs "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's environment; with torchrun's shared store, "
+            "workers restarted after a failure wait for each other under different names and the job is lost: "
+            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/slurm.sh does), or launch with --max-restarts=0")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_cl/restart{restart}", client)
+
+
+def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> DistInfo:
+    """Join (or create) the process group described by torchrun's environment variables, within
+    ``timeout_s`` (every rank must have joined by then; see ``rendezvous_store``)."""
     global _liveness
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -169,18 +195,16 @@ def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> Dis
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if "MASTER_ADDR" in os.environ and world_size > 1:
-        client = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    try:
+        store = rendezvous_store(rank, world_size, timeout) if world_size > 1 else dist.HashStore()
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
         )
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"dist_cl/restart{restart}", client)
-    else:
-        store = dist.HashStore()
-    dist.init_process_group(
-        backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-        device_id=device if device.type == "cuda" else None,
-    )
+    except dist.DistError as err:  # a store or a peer that did not answer within the timeout
+        raise RankTimeoutError(f"rank {rank}: the process group of {world_size} ranks did not form within "
+                               f"dist.timeout_s={timeout_s:g} s ({err}); check that every node started "
+                               "and reaches MASTER_ADDR:MASTER_PORT") from err
     if world_size > 1:
         _liveness = Liveness(store, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

@@ -41,8 +41,12 @@ GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RDZV_PORT=${RDZV_PORT:-29500}
 
-# data loader workers bring their own parallelism; one intra-op thread per rank avoids oversubscription
+# data loader workers bring their own parallelism; one intra-op thread per rank avoids oversubscription, and a
+# fixed count keeps a restarted run bit-identical
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# every round of workers forms its group in a new store: with torchrun's shared one, workers restarted on
+# several nodes wait under different names (docs/DESIGN.md, "Restarts on several nodes")
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 echo "dist_cl: $SLURM_JOB_NUM_NODES nodes x $GPUS_PER_NODE processes, rendezvous $HEAD_NODE:$RDZV_PORT, run.dir=$RUN_DIR"
 

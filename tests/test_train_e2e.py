@@ -1,5 +1,6 @@
 """End-to-end runs of launch/train.py under real torchrun (2 processes, gloo) on the digits default."""
 
+import datetime
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.checkpoint import load_checkpoint
 from dist_cl.preemption import REQUEUE_EXIT_CODE
+from tools import multinode_restarts
 
 FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
 
@@ -124,6 +126,50 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     assert torch.equal(final["bank"]["written_at"], final_model(reference_run)["bank"]["written_at"])
     if "loss.name=sogclr" in overrides:
         assert final["loss"]["u_table"].count_nonzero() >= 22 * 64  # at least one epoch's samples
+
+
+@pytest.mark.parametrize("scenario", multinode_restarts.SCENARIOS)
+def test_two_node_job_recovers_from_a_killed_worker_or_a_replaced_node_bitwise_equal(reference_runs, tmp_path,
+                                                                                      scenario):
+    """Two torchrun agents joined by c10d, one worker each (tools/multinode_restarts.py, which repeats it):
+    the second agent's worker is SIGKILLed after step 10, or the whole agent is and a new one takes its
+    place. Both rounds of workers form their group and the job ends as the uninterrupted run does (the
+    digits default is the random strategy, so a 2-rank standalone run is the reference)."""
+    reference = final_model(reference_runs("selection.strategy=random"))
+    outcome = multinode_restarts.run_scenario(scenario, tmp_path, reference, share_store=False, timeout=400)
+    log = outcome.log.read_text()
+    assert outcome.exit_codes == [0, 0], log[-5000:]
+    assert outcome.identical, log[-5000:]
+    [resumed_step] = {int(s) for s in re.findall(r"resumed from \S+ at epoch 0 step (\d+)", log)}
+    assert 10 <= resumed_step < 22
+
+
+def test_a_multi_node_job_that_may_restart_on_torchruns_shared_store_is_refused(monkeypatch):
+    """Its restarted workers would wait for each other under different names (each agent counts its own
+    restarts): refused before any store is reached, naming the variable that fixes it."""
+    from dist_cl.config import ConfigError
+    from dist_cl.distributed import rendezvous_store
+
+    env = {"MASTER_ADDR": "localhost", "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "LOCAL_WORLD_SIZE": "4", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=r"rank 5: a job of 2 nodes with torchrun --max-restarts > 0 needs "
+                                          r"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        rendezvous_store(5, 8, datetime.timedelta(seconds=1))
+
+
+def test_process_group_formation_is_bounded_by_the_timeout(tmp_path):
+    """Rank 0 of 2 whose peer never comes: a named error after dist.timeout_s, not a hang."""
+    env = {**os.environ, "MASTER_ADDR": "localhost", "MASTER_PORT": str(multinode_restarts.free_port()),
+           "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, *train_cmd(tmp_path, "dist.timeout_s=3")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "RankTimeoutError: rank 0: the process group of 2 ranks did not form within dist.timeout_s=3 s" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - start < 60
 
 
 def _worker(agent_pid: int, rank: int) -> int:

@@ -1,0 +1,176 @@
+"""Multi-node recovery on one machine: two torchrun agents joined by c10d, as launch/slurm.sh runs them.
+
+    python tools/multinode_restarts.py                       # 5 rounds of each scenario, with the store setting
+    python tools/multinode_restarts.py --rounds 1 --scenarios worker_kill
+    python tools/multinode_restarts.py --share-store         # torchrun's default, for comparison
+
+Each agent (a "node") runs one worker (``--nnodes=2 --nproc_per_node=1 --max-restarts=1``) on the digits
+default, two epochs, a checkpoint every 5 steps. A scenario waits for a checkpoint mid-epoch, then:
+  worker_kill       SIGKILLs the second agent's worker; both agents restart their workers;
+  node_replacement  SIGKILLs the second agent with its worker (the node is lost) and starts a new agent in
+                    its place, which joins the surviving one.
+Every round must end with both agents exiting 0 and a final checkpoint bit-identical (weights, buffers,
+bank, counters) to an uninterrupted 2-rank run. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is set in the
+agents' environment unless --share-store: multi-node restarts need it (docs/DESIGN.md, "Restarts on
+several nodes"), and without it and with restarts allowed the workers refuse to start.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20",
+       "dist.timeout_s=60"]
+SCENARIOS = ("worker_kill", "node_replacement")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_agent(run_dir: Path, port: int, log: Path, share_store: bool, overrides: tuple = ()) -> subprocess.Popen:
+    """One torchrun agent of a 2-node job (its own session, so a node kill takes its worker too)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if not share_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", f"--rdzv_id=job{port}",
+           "--max-restarts=1", str(ROOT / "launch" / "train.py"), f"run.dir={run_dir}", *RUN, *overrides]
+    with open(log, "a") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, agents: list[subprocess.Popen], timeout: float = 300) -> None:
+    trigger = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+    deadline = time.time() + timeout
+    while not trigger.exists():
+        if time.time() > deadline or any(a.poll() is not None for a in agents):
+            raise RuntimeError(f"the run never reached its step-{step} checkpoint")
+        time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    exit_codes: list[int]
+    identical: bool | None  # None: no final checkpoint to compare
+    seconds: float
+    log: Path
+
+    @property
+    def recovered(self) -> bool:
+        return self.identical is True and self.exit_codes == [0, 0]
+
+
+def final_checkpoint(run_dir: Path) -> dict | None:
+    from dist_cl.checkpoint import load_checkpoint
+
+    latest = run_dir / "checkpoints" / "latest"
+    return load_checkpoint(run_dir)[0] if latest.exists() else None
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Counters, every model tensor (weights and buffers) and the bank, exactly."""
+    return (a["counters"] == b["counters"] and a["model"].keys() == b["model"].keys()
+            and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+            and all(torch.equal(a["bank"][k], b["bank"][k]) for k in ("u", "v", "written_at")))
+
+
+def reference_run(workdir: Path, share_store: bool, overrides: tuple = ()) -> dict:
+    """The uninterrupted 2-node run every scenario must reproduce."""
+    run_dir, port = workdir / "reference", free_port()
+    agents = [start_agent(run_dir, port, workdir / "reference.log", share_store, overrides) for _ in range(2)]
+    if [a.wait(timeout=600) for a in agents] != [0, 0]:
+        raise RuntimeError(f"the uninterrupted run failed; see {workdir / 'reference.log'}")
+    return final_checkpoint(run_dir)
+
+
+def run_scenario(scenario: str, workdir: Path, reference: dict, share_store: bool, kill_after_step: int = 10,
+                 overrides: tuple = (), timeout: float = 600) -> Outcome:
+    """Start two agents, interrupt as ``scenario`` says after ``kill_after_step``, wait for the job's end."""
+    run_dir, port, log = workdir / scenario, free_port(), workdir / f"{scenario}.log"
+    start = time.time()
+    first = start_agent(run_dir, port, log, share_store, overrides)
+    time.sleep(1.0)  # the first agent hosts the rendezvous store; the second is the one that fails
+    second = start_agent(run_dir, port, log, share_store, overrides)
+    agents = [first, second]
+    try:
+        wait_for_checkpoint(run_dir, kill_after_step, agents)
+        if scenario == "worker_kill":
+            [worker] = children(second.pid)
+            os.kill(worker, signal.SIGKILL)
+        elif scenario == "node_replacement":
+            os.killpg(second.pid, signal.SIGKILL)
+            second.wait()
+            agents = [first, start_agent(run_dir, port, log, share_store, overrides)]
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+        deadline = start + timeout
+        codes = [a.wait(timeout=max(1.0, deadline - time.time())) for a in agents]
+    except subprocess.TimeoutExpired:
+        codes = [a.poll() if a.poll() is not None else -9 for a in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+    final = final_checkpoint(run_dir)
+    identical = None if final is None else same_state(final, reference)
+    return Outcome(scenario, codes, identical, time.time() - start, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
+    parser.add_argument("--share-store", action="store_true",
+                        help="leave TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset (torchrun's default)")
+    parser.add_argument("--kill-after-step", type=int, default=10,
+                        help="a checkpoint step inside an epoch (22 steps an epoch)")
+    parser.add_argument("--workdir", type=Path, help="where runs and agent logs go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="multinode-"))
+    print(f"runs and agent logs under {workdir}; TORCH_DISABLE_SHARE_RDZV_TCP_STORE="
+          f"{'unset' if args.share_store else '1'}", flush=True)
+    reference = reference_run(workdir, args.share_store)
+    print(f"{'scenario':<17} {'round':>5} {'exit codes':>10} {'bit-identical':>13} {'seconds':>8}", flush=True)
+    results: dict[str, list[Outcome]] = {s: [] for s in scenarios}
+    for r in range(args.rounds):
+        for scenario in scenarios:
+            outcome = run_scenario(scenario, workdir / f"round{r}", reference, args.share_store,
+                                   args.kill_after_step)
+            results[scenario].append(outcome)
+            codes = ",".join(str(c) for c in outcome.exit_codes)
+            print(f"{scenario:<17} {r:>5} {codes:>10} {str(outcome.identical):>13} {outcome.seconds:>8.1f}",
+                  flush=True)
+    print(f"\n{'scenario':<17} {'recovered':>9} {'median s':>8}")
+    for scenario, outcomes in results.items():
+        good = sum(o.recovered for o in outcomes)
+        print(f"{scenario:<17} {f'{good}/{len(outcomes)}':>9} {statistics.median(o.seconds for o in outcomes):>8.1f}")
+    return 0 if all(o.recovered for outs in results.values() for o in outs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
