@@ -20,8 +20,9 @@ class Preempted(Exception):
 class StopRequest:
     """SIGTERM (what SLURM and Kubernetes send before killing a job, and torchrun forwards) or SIGUSR1
     (SLURM's --signal, forwarded by torchrun --signals-to-handle) asks the run to stop. The handler only
-    records it; the step in flight finishes, and ``agreed`` (a collective, after every step) makes every
-    rank stop after the same step, whichever ranks the signal reached and when."""
+    records it; the step in flight finishes, and every rank stops after the same step, whichever ranks the
+    signal reached and when: each step reduces ``requested`` with its finite flags (``TrainStep``), and
+    ``agreed`` is the same reduction on its own, for the end of an epoch."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -30,6 +31,11 @@ class StopRequest:
 
     def request(self, signum: int, frame) -> None:
         self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        """Whether this rank was asked to stop (this rank's alone; see ``agreed``)."""
+        return self.signal is not None
 
     @contextmanager
     def handling(self) -> Iterator[None]:
@@ -43,6 +49,6 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (a collective: every rank gets the same answer)."""
-        asked = torch.tensor([self.signal is not None], dtype=torch.int32)
+        asked = torch.tensor([self.requested], dtype=torch.int32)
         dist.all_reduce(asked, op=dist.ReduceOp.MAX)
         return bool(asked.item())

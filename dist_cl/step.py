@@ -34,6 +34,8 @@ class StepResult:
     score: float | None = None
     """This rank's scoring loss of the batch (``loss_fn.score``) before the update, where asked; None where not
     asked or skipped."""
+    stop: bool = False
+    """Some rank was asked to stop (``stop_requested`` on any rank): the same answer on every rank."""
 
 
 class TrainStep:
@@ -58,11 +60,12 @@ class TrainStep:
             self.amp_dtype = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
-    def __call__(self, view_a, view_b, index: torch.Tensor, where: Callable[[], str], score: bool = False
-                 ) -> StepResult:
+    def __call__(self, view_a, view_b, index: torch.Tensor, where: Callable[[], str], score: bool = False,
+                 stop_requested: bool = False) -> StepResult:
         """One step on this rank's rows (sample indices ``index``); ``where()`` names the step and batch in the
         message of a non-finite one; ``score``: also give the batch's scoring loss (a collective: ask on every
-        rank or none)."""
+        rank or none); ``stop_requested``: this rank was asked to stop, reduced with the step's own flags into
+        ``StepResult.stop`` (dist_cl.preemption), so a stop costs no collective of its own."""
         view_a, view_b = view_a.to(self.device, non_blocking=True), view_b.to(self.device, non_blocking=True)
         # a skipped step leaves nothing behind: BatchNorm's running statistics and the loss's state included
         state = [*self.model.buffers(), *self.loss_fn.buffers()]
@@ -77,7 +80,8 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or float("inf"))
-        finite_loss, finite_grad, finite_buffers, value = self.outcome(loss, grad_norm, self.model)
+        finite_loss, finite_grad, finite_buffers, stop, value = self.outcome(loss, grad_norm, self.model,
+                                                                             stop_requested)
         overflow = not finite_grad and self.amp_dtype is torch.float16
         if not finite_loss or not finite_buffers or (not finite_grad and not overflow):
             if buffers is not None:
@@ -86,12 +90,12 @@ class TrainStep:
                 self.scaler.update()  # closes the step unscale_ opened; the non-finite grads lower the scale
             what = "loss" if not finite_loss else "buffers (BatchNorm statistics)" if not finite_buffers else "gradient"
             self.fault(what, where())
-            return StepResult(None, u, v, skipped=True)
+            return StepResult(None, u, v, skipped=True, stop=stop)
         self.scaler.step(self.optimizer)  # under fp16, skips the update where the gradients overflowed
         self.scaler.update()
         if score:
             scored = value if scored is None else scored.item()
-        return StepResult(value, u, v, skipped=overflow, score=scored)
+        return StepResult(value, u, v, skipped=overflow, score=scored, stop=stop)
 
     def forward(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u, v, tau) of ``model`` (the DDP wrapper, or the bare model to score) under autocast."""
@@ -109,10 +113,10 @@ class TrainStep:
         return self.loss_fn.score(u, v, tau).item()
 
     @staticmethod
-    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor,
-                model: torch.nn.Module) -> tuple[bool, bool, bool, float]:
-        """(loss finite on every rank, gradients finite, ``model``'s floating buffers finite, this rank's
-        loss) in one device-to-host copy.
+    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor, model: torch.nn.Module,
+                stop_requested: bool = False) -> tuple[bool, bool, bool, bool, float]:
+        """(loss finite on every rank, gradients finite, ``model``'s floating buffers finite, a stop requested
+        on some rank, this rank's loss) in one all-reduce and one device-to-host copy.
 
         A forward pass can overflow BatchNorm's running variance to inf while the loss it returns stays
         finite (an input of 1e30 does), so the buffers are a flag of their own. Under fp16 the gradient
@@ -121,11 +125,13 @@ class TrainStep:
         floating = [b.detach() for b in model.buffers() if b.is_floating_point()]
         # x * 0 is 0 for a finite x and NaN for inf or NaN: a norm of the products cannot overflow
         zeros = torch._foreach_norm(torch._foreach_mul(floating, 0.0)) if floating else [loss.new_zeros(())]
+        go_on = torch.full((), not stop_requested, dtype=torch.bool, device=loss.device)  # a fill, not a copy
         flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm),
-                             torch.isfinite(torch.stack(zeros).sum())]).to(torch.float32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        finite_loss, finite_grad, finite_buffers, value = torch.cat([flags, loss.detach().float().reshape(1)]).tolist()
-        return bool(finite_loss), bool(finite_grad), bool(finite_buffers), value
+                             torch.isfinite(torch.stack(zeros).sum()), go_on]).to(torch.float32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # MIN: false on any rank is false on all
+        finite_loss, finite_grad, finite_buffers, go_on, value = torch.cat(
+            [flags, loss.detach().float().reshape(1)]).tolist()
+        return bool(finite_loss), bool(finite_grad), bool(finite_buffers), not go_on, value
 
     def fault(self, what: str, where: str) -> None:
         message = f"non-finite {what} at {where}"

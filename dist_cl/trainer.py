@@ -213,7 +213,7 @@ class Trainer:
             for view_a, view_b, index in loader:
                 waited = time.perf_counter() - tick
                 data_time += waited
-                loss, lift_pair = self.train_one(view_a, view_b, index)
+                loss, lift_pair, stop = self.train_one(view_a, view_b, index)
                 if loss is not None:
                     losses.append(loss)
                     if lift_pair is not None:
@@ -229,7 +229,7 @@ class Trainer:
                 saved = cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0
                 if saved:
                     self.save_checkpoint()
-                if self.stop.agreed():
+                if stop:
                     if not saved:
                         self.save_checkpoint()
                     raise Preempted(f"stopped after step {counters.step} (epoch {counters.epoch})")
@@ -253,17 +253,18 @@ class Trainer:
             scalars["skipped_steps"] = self.counters.skipped_steps
         self.metrics.step(self.counters.step, scalars)
 
-    def train_one(self, view_a, view_b, index) -> tuple[float | None, tuple[float, float] | None]:
+    def train_one(self, view_a, view_b, index) -> tuple[float | None, tuple[float, float] | None, bool]:
         """One step at the sampler's cursor: (its loss or None if skipped, at the steps that log
         selection/realised_lift the scoring losses of its batch and of a random global batch, both before
-        the update, else None)."""
+        the update, else None, whether every rank stops after it)."""
         counters, sampler = self.counters, self.sampler
         mark_progress(f"step {counters.step}")
         scoring = (counters.step + 1) % self.cfg.run.log_every_steps == 0
         random_loss = self.random_batch_loss() if scoring else None
         set_lr(self.optimizer, self.cfg.train, counters.epoch, sampler.cursor, len(sampler.plan))
         result = self.step_fn(view_a, view_b, index,
-                              lambda: f"step {counters.step} {self.describe_batch(sampler.cursor)}", score=scoring)
+                              lambda: f"step {counters.step} {self.describe_batch(sampler.cursor)}", score=scoring,
+                              stop_requested=self.stop.requested)
         counters.skipped_steps += result.skipped
         if result.loss is not None:
             self.bank.update(index, result.u, result.v, counters.step)
@@ -271,7 +272,7 @@ class Trainer:
             self.check_skipped(len(sampler.plan))
         sampler.advance()
         counters.step += 1
-        return result.loss, (result.score, random_loss) if result.score is not None else None
+        return result.loss, (result.score, random_loss) if result.score is not None else None, result.stop
 
     def check_skipped(self, epoch_steps: int) -> None:
         """Count a non-finite step skipped; stop the run once more than train.max_skipped_fraction of this
