@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tools import compare_strategies as compare
 
 
@@ -58,3 +60,16 @@ def test_a_run_is_summarised_from_its_metrics_jsonl_alone(tmp_path):
     assert (summary["lift"], summary["purity"], summary["selection_s"], summary["share"]) == (1.5, 0.5, 1.0, 0.1)
     assert summary["loss_aware_epochs"] == 1
     assert compare.summarise_run(tmp_path, epochs=3, batch_size=8) is None  # not finished
+
+
+def test_strategy_entries_take_several_overrides_each():
+    entries = compare.parse_entries("random,hcl:random:loss.name=hcl,loss.hcl_tau_plus=0.1,loss.hcl_beta=1.0,"
+                                    "g4:sc_global:selection.options.group_size=4,sc_global")
+    assert [(e.label, e.strategy, e.overrides) for e in entries] == [
+        ("random", "random", []),
+        ("hcl", "random", ["loss.name=hcl", "loss.hcl_tau_plus=0.1", "loss.hcl_beta=1.0"]),
+        ("g4", "sc_global", ["selection.options.group_size=4"]),
+        ("sc_global", "sc_global", []),
+    ]
+    with pytest.raises(SystemExit, match="overrides follow a LABEL:STRATEGY:key=value entry"):
+        compare.parse_entries("random,loss.name=hcl")

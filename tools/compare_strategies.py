@@ -50,13 +50,29 @@ class Entry:
 
 
 def parse_entry(text: str) -> Entry:
-    parts = text.split(":")
+    parts = text.split(":", 2)
     if len(parts) == 1:
         return Entry(parts[0], parts[0])
-    if len(parts) in (2, 3):
-        overrides = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
-        return Entry(parts[0], parts[1], overrides)
-    raise SystemExit(f"bad strategy entry {text!r}: use NAME or LABEL:STRATEGY[:key=value,key=value]")
+    overrides = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
+    if any("=" not in o for o in overrides):
+        raise SystemExit(f"bad strategy entry {text!r}: use NAME or LABEL:STRATEGY[:key=value,key=value]")
+    return Entry(parts[0], parts[1], overrides)
+
+
+def parse_entries(text: str) -> list[Entry]:
+    """``--strategies``: entries and their overrides share the comma, so a piece with '=' before any ':'
+    (``loss.hcl_beta=1.0``) is one more override of the labelled entry before it, anything else a new entry."""
+    entries: list[Entry] = []
+    labelled = False  # whether the last entry was written LABEL:STRATEGY[...], the only kind overrides follow
+    for piece in (p for p in text.split(",") if p):
+        if "=" in piece and (":" not in piece or piece.index("=") < piece.index(":")):
+            if not labelled:
+                raise SystemExit(f"bad strategy entry {piece!r}: overrides follow a LABEL:STRATEGY:key=value entry")
+            entries[-1].overrides.append(piece)
+        else:
+            entries.append(parse_entry(piece))
+            labelled = ":" in piece
+    return entries
 
 
 def run_dir(out: Path, label: str, seed: int) -> Path:
@@ -445,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args.plot = args.plot or args.out / "strategies.png"
     from dist_cl.config import load_config
 
-    entries = [parse_entry(s) for s in args.strategies.split(",") if s]
+    entries = parse_entries(args.strategies)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for entry in entries:  # reject a bad strategy or override before hours of training
         load_config(args.config, [f"selection.strategy={entry.strategy}", *extra, *entry.overrides])
