@@ -170,7 +170,7 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return dist.TCPStore(host, int(port), world_size=world_size, is_master=rank == 0, timeout=timeout,
                              wait_for_workers=True)
-    nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's agents, one per node
     if nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
         raise ConfigError(
             f"rank {rank}: a job of {nodes} nodes with torchrun --max-restarts > 0 needs "

@@ -151,7 +151,7 @@ def test_a_multi_node_job_that_may_restart_on_torchruns_shared_store_is_refused(
     from dist_cl.distributed import rendezvous_store
 
     env = {"MASTER_ADDR": "localhost", "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
-           "LOCAL_WORLD_SIZE": "4", "TORCHELASTIC_MAX_RESTARTS": "3"}
+           "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=r"rank 5: a job of 2 nodes with torchrun --max-restarts > 0 needs "
