@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 def start_agent(run_dir: Path, port: int, log: Path, share_store: bool, overrides: tuple = ()) -> subprocess.Popen:
-    """One torchrun agent of a 2-node job (its own session, so a node kill takes its worker too)."""
+    """One torchrun agent of a 2-node job."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     if not share_store:
@@ -52,8 +52,7 @@ def start_agent(run_dir: Path, port: int, log: Path, share_store: bool, override
            "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", f"--rdzv_id=job{port}",
            "--max-restarts=1", str(ROOT / "launch" / "train.py"), f"run.dir={run_dir}", *RUN, *overrides]
     with open(log, "a") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, agents: list[subprocess.Popen], timeout: float = 300) -> None:
@@ -68,6 +67,21 @@ def wait_for_checkpoint(run_dir: Path, step: int, agents: list[subprocess.Popen]
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL an agent and everything under it at once, as a lost node. torchrun starts each worker in a
+    session of its own, so killing the agent's process group would leave its worker training on."""
+    tree, frontier = [agent.pid], [agent.pid]
+    while frontier:
+        frontier = [c for pid in frontier for c in children(pid)]
+        tree += frontier
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait()
 
 
 @dataclass
@@ -121,8 +135,7 @@ def run_scenario(scenario: str, workdir: Path, reference: dict, share_store: boo
             [worker] = children(second.pid)
             os.kill(worker, signal.SIGKILL)
         elif scenario == "node_replacement":
-            os.killpg(second.pid, signal.SIGKILL)
-            second.wait()
+            kill_node(second)
             agents = [first, start_agent(run_dir, port, log, share_store, overrides)]
         else:
             raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
@@ -133,8 +146,7 @@ def run_scenario(scenario: str, workdir: Path, reference: dict, share_store: boo
     finally:
         for agent in agents:
             if agent.poll() is None:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
+                kill_node(agent)
     final = final_checkpoint(run_dir)
     identical = None if final is None else same_state(final, reference)
     return Outcome(scenario, codes, identical, time.time() - start, log)
