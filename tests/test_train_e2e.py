@@ -139,7 +139,7 @@ def test_two_node_job_recovers_from_a_killed_worker_or_a_replaced_node_bitwise_e
     outcome = multinode_restarts.run_scenario(scenario, tmp_path, reference, share_store=False, timeout=400)
     log = outcome.log.read_text()
     assert outcome.exit_codes == [0, 0], log[-5000:]
-    assert outcome.identical, log[-5000:]
+    assert outcome.resumed and outcome.identical, log[-5000:]
     [resumed_step] = {int(s) for s in re.findall(r"resumed from \S+ at epoch 0 step (\d+)", log)}
     assert 10 <= resumed_step < 22
 

@@ -9,10 +9,11 @@ default, two epochs, a checkpoint every 5 steps. A scenario waits for a checkpoi
   worker_kill       SIGKILLs the second agent's worker; both agents restart their workers;
   node_replacement  SIGKILLs the second agent with its worker (the node is lost) and starts a new agent in
                     its place, which joins the surviving one.
-Every round must end with both agents exiting 0 and a final checkpoint bit-identical (weights, buffers,
-bank, counters) to an uninterrupted 2-rank run. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is set in the
-agents' environment unless --share-store: multi-node restarts need it (docs/DESIGN.md, "Restarts on
-several nodes"), and without it and with restarts allowed the workers refuse to start.
+Every round must end with both agents exiting 0, after a new round of workers resumed from a checkpoint,
+with a final checkpoint bit-identical (weights, buffers, bank, counters) to an uninterrupted 2-rank run.
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is set in the agents' environment unless --share-store: multi-node
+restarts need it (docs/DESIGN.md, "Restarts on several nodes"), and without it and with restarts allowed
+the workers refuse to start.
 """
 
 import argparse
@@ -89,12 +90,13 @@ class Outcome:
     scenario: str
     exit_codes: list[int]
     identical: bool | None  # None: no final checkpoint to compare
+    resumed: bool  # a new round of workers resumed from a checkpoint: the kill did interrupt the job
     seconds: float
     log: Path
 
     @property
     def recovered(self) -> bool:
-        return self.identical is True and self.exit_codes == [0, 0]
+        return self.resumed and self.identical is True and self.exit_codes == [0, 0]
 
 
 def final_checkpoint(run_dir: Path) -> dict | None:
@@ -149,7 +151,7 @@ def run_scenario(scenario: str, workdir: Path, reference: dict, share_store: boo
                 kill_node(agent)
     final = final_checkpoint(run_dir)
     identical = None if final is None else same_state(final, reference)
-    return Outcome(scenario, codes, identical, time.time() - start, log)
+    return Outcome(scenario, codes, identical, "resumed from" in log.read_text(), time.time() - start, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"runs and agent logs under {workdir}; TORCH_DISABLE_SHARE_RDZV_TCP_STORE="
           f"{'unset' if args.share_store else '1'}", flush=True)
     reference = reference_run(workdir, args.share_store)
-    print(f"{'scenario':<17} {'round':>5} {'exit codes':>10} {'bit-identical':>13} {'seconds':>8}", flush=True)
+    print(f"{'scenario':<17} {'round':>5} {'exit codes':>10} {'resumed':>7} {'bit-identical':>13} {'seconds':>8}",
+          flush=True)
     results: dict[str, list[Outcome]] = {s: [] for s in scenarios}
     for r in range(args.rounds):
         for scenario in scenarios:
@@ -175,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.kill_after_step)
             results[scenario].append(outcome)
             codes = ",".join(str(c) for c in outcome.exit_codes)
-            print(f"{scenario:<17} {r:>5} {codes:>10} {str(outcome.identical):>13} {outcome.seconds:>8.1f}",
-                  flush=True)
+            print(f"{scenario:<17} {r:>5} {codes:>10} {str(outcome.resumed):>7} {str(outcome.identical):>13} "
+                  f"{outcome.seconds:>8.1f}", flush=True)
     print(f"\n{'scenario':<17} {'recovered':>9} {'median s':>8}")
     for scenario, outcomes in results.items():
         good = sum(o.recovered for o in outcomes)
