@@ -109,6 +109,7 @@ def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
         logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
                                           len(trainer.train_set))
         return 0
+    code = 0
     with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main), trainer.stop.handling():
         trainer.resume(args.resume)
         try:
@@ -116,10 +117,9 @@ def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
         except Preempted as stopped:
             logging.getLogger("dist_cl").warning("preempted: %s; exit code %d asks to be requeued", stopped,
                                                  REQUEUE_EXIT_CODE)
-            trainer.close()
-            return REQUEUE_EXIT_CODE
+            code = REQUEUE_EXIT_CODE
     trainer.close()
-    return 0
+    return code
 
 
 def run() -> None:

@@ -226,12 +226,9 @@ class Trainer:
                     sampler.start(self.planner.reselect(sampler.plan, sampler.cursor, counters.step, figures),
                                   sampler.cursor)
                     reselect_time += time.perf_counter() - began
-                saved = cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0
-                if saved:
+                if stop or (cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0):
                     self.save_checkpoint()
                 if stop:
-                    if not saved:
-                        self.save_checkpoint()
                     raise Preempted(f"stopped after step {counters.step} (epoch {counters.epoch})")
                 tick = time.perf_counter()
                 if reselected:

@@ -78,22 +78,13 @@ def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_
     assert_same_weights(final_model(tmp_path), final_model(reference_run))
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def agent_at_checkpoint(run_dir, step: int, *args: str, torchrun_args: tuple = ()) -> subprocess.Popen:
     """A 2-rank torchrun agent training into ``run_dir``, returned once its step-``step`` checkpoint exists."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_args,
            *train_cmd(run_dir, *args)]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trigger = run_dir / "checkpoints" / f"step-{step:08d}.pt"
-    deadline = time.time() + 120
-    while not trigger.exists() and time.time() < deadline and agent.poll() is None:
-        time.sleep(0.05)
-    assert trigger.exists(), f"the run never reached its step-{step} checkpoint"
+    multinode_restarts.wait_for_checkpoint(run_dir, step, [agent], timeout=120)
     return agent
 
 
@@ -112,7 +103,7 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     table, written by every step of both epochs, must come back too."""
     reference_run = reference_runs(*overrides)
     agent = agent_at_checkpoint(tmp_path, kill_after_step, *FAST, *overrides, torchrun_args=("--max-restarts=1",))
-    workers = _children(agent.pid)
+    workers = multinode_restarts.children(agent.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
     output, _ = agent.communicate(timeout=240)
@@ -174,7 +165,7 @@ def test_process_group_formation_is_bounded_by_the_timeout(tmp_path):
 
 def _worker(agent_pid: int, rank: int) -> int:
     """The pid of the agent's worker of ``rank``."""
-    [pid] = [pid for pid in _children(agent_pid)
+    [pid] = [pid for pid in multinode_restarts.children(agent_pid)
              if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
     return pid
 
