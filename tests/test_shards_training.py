@@ -5,14 +5,16 @@ import sys
 
 from conftest import ROOT, torchrun, train_cmd
 
+from tools import make_shards
+
 SHARD_RUN = ["data.name=shards", "data.image_size=8", "model.in_chans=1", "eval.every_epochs=1", "train.epochs=1",
              "train.global_batch_size=32"]
 
 
 def make_digits_shards(root, splits=("train", "heldout")):
     for split in splits:
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "--source", "digits", "--split", split,
-                        "--out", str(root / split), "--samples-per-shard", "200"], check=True, capture_output=True)
+        assert make_shards.main(["--source", "digits", "--split", split, "--out", str(root / split),
+                                 "--samples-per-shard", "200"]) == 0
 
 
 def test_two_process_training_reads_digits_shards(tmp_path):
