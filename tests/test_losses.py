@@ -56,13 +56,22 @@ def test_loss_module_equals_its_batch_loss_on_one_batch(loss_cls, batch_loss):
     assert loss_cls()(u, v, 0.1).item() == pytest.approx(batch_loss(u, v, 0.1).item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("loss_name,loss_cls", [("infonce", InfoNCELoss), ("ntxent", NTXentLoss)])
-def test_gathered_loss_gradients_match_single_process(tmp_path, loss_name, loss_cls):
-    out = tmp_path / "grads.pt"
-    torchrun([str(ROOT / "tests" / "scripts" / "ddp_loss_grads.py"), loss_name, str(out)])
-    distributed = torch.load(out)
+GATHERED = {"infonce": InfoNCELoss, "ntxent": NTXentLoss}
+
+
+@pytest.fixture(scope="module")
+def two_rank_grads(tmp_path_factory):
+    """Each loss's DDP gradients on 2 torchrun ranks, from one launch."""
+    out = tmp_path_factory.mktemp("grads")
+    torchrun([str(ROOT / "tests" / "scripts" / "ddp_loss_grads.py"), str(out), *GATHERED])
+    return out
+
+
+@pytest.mark.parametrize("loss_name", list(GATHERED))
+def test_gathered_loss_gradients_match_single_process(two_rank_grads, loss_name):
+    distributed = torch.load(two_rank_grads / f"{loss_name}.pt")
     x_a, x_b, model = make_problem()
-    loss = loss_cls()(F.normalize(model(x_a), dim=-1), F.normalize(model(x_b), dim=-1), 0.5)
+    loss = GATHERED[loss_name]()(F.normalize(model(x_a), dim=-1), F.normalize(model(x_b), dim=-1), 0.5)
     loss.backward()
     assert distributed["loss"] == pytest.approx(loss.item(), rel=1e-12)
     torch.testing.assert_close(distributed["weight"], model.weight.grad, rtol=1e-10, atol=1e-12)

@@ -106,12 +106,19 @@ def test_one_process_matches_the_float64_reference(case):
     assert_steps_match(steps(case), reference_steps(case)[0])
 
 
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory):
+    """Every case's steps on 2 torchrun ranks, from one launch."""
+    out = tmp_path_factory.mktemp("steps")
+    torchrun([str(ROOT / "tests" / "scripts" / "loss_steps.py"), str(out), *CASES])
+    return out
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_match_the_float64_reference_and_hold_the_same_u_table(tmp_path, case):
-    torchrun([str(ROOT / "tests" / "scripts" / "loss_steps.py"), case, str(tmp_path)])
+def test_two_ranks_match_the_float64_reference_and_hold_the_same_u_table(two_rank_steps, case):
     want = reference_steps(case)[0]
     for rank in (0, 1):
-        assert_steps_match(torch.load(tmp_path / f"rank{rank}.pt"), want)
+        assert_steps_match(torch.load(two_rank_steps / f"{case}-rank{rank}.pt"), want)
 
 
 def test_sogclr_scores_with_infonce_and_leaves_the_u_table_alone():

@@ -1,6 +1,7 @@
 """Under torchrun: DDP-averaged gradients of a gathered contrastive loss, saved by rank 0.
 
-Usage: ddp_loss_grads.py LOSS_NAME OUT_FILE. The global batch is fixed by seed; each rank feeds its slice.
+Usage: ddp_loss_grads.py OUT_DIR LOSS_NAME... (one launch for every loss: OUT_DIR/LOSS_NAME.pt each). The
+global batch is fixed by seed; each rank feeds its slice.
 """
 
 import sys
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_cl.distributed import close_distributed, exit_process, init_distributed
+from dist_cl.distributed import DistInfo, close_distributed, exit_process, init_distributed
 from dist_cl.losses import build_loss
 
 
@@ -24,9 +25,7 @@ def make_problem():
     return x_a, x_b, model
 
 
-def main():
-    loss_name, out = sys.argv[1], sys.argv[2]
-    info = init_distributed(60)
+def save_grads(loss_name: str, out: str, info: DistInfo) -> None:
     x_a, x_b, model = make_problem()
     ddp = DistributedDataParallel(model)
     rows = slice(info.rank * 8 // info.world_size, (info.rank + 1) * 8 // info.world_size)
@@ -38,7 +37,15 @@ def main():
     losses = [None] * info.world_size
     torch.distributed.all_gather_object(losses, loss.item())
     if info.rank == 0:
-        torch.save({"weight": model.weight.grad, "bias": model.bias.grad, "loss": sum(losses) / len(losses)}, out)
+        torch.save({"weight": model.weight.grad, "bias": model.bias.grad, "loss": sum(losses) / len(losses)},
+                   f"{out}/{loss_name}.pt")
+
+
+def main():
+    out, loss_names = sys.argv[1], sys.argv[2:]
+    info = init_distributed(60)
+    for loss_name in loss_names:
+        save_grads(loss_name, out, info)
     close_distributed()
 
 

@@ -1,7 +1,8 @@
 """Consecutive steps of a loss over fixed float64 global batches, each rank feeding its slice of each: the loss
 of the global batch, its gradients w.r.t. every row of u and v, and (SogCLR) the u table this rank holds.
 
-Usage under torchrun: loss_steps.py LOSS_NAME OUT_DIR; every rank saves its steps as OUT_DIR/rank<r>.pt.
+Usage under torchrun: loss_steps.py OUT_DIR CASE... (one launch for every case); every rank saves the steps
+of each case as OUT_DIR/<case>-rank<r>.pt.
 ``steps`` runs the same in one process (world size 1, no process group).
 """
 
@@ -55,9 +56,10 @@ def steps(case: str, rank: int = 0, world_size: int = 1) -> list[dict]:
 
 
 def main():
-    case, out = sys.argv[1], sys.argv[2]
+    out, cases = sys.argv[1], sys.argv[2:]
     info = init_distributed(60)
-    torch.save(steps(case, info.rank, info.world_size), f"{out}/rank{info.rank}.pt")
+    for case in cases:
+        torch.save(steps(case, info.rank, info.world_size), f"{out}/{case}-rank{info.rank}.pt")
     close_distributed()
 
 
