@@ -42,3 +42,10 @@ def torchrun(script_args: list[str], nproc: int = 2, extra: list[str] | None = N
 
 def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
     return [str(ROOT / "launch" / "train.py"), f"run.dir={run_dir}", *overrides]
+
+
+def torchrun_script(tmp_path_factory, script: str, *cases: str) -> Path:
+    """One launch of ``tests/scripts/<script> OUT_DIR CASE...`` for every case; OUT_DIR, where it wrote."""
+    out = tmp_path_factory.mktemp(Path(script).stem)
+    torchrun([str(ROOT / "tests" / "scripts" / script), str(out), *cases])
+    return out

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, torchrun
+from conftest import torchrun_script
 from ddp_loss_grads import make_problem
 
 from dist_cl.losses import InfoNCELoss, NTXentLoss, batch_infonce, batch_ntxent
@@ -62,9 +62,7 @@ GATHERED = {"infonce": InfoNCELoss, "ntxent": NTXentLoss}
 @pytest.fixture(scope="module")
 def two_rank_grads(tmp_path_factory):
     """Each loss's DDP gradients on 2 torchrun ranks, from one launch."""
-    out = tmp_path_factory.mktemp("grads")
-    torchrun([str(ROOT / "tests" / "scripts" / "ddp_loss_grads.py"), str(out), *GATHERED])
-    return out
+    return torchrun_script(tmp_path_factory, "ddp_loss_grads.py", *GATHERED)
 
 
 @pytest.mark.parametrize("loss_name", list(GATHERED))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, torchrun
+from conftest import ROOT, torchrun_script
 from loss_steps import BATCHES, CASES, TAU, N, embeddings, steps
 from test_losses import unit_rows
 
@@ -109,9 +109,7 @@ def test_one_process_matches_the_float64_reference(case):
 @pytest.fixture(scope="module")
 def two_rank_steps(tmp_path_factory):
     """Every case's steps on 2 torchrun ranks, from one launch."""
-    out = tmp_path_factory.mktemp("steps")
-    torchrun([str(ROOT / "tests" / "scripts" / "loss_steps.py"), str(out), *CASES])
-    return out
+    return torchrun_script(tmp_path_factory, "loss_steps.py", *CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))
