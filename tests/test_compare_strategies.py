@@ -73,3 +73,12 @@ def test_strategy_entries_take_several_overrides_each():
     ]
     with pytest.raises(SystemExit, match="overrides follow a LABEL:STRATEGY:key=value entry"):
         compare.parse_entries("random,loss.name=hcl")
+
+
+def test_a_figure_one_run_lacks_is_averaged_over_the_runs_that_measured_it():
+    """A run by an older trainer wrote no epoch lines: its seconds are NaN, and the table shows the others'."""
+    runs = [{"epoch_s": float("nan"), "share": float("nan")}, {"epoch_s": 4.0, "share": 0.1},
+            {"epoch_s": 6.0, "share": 0.3}]
+    assert compare.measured_mean(runs, "epoch_s", ".1f") == "5.0"
+    assert compare.measured_mean(runs, "share", ".3f") == "0.200"
+    assert compare.measured_mean(runs[:1], "epoch_s", ".1f") == "-"

@@ -208,6 +208,13 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
     }
 
 
+def measured_mean(runs: list[dict], key: str, spec: str) -> str:
+    """The mean of ``key`` over the runs that measured it ("-" if none did): a run written by an older version
+    of the trainer may lack a field the others have."""
+    values = [r[key] for r in runs if r[key] == r[key]]
+    return format(float(np.mean(values)), spec) if values else "-"
+
+
 def mean_std(values) -> str:
     values = np.asarray([v for v in values if v == v], dtype=float)
     if len(values) == 0:
@@ -299,12 +306,11 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
             continue
         verdict, share = against_reference(rs, reference) if reference and entry.label != args.reference else ("-", "-")
         resumed = " (resumed)" if any(r["resumed"] for r in rs) else ""
-        cells = [f"{np.nanmean([r[key] for r in rs]):.3f}" if any(r[key] == r[key] for r in rs) else "-"
-                 for key, _ in DIAGNOSTICS]
-        lines.append(f"| {entry.label} | {verdict} | {share} | " + " | ".join(cells) + " | "
-                     f"{np.mean([r['epoch_s'] for r in rs]):.1f} | {np.mean([r['selection_s'] for r in rs]):.3f} | "
-                     f"{np.mean([r['share'] for r in rs]):.3f} | {np.mean([r['wall_s'] for r in rs]):.0f}{resumed} | "
-                     f"{np.mean([r['load'] for r in rs]):.1f} |")
+        cells = [measured_mean(rs, key, ".3f") for key, _ in DIAGNOSTICS]
+        cells += [measured_mean(rs, "epoch_s", ".1f"), measured_mean(rs, "selection_s", ".3f"),
+                  measured_mean(rs, "share", ".3f"), measured_mean(rs, "wall_s", ".0f") + resumed,
+                  measured_mean(rs, "load", ".1f")]
+        lines.append(f"| {entry.label} | {verdict} | {share} | " + " | ".join(cells) + " |")
     epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
     epochs = [e for e in epochs if e % args.table_every == 0 or e == args.epochs or e in args.table_epochs]
     for key, _, name in METRICS:
