@@ -44,6 +44,33 @@ def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
     return [str(ROOT / "launch" / "train.py"), f"run.dir={run_dir}", *overrides]
 
 
+FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
+"""Two digits epochs (44 steps), a checkpoint every 5 steps: the runs that resume tests restart from."""
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Uninterrupted 2-rank runs of FAST plus the given overrides, each made once per session: what an
+    interrupted or re-partitioned run must end equal to, and whose checkpoints tests read."""
+    runs = {}
+
+    def get(*overrides: str) -> Path:
+        if overrides not in runs:
+            runs[overrides] = tmp_path_factory.mktemp("reference")
+            torchrun(train_cmd(runs[overrides], *FAST, *overrides))
+        return runs[overrides]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A 2-rank digits epoch of the default config, evaluated before and after it, made once per session."""
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    torchrun(train_cmd(run_dir, "train.epochs=1", "eval.every_epochs=1"))
+    return run_dir
+
+
 def torchrun_script(tmp_path_factory, script: str, *cases: str) -> Path:
     """One launch of ``tests/scripts/<script> OUT_DIR CASE...`` for every case; OUT_DIR, where it wrote."""
     out = tmp_path_factory.mktemp(Path(script).stem)

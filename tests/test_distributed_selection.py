@@ -87,14 +87,14 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
     assert ends[2]["next_plan"] is None  # no epoch 3 to plan for
 
 
-def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_step(tmp_path):
+def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_step(reference_runs):
     """selection.every_steps=8 on digits (22 steps an epoch; epoch 1 is sc_global): at cursor 8 (step 30)
-    the 14 batches not trained yet are re-partitioned from the bank then; the first 8 stay as trained."""
+    the 14 batches not trained yet are re-partitioned from the bank then; the first 8 stay as trained.
+    The run is the SogCLR one the SIGKILL test restores to: an sc_global plan does not read the loss."""
     from dist_cl.planning import plan_seed
 
-    torchrun(train_cmd(tmp_path, "train.epochs=2", "eval.every_epochs=0", "selection.strategy=sc_global",
-                       "selection.every_steps=8", "checkpoint.every_steps=5", "checkpoint.keep=20"))
-    before, after = (load_checkpoint(tmp_path / "checkpoints" / f"step-{s:08d}.pt")[0] for s in (25, 30))
+    run_dir = reference_runs("loss.name=sogclr", "selection.strategy=sc_global", "selection.every_steps=8")
+    before, after = (load_checkpoint(run_dir / "checkpoints" / f"step-{s:08d}.pt")[0] for s in (25, 30))
     assert (before["sampler"]["cursor"], after["sampler"]["cursor"]) == (3, 8)
     old, new = before["sampler"]["plan"]["batches"], after["sampler"]["plan"]["batches"]
     np.testing.assert_array_equal(new[:8], old[:8])

@@ -207,11 +207,10 @@ def test_training_metrics_beyond_train_pairs_use_one_fixed_subset():
     np.testing.assert_array_equal(subset, train_pair_indices(1000, 100))
 
 
-def test_two_rank_logged_metrics_equal_the_evaluation_of_the_saved_checkpoint(tmp_path):
+def test_two_rank_logged_metrics_equal_the_evaluation_of_the_saved_checkpoint(one_epoch_run, tmp_path):
     """Each rank embeds a share of the evaluation; they must all use the checkpoint's (rank 0's) BatchNorm
     statistics, not the ones their last local step left."""
-    run_dir = tmp_path / "run"
-    torchrun([str(ROOT / "launch" / "train.py"), "train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"])
+    run_dir = one_epoch_run
     logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     report = tmp_path / "eval.json"
     assert evaluate_tool.main(["--checkpoint", str(run_dir), "--no-probe", "--json", str(report)]) == 0

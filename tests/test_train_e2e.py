@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, torchrun, train_cmd
+from conftest import FAST, ROOT, torchrun, train_cmd
 
 from dist_cl.checkpoint import load_checkpoint
 from dist_cl.preemption import REQUEUE_EXIT_CODE
 from tools import multinode_restarts
-
-FAST = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20"]
 
 
 def final_model(run_dir):
@@ -37,25 +35,10 @@ def assert_same_weights(a: dict, b: dict):
         assert torch.equal(a["loss"][key], b["loss"][key]), key
 
 
-@pytest.fixture(scope="module")
-def reference_runs(tmp_path_factory):
-    """Uninterrupted runs by strategy, made once per module."""
-    runs = {}
-
-    def get(*overrides: str):
-        if overrides not in runs:
-            runs[overrides] = tmp_path_factory.mktemp("reference")
-            torchrun(train_cmd(runs[overrides], *FAST, *overrides))
-        return runs[overrides]
-
-    return get
-
-
-def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
-    torchrun(train_cmd(tmp_path, "train.epochs=1", "eval.every_epochs=1"))
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000022.pt"
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(one_epoch_run):
+    assert list((one_epoch_run / "tb").glob("events.out.tfevents.*"))
+    assert (one_epoch_run / "checkpoints" / "latest").read_text() == "step-00000022.pt"
+    lines = [json.loads(line) for line in (one_epoch_run / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in lines if r["kind"] == "eval"]
     assert [r["step"] for r in records] == [0, 22]
     assert {"retrieval_top1", "knn_top1", "loss", "epoch"} <= records[1].keys()
@@ -63,7 +46,7 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(tmp_path):
     [epoch] = [r for r in lines if r["kind"] == "epoch"]
     assert (epoch["epoch"], epoch["step"], epoch["steps"]) == (1, 22, 22)
     assert epoch["train_seconds"] > 0 and epoch["samples_per_s"] > 0 and "selection/seconds" in epoch
-    assert "global_batch_size: 64" in (tmp_path / "config.yaml").read_text()
+    assert "global_batch_size: 64" in (one_epoch_run / "config.yaml").read_text()
 
 
 def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_runs, tmp_path):
