@@ -49,7 +49,9 @@ class Tower(nn.Module):
         self.backbone = timm.create_model(
             backbone, pretrained=False, num_classes=0, in_chans=in_chans, **backbone_kwargs
         )
-        self.head = projection_head(self.backbone.num_features, hidden_dim, embed_dim)
+        # what the backbone returns with num_classes=0: num_features is the width before timm's pre-logits
+        # layers, which some (mobilenetv3: 288 against 1024) widen
+        self.head = projection_head(self.backbone.head_hidden_size, hidden_dim, embed_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features and the normalised projection."""
@@ -163,6 +165,13 @@ def build_model(cfg: Config, num_samples: int) -> nn.Module:
     return ContrastiveModel(cfg)
 
 
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with its BatchNorms synchronised over the ranks. timm's conversion, not torch's: torch's turns
+    timm's BatchNormAct2d (BatchNorm, activation and drop in one module) into a bare SyncBatchNorm that
+    never calls the activation."""
+    return timm.layers.convert_sync_batchnorm(model)
+
+
 def build_training_model(cfg: Config, num_samples: int, channels: int, device: torch.device) -> nn.Module:
     """The model to train on ``device``, checked against the data (``channels`` of its images), with
     SyncBatchNorm where ``model.sync_bn`` asks for it and the device has it."""
@@ -174,7 +183,7 @@ def build_training_model(cfg: Config, num_samples: int, channels: int, device: t
                           f"set model.in_chans={channels}")
     model = build_model(cfg, num_samples).to(device)
     if cfg.model.sync_bn and device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return sync_batchnorm(model)
     if cfg.model.sync_bn:
         log.warning("model.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on %s each "
                     "rank's BatchNorm keeps normalising over its own slice of the batch", device)

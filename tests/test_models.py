@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 from conftest import ROOT, torchrun
 
 from dist_cl.config import load_config
 from dist_cl.losses import InfoNCELoss
-from dist_cl.models import build_model
+from dist_cl.models import build_model, sync_batchnorm
 from dist_cl.optim import lr_factor
 
 
@@ -19,6 +21,19 @@ def test_shared_tower_embeds_both_views_with_one_backbone():
     assert u.shape == v.shape == (6, 64)
     torch.testing.assert_close(u.norm(dim=1), torch.ones(6))
     assert model.tower_a is model.tower_b and float(tau) == pytest.approx(0.1)
+
+
+def test_sync_batchnorm_keeps_the_activation_of_timms_fused_batchnorm():
+    """mobilenetv3 normalises with timm's BatchNormAct2d; in eval mode (running statistics, no collective)
+    the synchronised model must compute what the original does. torch's own conversion fails this. (Its
+    pre-logits output is 1024 wide, its num_features 288: the projection head must take the former.)"""
+    cfg = load_config(None, ["model.backbone=mobilenetv3_small_050", "model.in_chans=3"])
+    model = build_model(cfg, num_samples=10).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    synced = sync_batchnorm(copy.deepcopy(model)).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x, x)[0], model(x, x)[0], rtol=0, atol=0)
 
 
 def test_two_towers_have_separate_weights_and_both_learn():

@@ -12,7 +12,7 @@ when the shards moved, data.num_workers=8).
 Every rank embeds a share of the split (dist_cl.embed.embed_indices); rank 0 writes, under OUT/<split>/:
 
     u.npy, v.npy      projections (n, model.embed_dim): tower a on view a, tower b on view b
-    backbone.npy      backbone features (n, num_features) of tower a
+    backbone.npy      backbone features (n, the backbone's output width) of tower a
     indices.npy       the sample index of each row (0..n-1, in order)
     labels.npy        the label of each row, where the data has labels
     meta.json         checkpoint, step, epoch, split, views, shapes
