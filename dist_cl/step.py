@@ -23,6 +23,17 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient; the message names the step and the batch."""
 
 
+class LossScaler(torch.amp.GradScaler):
+    """fp16's loss scaler, resumable from a checkpoint written where it was off (no fp16, or not on CUDA),
+    which holds no scaler state: it then starts at its initial scale, where torch's would raise."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict or not self.is_enabled():
+            super().load_state_dict(state_dict)
+        else:
+            log.warning("the checkpoint holds no fp16 loss scale (written where fp16 was off); it starts afresh")
+
+
 @dataclass
 class StepResult:
     loss: float | None
@@ -58,7 +69,7 @@ class TrainStep:
         if self.amp_dtype is not None and device.type != "cuda":
             log.warning("train.amp=%s needs CUDA; training in float32 on %s", cfg.train.amp, device)
             self.amp_dtype = None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+        self.scaler = LossScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
     def __call__(self, view_a, view_b, index: torch.Tensor, where: Callable[[], str], score: bool = False,
                  stop_requested: bool = False) -> StepResult:

@@ -21,6 +21,7 @@ from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
 from dist_cl.runlock import RunDirLockedError, RunLock
 from dist_cl.selection import SelectionError
+from dist_cl.step import LossScaler
 from dist_cl.trainer import SkippedStepsError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
@@ -118,6 +119,21 @@ def test_a_checkpoint_from_before_the_loss_settings_resumes(tmp_path):
     Checkpointer(ckpt, keep=3).save(state, 12)
     assert run(tmp_path, "train.epochs=4") == 0
     assert (ckpt / "latest").read_text() == "step-00000016.pt"
+
+
+def test_the_fp16_loss_scaler_resumes_from_a_checkpoint_written_without_fp16(caplog):
+    """A run moved to a GPU under train.amp=fp16 from a checkpoint written on the CPU, where the scaler is off
+    and saves nothing: torch's GradScaler refuses that state, the trainer's starts at its initial scale. A
+    saved scale still comes back. (A CPU scaler stands in for the CUDA one: the same class, on the CPU.)"""
+    saved_off = LossScaler("cpu", enabled=False).state_dict()
+    with pytest.raises(RuntimeError, match="state dict is empty"):
+        torch.amp.GradScaler("cpu").load_state_dict(saved_off)
+    with caplog.at_level("WARNING", logger="dist_cl"):
+        resumed = LossScaler("cpu", init_scale=512.0)
+        resumed.load_state_dict(saved_off)
+    assert resumed.get_scale() == 512.0 and "holds no fp16 loss scale" in caplog.text
+    resumed.load_state_dict(LossScaler("cpu", init_scale=8.0).state_dict())
+    assert resumed.get_scale() == 8.0
 
 
 def test_a_full_disk_is_a_named_error_that_removes_its_tmp_and_keeps_the_previous_checkpoint(tmp_path, capsys):
