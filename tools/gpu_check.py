@@ -11,7 +11,6 @@ Python can be exercised on a machine without a GPU.
 
 import argparse
 import json
-import sys
 import threading
 import time
 from functools import partial
@@ -22,7 +21,7 @@ import torch
 
 from dist_cl.clustered import clustered_pairs
 from dist_cl.config import load_config
-from dist_cl.distributed import close_distributed, init_distributed
+from dist_cl.distributed import close_distributed, exit_process, init_distributed
 from dist_cl.losses import InfoNCELoss
 from dist_cl.models import build_model
 from dist_cl.selection import lift, select_batches
@@ -168,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
