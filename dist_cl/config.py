@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dist_cl.strategies import HARDNESS_CONTROLS, STRATEGIES
+from dist_cl.strategies import HARDNESS_CONTROLS, OPTION_MINIMUMS, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -381,7 +381,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "dist.timeout_s": cfg.dist.timeout_s, "run.lock_stale_s": cfg.run.lock_stale_s,
         "checkpoint.timeout_s": cfg.checkpoint.timeout_s, "data.num_samples": cfg.data.num_samples,
         "data.image_size": cfg.data.image_size, "run.log_every_steps": cfg.run.log_every_steps,
-        "eval.train_pairs": cfg.eval.train_pairs,
+        "eval.train_pairs": cfg.eval.train_pairs, "eval.knn_k": cfg.eval.knn_k, "model.in_chans": cfg.model.in_chans,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -393,7 +393,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "selection.warmup_epochs": cfg.selection.warmup_epochs, "data.num_workers": cfg.data.num_workers,
         "selection.every_steps": cfg.selection.every_steps, "run.print_every_s": cfg.run.print_every_s,
         "data.subset": cfg.data.subset, "data.heldout_subset": cfg.data.heldout_subset,
-        "eval.corruption_samples": cfg.eval.corruption_samples,
+        "eval.corruption_samples": cfg.eval.corruption_samples, "seed": cfg.seed,
+        "data.split_seed": cfg.data.split_seed, "model.proj_hidden_dim": cfg.model.proj_hidden_dim,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -401,6 +402,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not 0.0 <= t.max_skipped_fraction <= 1.0:
         raise ConfigError(f"train.max_skipped_fraction={t.max_skipped_fraction} is a fraction of an epoch's steps; "
                           "use a value in [0, 1]")
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"train.momentum={t.momentum} must be in [0, 1)")
     if t.global_batch_size < 2:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be at least 2 (a batch needs negatives)")
     a = cfg.data.augment
@@ -427,9 +430,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
     accepted = strategy.options + HARDNESS_CONTROLS
     options = cfg.selection.options
-    if (options.get("random_fraction") or options.get("group_size")) and not strategy.partition:
-        raise ConfigError(f"selection.options.random_fraction and group_size control the hardness of partition "
-                          f"strategies; {cfg.selection.strategy!r} is not one: use sc or sc_global")
+    if (options.get("random_fraction") or options.get("group_size")) and not (strategy.partition
+                                                                              and strategy.reads_embeddings):
+        raise ConfigError(f"selection.options.random_fraction and group_size control the hardness of loss-aware "
+                          f"partition strategies; {cfg.selection.strategy!r} is not one: use sc or sc_global")
     group_size = options.get("group_size", 0)
     if group_size and (not isinstance(group_size, int) or group_size < 0 or t.global_batch_size % group_size):
         raise ConfigError(f"selection.options.group_size={group_size!r} must be a divisor of "
@@ -445,12 +449,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if key not in accepted:
             raise ConfigError(f"selection.options.{key} is not an option of strategy {cfg.selection.strategy!r}; "
                               f"known: {', '.join(sorted(accepted))}")
+        validate_option(cfg.selection.strategy, key, options[key])
+    if options.get("q", 1) > options.get("k", float("inf")):
+        raise ConfigError(f"selection.options.q={options['q']} keeps q of every k={options['k']} batches; "
+                          "q must be <= k")
     validate_loss(cfg.loss)
     if (cfg.data.subset or cfg.data.heldout_subset) and cfg.data.name != "fashion_mnist":
         raise ConfigError(f"data.subset and data.heldout_subset sample Fashion-MNIST; data.name={cfg.data.name!r} "
                           "reads all its data: set them to 0")
     if cfg.eval.corruptions and cfg.data.name == "synthetic":
         raise ConfigError("eval.corruptions corrupts images; data.name=synthetic has none: set eval.corruptions=false")
+    if cfg.data.path and cfg.data.name in ("digits", "synthetic"):
+        raise ConfigError(f"data.path={cfg.data.path!r} is ignored by data.name={cfg.data.name}; remove it, or set "
+                          "data.name=shards or fashion_mnist to read from it")
+    if cfg.data.name in ("digits", "fashion_mnist") and cfg.model.in_chans != 1:
+        raise ConfigError(f"model.in_chans={cfg.model.in_chans} but data.name={cfg.data.name} has 1-channel images; "
+                          "set model.in_chans=1")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("data.name=shards needs data.path=<shard directory> (made by tools/make_shards.py)")
     if cfg.data.path and cfg.data.name == "shards" and not Path(cfg.data.path).exists():
@@ -513,10 +527,26 @@ def describe(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def validate_option(strategy: str, key: str, value) -> None:
+    """One ``selection.options`` value: a number in [0, 1] for random_fraction, else an integer at least its
+    minimum (dist_cl.strategies.OPTION_MINIMUMS)."""
+    if key == "random_fraction":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"selection.options.random_fraction={value!r} is the random share of every batch; "
+                              "use a number in [0, 1]")
+        return
+    least = 0 if (strategy, key) == ("sc_global", "chunk_batches") else OPTION_MINIMUMS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"selection.options.{key}={value!r} must be an integer >= {least}")
+
+
 def validate_loss(loss: LossConfig) -> None:
     if not 0.0 < loss.gamma <= 1.0:
         raise ConfigError(f"loss.gamma={loss.gamma} must be in (0, 1]: the weight of a step's mean in SogCLR's "
                           "moving average (0.9 in the paper's code)")
+    if loss.name != "sogclr" and loss.gamma != LossConfig.gamma:
+        raise ConfigError(f"loss.gamma sets SogCLR's moving average; loss.name={loss.name!r} ignores it: remove it "
+                          "or set loss.name=sogclr")
     if loss.name == "sogclr" and loss.learnable_tau:
         raise ConfigError("loss.learnable_tau=true with loss.name=sogclr: SogCLR's loss has no gradient w.r.t. tau "
                           "(it only enters the detached weights); set loss.learnable_tau=false")

@@ -42,3 +42,8 @@ STRATEGIES = {
 
 HARDNESS_CONTROLS = ("random_fraction", "group_size")
 """Options select_batches itself applies to any partition strategy (docs/DESIGN.md §5)."""
+
+OPTION_MINIMUMS = {"q": 1, "k": 1, "max_batches": 1, "max_n": 1, "knn": 1, "cell_size": 1, "fine_size": 1,
+                   "chunk_batches": 1, "group_size": 0}
+"""The least value of each integer option; sc_global's ``chunk_batches`` may also be 0 (one global partition).
+``random_fraction`` is the one fractional option, in [0, 1]."""

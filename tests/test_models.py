@@ -27,9 +27,9 @@ def test_sync_batchnorm_keeps_the_activation_of_timms_fused_batchnorm():
     """mobilenetv3 normalises with timm's BatchNormAct2d; in eval mode (running statistics, no collective)
     the synchronised model must compute what the original does. torch's own conversion fails this. (Its
     pre-logits output is 1024 wide, its num_features 288: the projection head must take the former.)"""
-    cfg = load_config(None, ["model.backbone=mobilenetv3_small_050", "model.in_chans=3"])
+    cfg = load_config(None, ["model.backbone=mobilenetv3_small_050"])
     model = build_model(cfg, num_samples=10).eval()
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     synced = sync_batchnorm(copy.deepcopy(model)).eval()
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     with torch.no_grad():

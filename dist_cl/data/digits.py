@@ -26,6 +26,8 @@ def digits_split(holdout_fraction: float, split_seed: int, split: str) -> tuple[
 class DigitsPairs(PairDataset):
     """Two views per digit: a random shift (pad + crop), a small rotation and Gaussian noise, in torch."""
 
+    channels = 1
+
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: AugmentConfig, seed: int):
         super().__init__(seed)
         self.images = torch.from_numpy(images)
