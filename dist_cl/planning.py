@@ -148,6 +148,14 @@ def left_out_warning(num_samples: int, batch_size: int, strategy: str) -> str | 
             f"every epoch ({which}): N is not a multiple of train.global_batch_size={batch_size}")
 
 
+def warmup_warning(selection: SelectionConfig, epochs: int) -> str | None:
+    """A loss-aware strategy whose warm-up covers the whole run never selects; None where it does."""
+    if not STRATEGIES[selection.strategy].reads_embeddings or selection.warmup_epochs < epochs:
+        return None
+    return (f"selection.warmup_epochs={selection.warmup_epochs} covers all train.epochs={epochs}: every epoch "
+            f"trains on random batches and {selection.strategy} never selects; lower selection.warmup_epochs")
+
+
 def plan_strategy(selection: SelectionConfig, bank_epoch: int) -> str:
     """The strategy of a plan selected from the bank as it is in epoch ``bank_epoch``: random during
     warm-up (the bank is not filled yet, or the embeddings not yet worth selecting on), then the

@@ -31,7 +31,7 @@ from dist_cl.losses import batch_options
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
 from dist_cl.models import build_training_model
 from dist_cl.optim import build_optimizer, epochs_change_warning, set_lr
-from dist_cl.planning import EpochPlanner, left_out_warning
+from dist_cl.planning import EpochPlanner, left_out_warning, warmup_warning
 from dist_cl.preemption import Preempted, StopRequest
 from dist_cl.sampler import PlanSampler
 from dist_cl.seeding import RankRNG, derive_seed
@@ -79,9 +79,11 @@ class Trainer:
                                     self.model, self.bank, info, cfg.data.num_workers, cfg.loss.name,
                                     batch_options(cfg.loss))
         self.sampler = PlanSampler(None, info.rank, info.world_size)
-        left_out = left_out_warning(len(self.train_set), cfg.train.global_batch_size, cfg.selection.strategy)
-        if left_out and info.is_main:
-            log.warning(left_out)
+        warnings = (left_out_warning(len(self.train_set), cfg.train.global_batch_size, cfg.selection.strategy),
+                    warmup_warning(cfg.selection, cfg.train.epochs))
+        for warning in warnings:
+            if warning and info.is_main:
+                log.warning(warning)
         self.counters = TrainCounters()
         self.metrics: RunMetrics | None = None
         self.log_file: logging.Handler | None = None

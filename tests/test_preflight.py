@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from dist_cl.config import Config, ConfigError, config_from_dict, field_docs, load_config
 from dist_cl.optim import epochs_change_warning, lr_factor
-from dist_cl.planning import left_out_warning
+from dist_cl.planning import left_out_warning, warmup_warning
 
 
 def launch(*args: str, tmp_path) -> subprocess.CompletedProcess:
@@ -42,6 +42,17 @@ def test_left_out_warning_counts_what_a_partition_drops(n, b, strategy, left_out
     assert (message is None) == (left_out == 0)
     if left_out:
         assert message.startswith(f"{left_out} of the {n} training samples")
+
+
+@pytest.mark.parametrize("strategy,warmup,epochs,warned", [("sc_global", 1, 1, True), ("osgd", 3, 2, True),
+                                                           ("sc", 1, 2, False), ("random", 5, 1, False)])
+def test_a_warm_up_that_covers_the_run_is_named(strategy, warmup, epochs, warned):
+    selection = load_config(None, [f"selection.strategy={strategy}", f"selection.warmup_epochs={warmup}"]).selection
+    message = warmup_warning(selection, epochs)
+    assert (message is not None) == warned
+    if warned:
+        assert message.startswith(f"selection.warmup_epochs={warmup} covers all train.epochs={epochs}: ")
+        assert f"{strategy} never selects" in message
 
 
 def test_a_fixed_partition_leaves_out_the_same_samples_every_epoch():
