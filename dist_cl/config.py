@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import sys
 import types
@@ -365,6 +366,9 @@ def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config
     return cfg
 
 
+DIGITS_SAMPLES = 1797
+"""Images in scikit-learn's digits, 10 classes."""
+
 TOOL_OUTPUTS = Path("runs/tools")
 """The tools' default output folder; no run's default run directory (runs/<run.name>) is in it."""
 
@@ -416,6 +420,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("data.augment.color_jitter, noise_std and crop_shift must be >= 0")
     if not 0.0 < cfg.data.holdout_fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in (0, 1)")
+    held_out = math.ceil(cfg.data.holdout_fraction * DIGITS_SAMPLES)  # as sklearn's stratified split counts
+    if cfg.data.name == "digits" and not 10 <= held_out <= DIGITS_SAMPLES - 10:
+        raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} holds out {held_out} of the "
+                          f"{DIGITS_SAMPLES} digits; each split needs one per class at least: use 0.006 to 0.994")
     if cfg.selection.strategy not in STRATEGIES:
         raise ConfigError(
             f"selection.strategy={cfg.selection.strategy!r} is unknown; choose one of {', '.join(sorted(STRATEGIES))}"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import dist_cl
 from dist_cl.bank import EmbeddingBank
 from dist_cl.checkpoint import CheckpointError, RunCheckpoints
-from dist_cl.config import Config, changed_keys, config_differences, save_config
+from dist_cl.config import Config, ConfigError, changed_keys, config_differences, save_config
 from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.distributed import DistInfo, check_same_on_all_ranks, mark_progress
@@ -69,6 +69,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.train_set = build_dataset(cfg, "train")
         self.heldout_set = build_dataset(cfg, "heldout")
+        if cfg.eval.corruptions and self.heldout_set is None:
+            raise ConfigError(f"eval.corruptions=true corrupts the held-out images, and data.path={cfg.data.path!r} "
+                              "has no held-out split: write one with tools/make_shards.py --split heldout --out "
+                              "<data.path>/heldout, or set eval.corruptions=false")
         self.model = build_training_model(cfg, len(self.train_set), getattr(self.train_set, "channels",
                                                                             cfg.model.in_chans), info.device)
         self.optimizer = build_optimizer(self.model, cfg.train)

@@ -82,6 +82,8 @@ def test_yaml_file_then_overrides(tmp_path):
          "two hardness controls; set one"),
         (["eval.train_pairs=0"], "eval.train_pairs=0 must be positive"),
         (["eval.knn_k=0"], "eval.knn_k=0 must be positive"),
+        (["data.holdout_fraction=0.001"],
+         "data.holdout_fraction=0.001 holds out 2 of the 1797 digits; each split needs one per class at least"),
         (["model.in_chans=0"], "model.in_chans=0 must be positive"),
         (["model.proj_hidden_dim=-1"], "model.proj_hidden_dim=-1 must be >= 0"),
         (["seed=-1"], "seed=-1 must be >= 0"),

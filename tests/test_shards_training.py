@@ -36,3 +36,13 @@ def test_dry_run_names_a_truncated_shard_and_writes_nothing(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "shard-000003.tar" in proc.stderr and "make_shards.py" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_refuses_corrupted_view_retrieval_without_held_out_shards(tmp_path):
+    make_digits_shards(tmp_path / "shards", splits=("train",))
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", *SHARD_RUN, "eval.corruptions=true",
+           f"data.path={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "eval.corruptions=true corrupts the held-out images" in proc.stderr and "--split heldout" in proc.stderr
+
