@@ -408,6 +408,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           "use a value in [0, 1]")
     if not 0.0 <= t.momentum < 1.0:
         raise ConfigError(f"train.momentum={t.momentum} must be in [0, 1)")
+    if t.optimizer == "adamw" and t.momentum != TrainConfig.momentum:
+        raise ConfigError("train.momentum is SGD's and LARS's; train.optimizer=adamw ignores it: remove it")
     if t.global_batch_size < 2:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be at least 2 (a batch needs negatives)")
     a = cfg.data.augment
@@ -467,6 +469,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           "reads all its data: set them to 0")
     if cfg.eval.corruptions and cfg.data.name == "synthetic":
         raise ConfigError("eval.corruptions corrupts images; data.name=synthetic has none: set eval.corruptions=false")
+    read_by = {"num_samples": ("synthetic",), "holdout_fraction": ("digits",),
+               "image_size": ("shards", "fashion_mnist")}
+    for key, names in read_by.items():
+        if cfg.data.name not in names and getattr(cfg.data, key) != getattr(DataConfig, key):
+            raise ConfigError(f"data.{key} is read by data.name={' and '.join(names)} only; data.name={cfg.data.name} "
+                              "ignores it: remove it")
     if cfg.data.path and cfg.data.name in ("digits", "synthetic"):
         raise ConfigError(f"data.path={cfg.data.path!r} is ignored by data.name={cfg.data.name}; remove it, or set "
                           "data.name=shards or fashion_mnist to read from it")
