@@ -422,8 +422,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("data.augment.color_jitter, noise_std and crop_shift must be >= 0")
     if not 0.0 < cfg.data.holdout_fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in (0, 1)")
-    held_out = math.ceil(cfg.data.holdout_fraction * DIGITS_SAMPLES)  # as sklearn's stratified split counts
-    if cfg.data.name == "digits" and not 10 <= held_out <= DIGITS_SAMPLES - 10:
+    held_out = math.ceil(cfg.data.holdout_fraction * DIGITS_SAMPLES)  # as sklearn's split counts
+    if cfg.data.name == "digits" and not 10 <= held_out <= DIGITS_SAMPLES - 10:  # 10 classes, one a split
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} holds out {held_out} of the "
                           f"{DIGITS_SAMPLES} digits; each split needs one per class at least: use 0.006 to 0.994")
     if cfg.selection.strategy not in STRATEGIES:

@@ -5,9 +5,9 @@
 #   tools/gpu_check.sh --install    # installs it first, from this repository's files
 #
 # One GPU means world size 1 on nccl (nccl refuses two ranks on one device); the group is the trainer's
-# own, cpu:gloo,cuda:nccl. World size 1 takes the shortcuts that skip the cross-rank paths (the gathers
-# with gradient, the bank's row gather, SyncBatchNorm's statistics): those need two GPUs, and have only
-# run on gloo. It is meant to finish within 8 minutes on one H200 (not measured yet); every
+# own, cpu:gloo,cuda:nccl. World size 1 takes the shortcuts that skip the cross-rank paths: the gathers
+# with gradient and the bank's row gather need two GPUs on nccl (they have run on gloo), and so does
+# SyncBatchNorm's cross-rank statistics (never run: it has no CPU kernel). It is meant to finish within 8 minutes on one H200 (not measured yet); every
 # check has a time limit well above its expected time, so a hang is a failed row, not a stuck script.
 # Logs and runs go to $GPU_CHECK_DIR (default: a new temporary directory), named after the table.
 set -uo pipefail
