@@ -45,4 +45,3 @@ def test_dry_run_refuses_corrupted_view_retrieval_without_held_out_shards(tmp_pa
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "eval.corruptions=true corrupts the held-out images" in proc.stderr and "--split heldout" in proc.stderr
-
