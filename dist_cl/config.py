@@ -444,12 +444,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                                                                               and strategy.reads_embeddings):
         raise ConfigError(f"selection.options.random_fraction and group_size control the hardness of loss-aware "
                           f"partition strategies; {cfg.selection.strategy!r} is not one: use sc or sc_global")
-    group_size = options.get("group_size", 0)
-    if group_size and (not isinstance(group_size, int) or group_size < 0 or t.global_batch_size % group_size):
-        raise ConfigError(f"selection.options.group_size={group_size!r} must be a divisor of "
-                          f"train.global_batch_size={t.global_batch_size} (or 0: off)")
-    if options.get("random_fraction") and group_size:
-        raise ConfigError("selection.options.random_fraction and group_size are two hardness controls; set one")
     for key in cfg.selection.options:
         if key in ("seed", "tau"):
             source, setting = (("seed and epoch", "seed") if key == "seed"
@@ -463,6 +457,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if options.get("q", 1) > options.get("k", float("inf")):
         raise ConfigError(f"selection.options.q={options['q']} keeps q of every k={options['k']} batches; "
                           "q must be <= k")
+    group_size = options.get("group_size", 0)  # an integer >= 0 by now (validate_option)
+    if group_size and t.global_batch_size % group_size:
+        raise ConfigError(f"selection.options.group_size={group_size!r} must be a divisor of "
+                          f"train.global_batch_size={t.global_batch_size} (or 0: off)")
+    if options.get("random_fraction") and group_size:
+        raise ConfigError("selection.options.random_fraction and group_size are two hardness controls; set one")
     validate_loss(cfg.loss)
     if (cfg.data.subset or cfg.data.heldout_subset) and cfg.data.name != "fashion_mnist":
         raise ConfigError(f"data.subset and data.heldout_subset sample Fashion-MNIST; data.name={cfg.data.name!r} "
