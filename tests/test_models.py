@@ -70,6 +70,7 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert lr_factor(1.0, 0.0, 4.0) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi / 4)).item()))
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants because weights_only=True")
 def test_free_embeddings_average_sparse_row_gradients_over_ranks_like_one_process(tmp_path):
     """2 ranks, no DDP: each rank ends with the full-batch gradient, as sparse rows of the batch only."""
     from free_grads import BATCH, make_model
