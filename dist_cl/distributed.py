@@ -240,6 +240,15 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, as in the checkpoint. DDP broadcasts them at
+    the start of each forward, so after a step every rank holds its own update: a pass in eval mode with
+    those (evaluation, a bank refresh) would differ between ranks and from a run resumed from the checkpoint."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_same_on_all_ranks(what: str, digest: str) -> None:
     """Raise on every rank if the hex ``digest`` of ``what`` is not the same on all ranks."""
     if world_size() == 1:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dist_cl.bank import EmbeddingBank
 from dist_cl.config import SelectionConfig
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks, distributed_map
+from dist_cl.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, distributed_map
 from dist_cl.embed import embed_indices
 from dist_cl.metrics import SelectionFigures
 from dist_cl.sampler import BatchPlan
@@ -232,6 +232,7 @@ class EpochPlanner:
         if len(indices) == 0:
             return
         self.dataset.set_epoch(epoch)
+        broadcast_buffers(self.model)
         u, v = embed_indices(self.model, self.dataset, indices.numpy(), rank=self.info.rank,
                              world_size=self.info.world_size, device=self.info.device, augmented=True,
                              num_workers=self.num_workers)

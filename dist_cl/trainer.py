@@ -25,7 +25,7 @@ from dist_cl.checkpoint import CheckpointError, RunCheckpoints
 from dist_cl.config import Config, ConfigError, changed_keys, config_differences, save_config
 from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks, mark_progress
+from dist_cl.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, mark_progress
 from dist_cl.evaluation import evaluate
 from dist_cl.losses import batch_options
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
@@ -66,6 +66,9 @@ class TrainCounters:
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo):
         self.cfg, self.info, self.run_dir = cfg, info, cfg.run_dir
+        # first: what follows runs collectives whose number and order depend on the config
+        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+        check_same_on_all_ranks("config", digest)
         torch.manual_seed(cfg.seed)
         self.train_set = build_dataset(cfg, "train")
         self.heldout_set = build_dataset(cfg, "heldout")
@@ -172,8 +175,6 @@ class Trainer:
         self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps, cfg.train.epochs,
                                   counters.epoch, counters.step, cfg.train.global_batch_size)
         self.metrics.config(cfg.to_dict(), changed_keys(cfg), counters.step)
-        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
-        check_same_on_all_ranks("config", digest)
         if counters.step == 0 and cfg.eval.every_epochs:
             self.evaluate(None, SelectionFigures())
         while counters.epoch < cfg.train.epochs:
@@ -324,7 +325,7 @@ class Trainer:
 
     def evaluate(self, loss: float | None, figures: SelectionFigures) -> None:
         mark_progress(f"evaluation at step {self.counters.step}")
-        self.broadcast_buffers()
+        broadcast_buffers(self.model)
         cfg = self.cfg
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=cfg.eval.knn_k,
@@ -333,13 +334,6 @@ class Trainer:
                            num_workers=cfg.data.num_workers)
         if self.info.is_main:
             self.metrics.evaluation(self.counters.epoch, self.counters.step, loss, metrics, figures)
-
-    def broadcast_buffers(self) -> None:
-        """Rank 0's buffers (BatchNorm statistics) on every rank, as in the checkpoint. DDP broadcasts them
-        at the start of each forward, so after the last step every rank holds its own update; evaluating
-        with those made the logged metrics of a multi-rank run differ from its checkpoint's."""
-        for buffer in self.model.buffers():
-            dist.broadcast(buffer, src=0)
 
     def close(self) -> None:
         self.planner.close()

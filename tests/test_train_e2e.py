@@ -49,15 +49,23 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(one_epoch_ru
     assert "global_batch_size: 64" in (one_epoch_run / "config.yaml").read_text()
 
 
-def test_resume_from_mid_epoch_checkpoint_ends_with_identical_weights(reference_runs, tmp_path):
-    reference_run = reference_runs("selection.strategy=random")
+@pytest.mark.parametrize("overrides,step,epoch", [
+    (("selection.strategy=random",), 15, 0),
+    # CPU dropout draws from the global stream, which a resumed run's extra DataLoader must not shift
+    (("selection.strategy=random", "model.backbone_kwargs.drop_rate=0.5"), 15, 0),
+    # at an epoch boundary the first thing is a bank refresh in eval mode, with BatchNorm statistics that
+    # must be rank 0's (the checkpoint's) on every rank, not each rank's own from its last step
+    (("selection.strategy=sc_global", "selection.embeddings=refresh", "selection.warmup_epochs=0"), 22, 1),
+], ids=["mid-epoch", "dropout", "refresh-at-epoch-end"])
+def test_resume_from_a_checkpoint_ends_with_identical_weights(reference_runs, tmp_path, overrides, step, epoch):
+    reference_run = reference_runs(*overrides)
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
     for path in (tmp_path / "checkpoints").glob("step-*"):
-        if int(path.name[5:13]) > 15:
+        if int(path.name[5:13]) > step:
             path.unlink()
-    (tmp_path / "checkpoints" / "latest").write_text("step-00000015.pt")
-    proc = torchrun(train_cmd(tmp_path, *FAST, "--resume", "latest"))
-    assert "at epoch 0 step 15" in proc.stderr
+    (tmp_path / "checkpoints" / "latest").write_text(f"step-{step:08d}.pt")
+    proc = torchrun(train_cmd(tmp_path, *FAST, *overrides, "--resume", "latest"))
+    assert f"at epoch {epoch} step {step}" in proc.stderr
     assert_same_weights(final_model(tmp_path), final_model(reference_run))
 
 
@@ -250,3 +258,14 @@ def test_sigusr1_to_a_single_process_run_exits_with_the_requeue_code_after_a_che
     step = int(re.search(r"preempted: stopped (?:after step|at the end of epoch \d+ \(step) (\d+)", err).group(1))
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{step:08d}.pt"
     assert load_checkpoint(tmp_path)[0]["counters"]["step"] == step
+
+
+def test_ranks_given_different_configs_fail_by_name_before_any_collective_the_config_shapes(tmp_path):
+    """Rank 1 alone is told selection.overlap=true, which adds a process group: the config check runs first,
+    so both ranks name the difference at once instead of timing out in a rendezvous rank 0 never joins."""
+    cmd = [str(ROOT / "tests" / "scripts" / "rank_override.py"), "1", "selection.overlap=true",
+           *train_cmd(tmp_path / "run", *FAST, *SYNTHETIC)[1:], "checkpoint.timeout_s=120"]
+    proc = torchrun(cmd, check=False, timeout=100)
+    assert proc.returncode != 0
+    assert proc.stderr.count("the config differs between ranks") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

@@ -20,10 +20,12 @@ def loader_options(num_workers: int, device: torch.device | str) -> dict:
     FAISS/BLAS/OpenMP thread pools are live, and a forked child inherits their locks as they were (a
     deadlock when it next takes one). Workers are not persistent: each loader's workers get the dataset
     as it is then, with the augmentation epoch set (``WORKER_PRELOAD`` makes starting them cheap). Pinned
-    batches make the copies to CUDA asynchronous.
+    batches make the copies to CUDA asynchronous. Each loader has a generator of its own: one drawing its
+    seed from the global stream would shift what dropout draws after it, so a resumed run, which starts one
+    loader more, would diverge (augmentations are seeded by sample, not by the loader).
     """
     return dict(num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                multiprocessing_context="forkserver" if num_workers else None)
+                multiprocessing_context="forkserver" if num_workers else None, generator=torch.Generator())
 
 
 def build_dataset(cfg: Config, split: str) -> PairDataset | None:
