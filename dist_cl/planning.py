@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dist_cl.bank import EmbeddingBank
-from dist_cl.config import SelectionConfig
+from dist_cl.config import ConfigError, SelectionConfig
 from dist_cl.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, distributed_map
 from dist_cl.embed import embed_indices
 from dist_cl.metrics import SelectionFigures
@@ -25,6 +25,7 @@ from dist_cl.sampler import BatchPlan
 from dist_cl.seeding import derive_seed
 from dist_cl.selection import STRATEGIES, batches_per_selection, lift, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat
+from dist_cl.selection.errors import SelectionError
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,12 @@ class EpochPlanner:
         self.selection, self.run_seed, self.batch_size, self.loss = selection, run_seed, batch_size, loss
         self.loss_options = loss_options
         self.dataset, self.model, self.bank, self.info, self.num_workers = dataset, model, bank, info, num_workers
+        try:  # options that only N makes wrong (osgd's k > N // B) fail now, not after the warm-up epochs
+            batches_per_selection(selection.strategy, len(dataset), batch_size, selection.options)
+        except SelectionError as err:
+            raise ConfigError(f"selection.strategy={selection.strategy} with selection.options="
+                              f"{selection.options} on N = {len(dataset)} samples at a global batch of "
+                              f"{batch_size}: {err}") from err
         self.background = BackgroundPlanner(info.device) if selection.overlap else None
         self.ahead: Future | None = None
         """The next epoch's (plan, figures), computed ahead under selection.overlap."""
