@@ -82,3 +82,15 @@ def test_a_figure_one_run_lacks_is_averaged_over_the_runs_that_measured_it():
     assert compare.measured_mean(runs, "epoch_s", ".1f") == "5.0"
     assert compare.measured_mean(runs, "share", ".3f") == "0.200"
     assert compare.measured_mean(runs[:1], "epoch_s", ".1f") == "-"
+
+
+def test_a_relative_config_is_the_one_beside_where_the_tool_was_started(tmp_path, monkeypatch):
+    """The runs start in the repository root, so the tool hands them the config's absolute path."""
+    (tmp_path / "my.yaml").write_text((compare.ROOT / "configs" / "synthetic.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    monkeypatch.setattr(compare.subprocess, "call", lambda command, **kwargs: commands.append(command) or 0)
+    compare.main(["--config", "my.yaml", "--nproc", "1", "--epochs", "1", "--seeds", "0", "--strategies",
+                  "random", "--out", str(tmp_path / "out")])
+    [command] = commands
+    assert command[command.index("--config") + 1] == str(tmp_path / "my.yaml")

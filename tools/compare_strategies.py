@@ -355,7 +355,8 @@ def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
             ax.set_ylabel(name)
             ax.set_xlabel("optimizer step (global batches)" if x_axis == "step" else "epoch")
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    if any(runs.values()):  # nothing finished yet: no curves to name
+        axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{Path(args.config).name}: mean over seeds {','.join(map(str, seeds))}, band = min-max")
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
@@ -462,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = args.overrides + extra
     args.table_epochs = {int(e) for e in args.table_epochs.split(",") if e}
+    args.config = args.config.resolve()  # a path from where the tool was started; the runs start in ROOT
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
     args.table = args.table or args.out / "results.md"
     args.plot = args.plot or args.out / "strategies.png"
