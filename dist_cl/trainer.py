@@ -233,7 +233,10 @@ class Trainer:
                     sampler.start(self.planner.reselect(sampler.plan, sampler.cursor, counters.step, figures),
                                   sampler.cursor)
                     reselect_time += time.perf_counter() - began
-                if stop or (cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0):
+                # the epoch's last step is saved by fit() at the epoch's end; saving it here too would write
+                # the same file twice, and a kill between the second write's renames would leave neither
+                periodic = cfg.checkpoint.every_steps and counters.step % cfg.checkpoint.every_steps == 0
+                if stop or (periodic and not sampler.done):
                     self.save_checkpoint()
                 if stop:
                     raise Preempted(f"stopped after step {counters.step} (epoch {counters.epoch})")

@@ -280,3 +280,14 @@ def test_osgd_options_that_the_dataset_size_makes_wrong_fail_the_dry_run():
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert ("selection.strategy=osgd with selection.options={'k': 30} on N = 1437 samples at a global batch of 64: "
             "need 1 <= q <= k <= N // B for kb-OSGD, got q=3, k=30, N // B=22") in proc.stderr
+
+
+def test_each_checkpoint_is_written_once_when_every_steps_divides_the_epoch(tmp_path):
+    """Synthetic epochs of 4 steps, a checkpoint every 2: the epoch's last step is saved at the epoch's end
+    only (a second write of the same file could be cut between its renames and leave neither)."""
+    torchrun(train_cmd(tmp_path, *SYNTHETIC, "train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=2",
+                       "checkpoint.keep=10"), nproc=1)
+    saved = re.findall(r"saved checkpoint .*step-(\d+)\.pt", (tmp_path / "train.log").read_text())
+    assert saved == ["00000002", "00000004", "00000006", "00000008"]
+    state = load_checkpoint(tmp_path / "checkpoints" / "step-00000004.pt")[0]
+    assert state["counters"]["epoch"] == 1 and state["sampler"] is None  # the epoch's end, not its last step
