@@ -196,6 +196,9 @@ class EpochPlanner:
         self.selection, self.run_seed, self.batch_size, self.loss = selection, run_seed, batch_size, loss
         self.loss_options = loss_options
         self.dataset, self.model, self.bank, self.info, self.num_workers = dataset, model, bank, info, num_workers
+        if selection.strategy == "full" and batch_size != len(dataset):
+            raise ConfigError(f"selection.strategy=full trains on all N = {len(dataset)} samples as one batch, "
+                              f"but train.global_batch_size={batch_size}: set train.global_batch_size={len(dataset)}")
         try:  # options that only N makes wrong (osgd's k > N // B) fail now, not after the warm-up epochs
             batches_per_selection(selection.strategy, len(dataset), batch_size, selection.options)
         except SelectionError as err:

@@ -271,15 +271,20 @@ def test_ranks_given_different_configs_fail_by_name_before_any_collective_the_co
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_osgd_options_that_the_dataset_size_makes_wrong_fail_the_dry_run():
-    """k = 30 candidate batches of 64 out of digits' 1,437 samples (22 batches) passes the config check,
-    which does not know N; the planner refuses it at start, not after the random warm-up epochs."""
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", "selection.strategy=osgd",
-           "selection.options.k=30"]
+@pytest.mark.parametrize("overrides,message", [
+    (("selection.strategy=osgd", "selection.options.k=30"),
+     "selection.strategy=osgd with selection.options={'k': 30} on N = 1437 samples at a global batch of 64: "
+     "need 1 <= q <= k <= N // B for kb-OSGD, got q=3, k=30, N // B=22"),
+    (("selection.strategy=full",), "selection.strategy=full trains on all N = 1437 samples as one batch, but "
+     "train.global_batch_size=64: set train.global_batch_size=1437"),
+], ids=["osgd-k", "full"])
+def test_selection_that_the_dataset_size_makes_wrong_fails_the_dry_run(overrides, message):
+    """The config check does not know N (digits' 1,437 training samples, 22 batches of 64); the planner
+    refuses these at start, not after the random warm-up epochs or with another batch than configured."""
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert ("selection.strategy=osgd with selection.options={'k': 30} on N = 1437 samples at a global batch of 64: "
-            "need 1 <= q <= k <= N // B for kb-OSGD, got q=3, k=30, N // B=22") in proc.stderr
+    assert message in proc.stderr
 
 
 def test_each_checkpoint_is_written_once_when_every_steps_divides_the_epoch(tmp_path):
