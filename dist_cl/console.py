@@ -76,11 +76,13 @@ def close_log_file(handler: logging.Handler) -> None:
     handler.close()
 
 
-def banner(cfg, world_size: int, device, backend: str, n_train: int, n_heldout: int, n_params: int) -> list[str]:
-    """The startup lines of rank 0: what is trained, on what, how, and where it goes."""
+def banner(cfg, world_size: int, device, backend: str, n_train: int, n_heldout: int, n_params: int,
+           random_epochs: int) -> list[str]:
+    """The startup lines of rank 0: what is trained, on what, how, and where it goes; ``random_epochs``,
+    the leading epochs a loss-aware strategy trains on random batches."""
     selection = cfg.selection
     options = f" {selection.options}" if selection.options else ""
-    warmup = f" (random for the first {selection.warmup_epochs} epoch(s))" if selection.strategy != "random" else ""
+    warmup = f" (random for the first {random_epochs} epoch(s))" if random_epochs else ""
     return [
         f"run {cfg.run.name} in {cfg.run_dir} | seed {cfg.seed} | {world_size} rank(s) on {device.type} ({backend})",
         f"data {cfg.data.name}: {n_train} training pairs, {n_heldout} held out | model {cfg.model.backbone} "

@@ -149,12 +149,23 @@ def left_out_warning(num_samples: int, batch_size: int, strategy: str) -> str | 
             f"every epoch ({which}): N is not a multiple of train.global_batch_size={batch_size}")
 
 
+def random_epochs(selection: SelectionConfig) -> int:
+    """The leading epochs trained on random batches: none for a strategy that reads no embeddings, the
+    warm-up for one that does, and one more under overlap, whose plan of epoch W is chosen in epoch W - 1,
+    from a bank still in warm-up (``plan_strategy``)."""
+    if not STRATEGIES[selection.strategy].reads_embeddings:
+        return 0
+    return selection.warmup_epochs + int(selection.overlap and selection.warmup_epochs > 0)
+
+
 def warmup_warning(selection: SelectionConfig, epochs: int) -> str | None:
     """A loss-aware strategy whose warm-up covers the whole run never selects; None where it does."""
-    if not STRATEGIES[selection.strategy].reads_embeddings or selection.warmup_epochs < epochs:
+    random = random_epochs(selection)
+    if not STRATEGIES[selection.strategy].reads_embeddings or random < epochs:
         return None
-    return (f"selection.warmup_epochs={selection.warmup_epochs} covers all train.epochs={epochs}: every epoch "
-            f"trains on random batches and {selection.strategy} never selects; lower selection.warmup_epochs")
+    overlap = " (one more than the warm-up under selection.overlap)" if random > selection.warmup_epochs else ""
+    return (f"selection.warmup_epochs={selection.warmup_epochs} covers all train.epochs={epochs}{overlap}: every "
+            f"epoch trains on random batches and {selection.strategy} never selects; lower selection.warmup_epochs")
 
 
 def plan_strategy(selection: SelectionConfig, bank_epoch: int) -> str:

@@ -31,7 +31,7 @@ from dist_cl.losses import batch_options
 from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
 from dist_cl.models import build_training_model
 from dist_cl.optim import build_optimizer, epochs_change_warning, set_lr
-from dist_cl.planning import EpochPlanner, left_out_warning, warmup_warning
+from dist_cl.planning import EpochPlanner, left_out_warning, random_epochs, warmup_warning
 from dist_cl.preemption import Preempted, StopRequest
 from dist_cl.sampler import PlanSampler
 from dist_cl.seeding import RankRNG, derive_seed
@@ -170,7 +170,7 @@ class Trainer:
             backend = dist.get_backend() if dist.is_initialized() else "none"
             for line in banner(cfg, self.info.world_size, self.info.device, backend, len(self.train_set),
                                len(self.heldout_set) if self.heldout_set is not None else 0,
-                               sum(p.numel() for p in self.model.parameters())):
+                               sum(p.numel() for p in self.model.parameters()), random_epochs(cfg.selection)):
                 log.info(line)
         self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps, cfg.train.epochs,
                                   counters.epoch, counters.step, cfg.train.global_batch_size)

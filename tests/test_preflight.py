@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from dist_cl.config import Config, ConfigError, config_from_dict, field_docs, load_config
 from dist_cl.optim import epochs_change_warning, lr_factor
-from dist_cl.planning import left_out_warning, warmup_warning
+from dist_cl.planning import left_out_warning, plan_strategy, random_epochs, warmup_warning
 
 
 def launch(*args: str, tmp_path) -> subprocess.CompletedProcess:
@@ -53,6 +53,28 @@ def test_a_warm_up_that_covers_the_run_is_named(strategy, warmup, epochs, warned
     if warned:
         assert message.startswith(f"selection.warmup_epochs={warmup} covers all train.epochs={epochs}: ")
         assert f"{strategy} never selects" in message
+
+
+@pytest.mark.parametrize("strategy", ["sc_global", "osgd", "fixed", "full"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_random_epochs_counts_the_epochs_whose_plans_are_random(strategy, warmup, overlap):
+    """Epoch 0's plan is chosen from the bank of epoch 0; under overlap epoch k's (k >= 1) from epoch
+    k - 1's, as the planner asks ``plan_strategy``."""
+    selection = load_config(None, [f"selection.strategy={strategy}", f"selection.warmup_epochs={warmup}",
+                                   f"selection.overlap={str(overlap).lower()}"]).selection
+    plans = [plan_strategy(selection, k - 1 if overlap and k else k) for k in range(8)]
+    leading = next(k for k, name in enumerate(plans) if name != "random")
+    assert random_epochs(selection) == leading
+    assert plans[leading:] == [strategy] * (8 - leading)
+
+
+def test_a_warm_up_that_overlap_stretches_over_the_run_is_named():
+    selection = load_config(None, ["selection.strategy=sc", "selection.warmup_epochs=1",
+                                   "selection.overlap=true"]).selection
+    assert warmup_warning(selection, 2).startswith("selection.warmup_epochs=1 covers all train.epochs=2 (one "
+                                                   "more than the warm-up under selection.overlap): ")
+    assert warmup_warning(selection, 3) is None
 
 
 def test_a_fixed_partition_leaves_out_the_same_samples_every_epoch():
