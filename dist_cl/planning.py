@@ -160,8 +160,8 @@ def random_epochs(selection: SelectionConfig) -> int:
 
 def warmup_warning(selection: SelectionConfig, epochs: int) -> str | None:
     """A loss-aware strategy whose warm-up covers the whole run never selects; None where it does."""
-    random = random_epochs(selection)
-    if not STRATEGIES[selection.strategy].reads_embeddings or random < epochs:
+    random = random_epochs(selection)  # 0 for a strategy that reads no embeddings; train.epochs is >= 1
+    if random < epochs:
         return None
     overlap = " (one more than the warm-up under selection.overlap)" if random > selection.warmup_epochs else ""
     return (f"selection.warmup_epochs={selection.warmup_epochs} covers all train.epochs={epochs}{overlap}: every "
