@@ -243,10 +243,18 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank, as in the checkpoint. DDP broadcasts them at
     the start of each forward, so after a step every rank holds its own update: a pass in eval mode with
-    those (evaluation, a bank refresh) would differ between ranks and from a run resumed from the checkpoint."""
-    if world_size() > 1:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+    those (evaluation, a bank refresh) would differ between ranks and from a run resumed from the checkpoint.
+    One broadcast per dtype and device, not per buffer: a model has dozens of small ones."""
+    if world_size() == 1:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+        dist.broadcast(flat, src=0)
+        for buffer, part in zip(buffers, flat.split([buffer.numel() for buffer in buffers])):
+            buffer.copy_(part.view_as(buffer))
 
 
 def check_same_on_all_ranks(what: str, digest: str) -> None:
