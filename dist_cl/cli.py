@@ -14,11 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from dist_cl.checkpoint import CheckpointError
 from dist_cl.config import Config, ConfigError, describe, load_config, validate
-from dist_cl.console import setup_console
 from dist_cl.data.shards import ShardError, check_shards
-from dist_cl.distributed import (
+from dist_cl.learn.models import check_backbone
+from dist_cl.report.console import setup_console
+from dist_cl.runtime.checkpoint import CheckpointError
+from dist_cl.runtime.distributed import (
     Backend,
     DistInfo,
     close_distributed,
@@ -26,9 +27,8 @@ from dist_cl.distributed import (
     init_distributed,
     name_timeout,
 )
-from dist_cl.models import check_backbone
-from dist_cl.preemption import REQUEUE_EXIT_CODE, Preempted
-from dist_cl.runlock import RunDirLockedError, hold_run_dir
+from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
+from dist_cl.runtime.runlock import RunDirLockedError, hold_run_dir
 from dist_cl.selection import SelectionError
 from dist_cl.trainer import Trainer
 

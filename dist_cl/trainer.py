@@ -1,10 +1,10 @@
 """The training loop: ask the planner for an epoch's plan, train on it under DDP, report, evaluate, checkpoint.
 
-It orchestrates components that each own one job (docs/DESIGN.md §3): the plan policy (dist_cl.planning),
-the step numerics (dist_cl.step), the schedule (dist_cl.optim), the reports (dist_cl.metrics) and the
-checkpoint contents (dist_cl.checkpoint's component map). Everything a step depends on is either in the
-checkpoint or derived from (seed, epoch, index), so a run killed at any step and resumed ends with the
-weights of a run that was never interrupted.
+It orchestrates components that each own one job (docs/DESIGN.md §3): the plan policy
+(dist_cl.plan.planner), the step numerics (dist_cl.learn.step), the schedule (dist_cl.learn.optim), the reports
+(dist_cl.report.metrics_log) and the checkpoint contents (dist_cl.runtime.checkpoint's component map).
+Everything a step depends on is either in the checkpoint or derived from (seed, epoch, index), so a run killed
+at any step and resumed ends with the weights of a run that was never interrupted.
 """
 
 import dataclasses
@@ -20,22 +20,23 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import dist_cl
-from dist_cl.bank import EmbeddingBank
-from dist_cl.checkpoint import CheckpointError, RunCheckpoints
 from dist_cl.config import Config, ConfigError, changed_keys, config_differences, save_config
-from dist_cl.console import banner, close_log_file, open_log_file, summary
 from dist_cl.data import build_dataset, loader_options
-from dist_cl.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, mark_progress
-from dist_cl.evaluation import evaluate
-from dist_cl.losses import batch_options
-from dist_cl.metrics import EpochRecord, RunMetrics, SelectionFigures
-from dist_cl.models import build_training_model
-from dist_cl.optim import build_optimizer, epochs_change_warning, set_lr
-from dist_cl.planning import EpochPlanner, left_out_warning, random_epochs, warmup_warning
-from dist_cl.preemption import Preempted, StopRequest
-from dist_cl.sampler import PlanSampler
-from dist_cl.seeding import RankRNG, derive_seed
-from dist_cl.step import NonFiniteError, TrainStep
+from dist_cl.evaluate.metrics import evaluate
+from dist_cl.learn.losses import batch_options
+from dist_cl.learn.models import build_training_model
+from dist_cl.learn.optim import build_optimizer, epochs_change_warning, set_lr
+from dist_cl.learn.step import NonFiniteError, TrainStep
+from dist_cl.plan.bank import EmbeddingBank
+from dist_cl.plan.figures import SelectionFigures
+from dist_cl.plan.planner import EpochPlanner, left_out_warning, random_epochs, warmup_warning
+from dist_cl.plan.sampler import PlanSampler
+from dist_cl.report.console import banner, close_log_file, open_log_file, summary
+from dist_cl.report.metrics_log import EpochRecord, RunMetrics
+from dist_cl.runtime.checkpoint import CheckpointError, RunCheckpoints
+from dist_cl.runtime.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, mark_progress
+from dist_cl.runtime.preemption import Preempted, StopRequest
+from dist_cl.runtime.seeding import RankRNG, derive_seed
 
 log = logging.getLogger("dist_cl")
 

@@ -16,7 +16,7 @@
 # Time limit and preemption: SLURM sends SIGUSR1 to this script 600 s before the time limit (--signal=B:USR1@600).
 # The trap passes SIGTERM to srun, which forwards it to every torchrun, and they to their workers: every rank
 # finishes its step, the checkpoint of that step is written, the workers exit 75 (REQUEUE_EXIT_CODE in
-# dist_cl/preemption.py) and this script requeues the job. The requeued job keeps its job id, so its run directory,
+# dist_cl/runtime/preemption.py) and this script requeues the job. The requeued job keeps its job id, so its run directory,
 # and resumes there. A preemption by SLURM itself (SIGTERM to every process of the job) checkpoints the same way
 # within the cluster's grace time; SLURM requeues it where PreemptMode=REQUEUE. torchrun waits SHUTDOWN_TIMEOUT
 # seconds (default 540, less than the 600 s warning) for its workers to write that checkpoint before it kills them.

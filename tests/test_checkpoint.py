@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cl.checkpoint import Checkpointer, CheckpointError
+from dist_cl.runtime.checkpoint import Checkpointer, CheckpointError
 
 
 def test_saves_atomically_keeps_the_newest_and_points_latest(tmp_path):
@@ -73,7 +73,7 @@ def test_every_registered_component_round_trips_its_state(tmp_path):
     """A checkpoint taken mid-epoch (a plan being walked, the next one computed ahead), restored into a
     fresh trainer: every component of the map gives back exactly the state it was saved with."""
     from dist_cl.config import load_config
-    from dist_cl.distributed import close_distributed, init_distributed
+    from dist_cl.runtime.distributed import close_distributed, init_distributed
     from dist_cl.trainer import Trainer
 
     overrides = ["data.num_samples=64", "train.global_batch_size=8", "train.epochs=3", "train.momentum=0.9",

@@ -8,12 +8,12 @@ from dist_cl.config import ConfigError, load_config, parse_overrides, validate
 
 
 def test_config_and_its_validation_do_not_import_the_method_layer():
-    """Validation reads the strategies' declarations (dist_cl.strategies), not dist_cl.selection."""
+    """Validation reads the strategies' declarations (dist_cl.config.strategies), not dist_cl.selection."""
     code = ("import sys; from dist_cl.config import load_config; "
             "load_config(None, ['selection.strategy=sc_global', 'selection.options.knn=8']); print(*sys.modules)")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.split()
-    assert "dist_cl.strategies" in loaded
+    assert "dist_cl.config.strategies" in loaded
     assert not [name for name in loaded if name == "dist_cl.selection" or name.startswith("dist_cl.selection.")]
 
 

@@ -7,7 +7,7 @@ import logging
 from conftest import ROOT
 
 from dist_cl import cli
-from dist_cl.console import Throttle, best_of, summary
+from dist_cl.report.console import Throttle, best_of, summary
 
 TINY = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=2",
         "selection.strategy=random"]

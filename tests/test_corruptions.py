@@ -11,12 +11,12 @@ from scipy.ndimage import gaussian_filter
 from test_shards import shards_from_npz
 
 from dist_cl.config import AugmentConfig, ConfigError, load_config
-from dist_cl.corrupted_retrieval import EVAL_SEVERITIES, CorruptedViews, corrupted_retrieval, group_recall
-from dist_cl.corruptions import CORRUPTIONS, SEVERITIES, brightness, contrast, corrupt, gaussian_blur
 from dist_cl.data.digits import DigitsPairs, digits_split
 from dist_cl.data.pairs import sample_rng
 from dist_cl.data.shards import ShardPairs
-from dist_cl.evaluation import EVAL_EPOCH, evaluate
+from dist_cl.evaluate.corrupted_retrieval import EVAL_SEVERITIES, CorruptedViews, corrupted_retrieval, group_recall
+from dist_cl.evaluate.corruptions import CORRUPTIONS, SEVERITIES, brightness, contrast, corrupt, gaussian_blur
+from dist_cl.evaluate.metrics import EVAL_EPOCH, evaluate
 
 
 def image(channels: int, side: int = 28) -> torch.Tensor:

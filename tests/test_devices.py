@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.config import ConfigError
-from dist_cl.distributed import resolve_backend, served_devices
+from dist_cl.runtime.distributed import resolve_backend, served_devices
 
 RUN = ["selection.strategy=sc_global", "selection.overlap=true", "selection.warmup_epochs=0", "train.epochs=2",
        "train.global_batch_size=128", "selection.options.cell_size=512", "eval.every_epochs=2",
@@ -77,7 +77,7 @@ def unit_pairs(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_planner_thread_sets_and_passes_its_ranks_device(monkeypatch):
     """A rank's planner thread makes its rank's GPU current and hands it to every kNN and FAISS index it
     builds (cuda:3 here; the work itself is redirected to the CPU)."""
-    from dist_cl.planning import BackgroundPlanner, PlanRequest, compute_plan
+    from dist_cl.plan.planner import BackgroundPlanner, PlanRequest, compute_plan
     from dist_cl.selection import sc_global
 
     current, knn, index = [], [], []
@@ -154,7 +154,7 @@ def test_cpu_plan_is_the_plan_of_the_code_before_gpu_faiss(options, digest, devi
 def test_plans_are_made_once_unless_the_strategy_deals_its_own_work(strategy, options, one_rank):
     """sc and osgd run on one rank and the others receive the plan (map_fn over one item); sc_global gets
     map_fn to deal its cells. Either way the plan is the strategy's own."""
-    from dist_cl.planning import select_everywhere
+    from dist_cl.plan.planner import select_everywhere
     from dist_cl.selection import select_batches
 
     calls = []

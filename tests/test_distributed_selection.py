@@ -8,8 +8,8 @@ import torch
 from bank_plan import CELL, B, N, embeddings
 from conftest import ROOT, torchrun, train_cmd
 
-from dist_cl.bank import EmbeddingBank
-from dist_cl.checkpoint import load_checkpoint
+from dist_cl.plan.bank import EmbeddingBank
+from dist_cl.runtime.checkpoint import load_checkpoint
 from dist_cl.selection import select_batches
 
 
@@ -68,7 +68,7 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
     """selection.overlap: the plan for epoch e+1 is computed while epoch e trains, from the bank as epoch e
     started (= the bank saved at the end of epoch e-1); its cells are dealt over both ranks on the planner's
     own process group while DDP runs on the default one."""
-    from dist_cl.planning import plan_seed
+    from dist_cl.plan.planner import plan_seed
 
     n, batch, tau = 64, 8, 0.5
     torchrun(train_cmd(tmp_path, "--config", str(ROOT / "configs" / "synthetic.yaml"), f"data.num_samples={n}",
@@ -91,7 +91,7 @@ def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_st
     """selection.every_steps=8 on digits (22 steps an epoch; epoch 1 is sc_global): at cursor 8 (step 30)
     the 14 batches not trained yet are re-partitioned from the bank then; the first 8 stay as trained.
     The run is the SogCLR one the SIGKILL test restores to: an sc_global plan does not read the loss."""
-    from dist_cl.planning import plan_seed
+    from dist_cl.plan.planner import plan_seed
 
     run_dir = reference_runs("loss.name=sogclr", "selection.strategy=sc_global", "selection.every_steps=8")
     before, after = (load_checkpoint(run_dir / "checkpoints" / f"step-{s:08d}.pt")[0] for s in (25, 30))

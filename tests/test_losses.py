@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from conftest import torchrun_script
 from ddp_loss_grads import make_problem
 
-from dist_cl.losses import InfoNCELoss, NTXentLoss, batch_infonce, batch_ntxent
+from dist_cl.learn.losses import InfoNCELoss, NTXentLoss, batch_infonce, batch_ntxent
 
 
 def reference_infonce(u: np.ndarray, v: np.ndarray, tau: float) -> float:

@@ -5,9 +5,9 @@ import torch
 from conftest import ROOT, torchrun
 
 from dist_cl.config import load_config
-from dist_cl.losses import InfoNCELoss
-from dist_cl.models import build_model, sync_batchnorm
-from dist_cl.optim import lr_factor
+from dist_cl.learn.losses import InfoNCELoss
+from dist_cl.learn.models import build_model, sync_batchnorm
+from dist_cl.learn.optim import lr_factor
 
 
 def digits_batch(n=6):

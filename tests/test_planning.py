@@ -1,15 +1,15 @@
-"""The plan policy (dist_cl.planning.EpochPlanner) in one process: warm-up, the seed rule, re-selection."""
+"""The plan policy (dist_cl.plan.planner.EpochPlanner) in one process: warm-up, the seed rule, re-selection."""
 
 import numpy as np
 import pytest
 import torch
 
-from dist_cl.bank import EmbeddingBank
 from dist_cl.config import SelectionConfig
-from dist_cl.distributed import DistInfo
-from dist_cl.metrics import SelectionFigures
-from dist_cl.planning import EpochPlanner, plan_seed
-from dist_cl.seeding import derive_seed
+from dist_cl.plan.bank import EmbeddingBank
+from dist_cl.plan.figures import SelectionFigures
+from dist_cl.plan.planner import EpochPlanner, plan_seed
+from dist_cl.runtime.distributed import DistInfo
+from dist_cl.runtime.seeding import derive_seed
 from dist_cl.selection import select_batches
 
 N, B, SEED = 96, 8, 5

@@ -8,8 +8,8 @@ import yaml
 from conftest import ROOT
 
 from dist_cl.config import Config, ConfigError, config_from_dict, field_docs, load_config
-from dist_cl.optim import epochs_change_warning, lr_factor
-from dist_cl.planning import left_out_warning, plan_strategy, random_epochs, warmup_warning
+from dist_cl.learn.optim import epochs_change_warning, lr_factor
+from dist_cl.plan.planner import left_out_warning, plan_strategy, random_epochs, warmup_warning
 
 
 def launch(*args: str, tmp_path) -> subprocess.CompletedProcess:

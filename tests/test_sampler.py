@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dist_cl.sampler import BatchPlan, PlanSampler
+from dist_cl.plan.sampler import BatchPlan, PlanSampler
 from dist_cl.selection import select_batches
 
 

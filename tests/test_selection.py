@@ -11,7 +11,7 @@ import torch
 from sklearn.manifold import spectral_embedding as sklearn_spectral_embedding
 from test_losses import reference_ntxent
 
-from dist_cl.losses import batch_infonce
+from dist_cl.learn.losses import batch_infonce
 from dist_cl.selection import (
     STRATEGIES,
     STRATEGY_FUNCTIONS,

@@ -13,8 +13,8 @@ from loss_steps import BATCHES, CASES, TAU, N, embeddings, steps
 from test_losses import unit_rows
 
 from dist_cl import cli
-from dist_cl.checkpoint import load_checkpoint
-from dist_cl.losses import HCLLoss, InfoNCELoss, NTXentLoss, SogCLRLoss, batch_hcl
+from dist_cl.learn.losses import HCLLoss, InfoNCELoss, NTXentLoss, SogCLRLoss, batch_hcl
+from dist_cl.runtime.checkpoint import load_checkpoint
 from dist_cl.selection import batch_losses, select_batches
 
 

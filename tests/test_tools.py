@@ -13,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from dist_cl import cli
 from dist_cl.config import load_config
-from dist_cl.models import build_model
+from dist_cl.learn.models import build_model
 from tools import evaluate as evaluate_tool
 from tools import extract_embeddings as extract_tool
 
@@ -125,8 +125,8 @@ def test_metrics_equal_brute_force_numpy_and_sklearn(small_embeddings):
 @pytest.mark.parametrize("block_rows", [1, 7, 1000])
 def test_metrics_over_row_blocks_equal_brute_force(small_embeddings, block_rows):
     """ImageNet-size splits are scored block by block; any block size gives the whole-matrix answer."""
-    from dist_cl.evaluation import full_batch_loss, knn_top1, retrieval_recall
-    from dist_cl.losses import batch_infonce
+    from dist_cl.evaluate.metrics import full_batch_loss, knn_top1, retrieval_recall
+    from dist_cl.learn.losses import batch_infonce
 
     train, heldout = small_embeddings
     u, v = torch.from_numpy(heldout["u"]), torch.from_numpy(heldout["v"])
@@ -199,7 +199,7 @@ def test_logged_training_full_batch_loss_equals_a_float64_brute_force(trained_ru
 
 
 def test_training_metrics_beyond_train_pairs_use_one_fixed_subset():
-    from dist_cl.evaluation import train_pair_indices
+    from dist_cl.evaluate.metrics import train_pair_indices
 
     np.testing.assert_array_equal(train_pair_indices(10, 10), np.arange(10))
     subset = train_pair_indices(1000, 100)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 
-from dist_cl.checkpoint import load_checkpoint
-from dist_cl.preemption import REQUEUE_EXIT_CODE
+from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE
 from tools import multinode_restarts
 
 
@@ -130,7 +130,7 @@ def test_a_multi_node_job_that_may_restart_on_torchruns_shared_store_is_refused(
     """Its restarted workers would wait for each other under different names (each agent counts its own
     restarts): refused before any store is reached, naming the variable that fixes it."""
     from dist_cl.config import ConfigError
-    from dist_cl.distributed import rendezvous_store
+    from dist_cl.runtime.distributed import rendezvous_store
 
     env = {"MASTER_ADDR": "localhost", "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
            "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3"}

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from clustered import clustered_pairs, unit_rows
 
-from dist_cl.clustered import clustered_pairs, unit_rows
+from dist_cl.config.strategies import STRATEGIES
 from dist_cl.selection import lift, select_batches
-from dist_cl.strategies import STRATEGIES
 
 VARIANTS = {
     "random": ("random", {}),

@@ -3,9 +3,9 @@
     torchrun --standalone --nproc_per_node=2 tools/bench_selection_ranks.py --sizes 100000 1000000
     python tools/bench_selection_ranks.py --sizes 100000 1000000          # one rank, for comparison
 
-Every rank holds the same clustered embeddings (dist_cl.clustered), as every rank holds
+Every rank holds the same clustered embeddings (tools/clustered.py), as every rank holds
 the same bank in training; the k-means assignment and the cells are dealt over the ranks
-(dist_cl.distributed.distributed_map), the plan is checked identical on all ranks, and rank 0 prints
+(dist_cl.runtime.distributed.distributed_map), the plan is checked identical on all ranks, and rank 0 prints
 the median seconds of --repeats plans.
 """
 
@@ -16,11 +16,11 @@ from functools import partial
 
 import numpy as np
 import torch.distributed as dist
+from clustered import clustered_pairs
 
 from dist_cl.cli import run_distributed
-from dist_cl.clustered import clustered_pairs
-from dist_cl.distributed import DistInfo, check_same_on_all_ranks, distributed_map, exit_process
-from dist_cl.sampler import BatchPlan
+from dist_cl.plan.sampler import BatchPlan
+from dist_cl.runtime.distributed import DistInfo, check_same_on_all_ranks, distributed_map, exit_process
 from dist_cl.selection import select_batches
 
 

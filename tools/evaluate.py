@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from dist_cl.cli import run_distributed
-from dist_cl.distributed import DistInfo, exit_process
-from dist_cl.evaluation import knn_top1, linear_probe_top1, retrieval_recall
-from dist_cl.extraction import SPLITS, add_extraction_args, extract
+from dist_cl.evaluate.extraction import SPLITS, add_extraction_args, extract
+from dist_cl.evaluate.metrics import knn_top1, linear_probe_top1, retrieval_recall
+from dist_cl.runtime.distributed import DistInfo, exit_process
 
 log = logging.getLogger("dist_cl.evaluate")
 

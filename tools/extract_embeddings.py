@@ -9,7 +9,7 @@ checkpoints directory or a run directory (both: its newest checkpoint that verif
 are rebuilt from the config saved in the checkpoint; dotted overrides change it (e.g. data.path=/new/shards
 when the shards moved, data.num_workers=8).
 
-Every rank embeds a share of the split (dist_cl.embed.embed_indices); rank 0 writes, under OUT/<split>/:
+Every rank embeds a share of the split (dist_cl.evaluate.embed.embed_indices); rank 0 writes, under OUT/<split>/:
 
     u.npy, v.npy      projections (n, model.embed_dim): tower a on view a, tower b on view b
     backbone.npy      backbone features (n, the backbone's output width) of tower a
@@ -35,8 +35,8 @@ from functools import partial
 from pathlib import Path
 
 from dist_cl.cli import run_distributed
-from dist_cl.distributed import DistInfo, exit_process
-from dist_cl.extraction import SPLITS, add_extraction_args, extract
+from dist_cl.evaluate.extraction import SPLITS, add_extraction_args, extract
+from dist_cl.runtime.distributed import DistInfo, exit_process
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

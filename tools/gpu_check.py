@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from clustered import clustered_pairs
 
-from dist_cl.clustered import clustered_pairs
 from dist_cl.config import load_config
-from dist_cl.distributed import close_distributed, exit_process, init_distributed
-from dist_cl.losses import InfoNCELoss
-from dist_cl.models import build_model
+from dist_cl.learn.losses import InfoNCELoss
+from dist_cl.learn.models import build_model
+from dist_cl.runtime.distributed import close_distributed, exit_process, init_distributed
 from dist_cl.selection import lift, select_batches
 from dist_cl.trainer import Trainer
 

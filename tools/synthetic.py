@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from dist_cl.config import TOOL_OUTPUTS
-from dist_cl.losses import batch_infonce
-from dist_cl.seeding import derive_seed
+from dist_cl.learn.losses import batch_infonce
+from dist_cl.runtime.seeding import derive_seed
 from dist_cl.selection import select_batches
 from dist_cl.selection.n_choose_b import all_batches
 

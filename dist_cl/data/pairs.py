@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dist_cl.seeding import derive_seed
+from dist_cl.runtime.seeding import derive_seed
 
 
 @contextmanager
@@ -35,7 +35,7 @@ class PairDataset(Dataset):
     """Map-style two-view data set. Subclasses give ``__len__``, ``load(i)``, ``augment(x)``, ``clean(x)``.
 
     ``labels`` is an int array (or None); evaluation uses ``clean_item(i)`` (no augmentation). Image data
-    sets also give ``raw(i)`` for the corrupted-view evaluation (dist_cl.corruptions).
+    sets also give ``raw(i)`` for the corrupted-view evaluation (dist_cl.evaluate.corruptions).
     """
 
     labels: np.ndarray | None = None

@@ -1,6 +1,6 @@
 """The paper's synthetic setting: N positive pairs whose embeddings are free parameters of the model.
 
-A sample is just its index; the free-embedding model (dist_cl.models.FreeEmbeddings) looks it up.
+A sample is just its index; the free-embedding model (dist_cl.learn.models.FreeEmbeddings) looks it up.
 """
 
 import torch

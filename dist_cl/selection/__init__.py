@@ -2,7 +2,7 @@
 
 A plan is an int64 array (n_batches, batch_size) of sample indices; row b is global batch b.
 Partitions (random, fixed, sc) use every index at most once; full, ncb and exact osgd are the paper's
-small-N strategies over the N-choose-B batch set. A new strategy is declared in dist_cl.strategies.STRATEGIES
+small-N strategies over the N-choose-B batch set. A new strategy is declared in dist_cl.config.strategies.STRATEGIES
 and bound to its function in STRATEGY_FUNCTIONS.
 """
 
@@ -11,13 +11,13 @@ from math import comb
 
 import numpy as np
 
+from dist_cl.config.strategies import STRATEGIES
 from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd, osgd_batches
 from dist_cl.selection.partitions import random_partition
 from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
 from dist_cl.selection.spectral import spectral_clustering
-from dist_cl.strategies import STRATEGIES
 
 STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "random": random_partition,
@@ -28,7 +28,7 @@ STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "sc": spectral_clustering,
     "sc_global": sc_global_partition,
 }
-"""The function of each strategy declared in dist_cl.strategies.STRATEGIES."""
+"""The function of each strategy declared in dist_cl.config.strategies.STRATEGIES."""
 
 __all__ = ["STRATEGIES", "STRATEGY_FUNCTIONS", "SelectionError", "batch_losses", "batches_per_selection", "lift",
            "plan_loss", "select_batches"]
@@ -57,7 +57,7 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
                    loss: str = "infonce", loss_options: dict | None = None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
-    A strategy that ignores the embeddings (dist_cl.strategies: ``reads_embeddings`` False) may be given
+    A strategy that ignores the embeddings (dist_cl.config.strategies: ``reads_embeddings`` False) may be given
     ``u = v = None`` and ``num_samples`` N instead: it plans for N samples without a bank.
 
     Two hardness controls for partition strategies (docs/DESIGN.md §5), each exact at its ends:
@@ -73,10 +73,10 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     A loss-aware partition's rows come in a seeded random order: strategies list batches cluster by
     cluster, and consecutive steps on one cluster would make the optimizer's momentum cluster-specific.
     ``map_fn(fn, items)``: how a strategy that splits into independent pieces (sc_global's cells) maps
-    them, e.g. over ranks with dist_cl.distributed.distributed_map; the plan does not depend on it.
+    them, e.g. over ranks with dist_cl.runtime.distributed.distributed_map; the plan does not depend on it.
     ``device``: the torch device a strategy that computes on one (sc_global) uses; None: the current one.
     ``loss``: the training loss (``loss.name``), with which a strategy that scores batches (osgd) scores them;
-    ``loss_options``: its settings beyond tau (``dist_cl.losses.batch_options``).
+    ``loss_options``: its settings beyond tau (``dist_cl.learn.losses.batch_options``).
     """
     if name not in STRATEGIES:
         raise SelectionError(f"unknown selection strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -135,7 +135,7 @@ def _checked_pairs(name: str, u, v, num_samples: int | None) -> tuple[np.ndarray
 
 
 def _own_plan(name: str, u, v, n: int, batch_size: int, *, seed: int, tau: float, **options) -> np.ndarray:
-    """Strategy ``name``'s function, called in its convention (dist_cl.strategies.Strategy.reads_embeddings):
+    """Strategy ``name``'s function, called in its convention (dist_cl.config.strategies.Strategy.reads_embeddings):
     on ``u, v`` and ``tau`` where it reads the embeddings, on their number ``n`` where it does not."""
     if STRATEGIES[name].reads_embeddings:
         return STRATEGY_FUNCTIONS[name](u, v, batch_size, seed=seed, tau=tau, **options)

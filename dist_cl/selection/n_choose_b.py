@@ -26,7 +26,7 @@ def all_batches(n: int, batch_size: int) -> np.ndarray:
 
 def full_batch(n: int, batch_size: int, *, seed: int, max_n: int = 4096) -> np.ndarray:
     """One batch of all N: full-batch gradient descent. It takes ``batch_size`` and ``seed``, which it does not
-    need, in the calling convention of the strategies that ignore the embeddings (dist_cl.strategies)."""
+    need, in the calling convention of the strategies that ignore the embeddings (dist_cl.config.strategies)."""
     if n > max_n:
         raise SelectionError(f"full batch of N={n} is over max_n={max_n}; the N x N logits would not fit, "
                          f"raise max_n or use a mini-batch strategy")
@@ -73,7 +73,7 @@ def osgd(u, v, batch_size: int, *, seed: int, tau: float = 0.1, q: int | None = 
     batches (default min(1500, N // B)), keeping the q (default k // 10, the official 1500/150 ratio)
     highest-loss batches of each chunk; no shared indices. Like the official code, a last partial chunk is
     dropped. The trainer selects again every ``osgd_batches`` steps until an epoch's worth of N // B steps,
-    as the official code does (dist_cl.planning).
+    as the official code does (dist_cl.plan.planner).
     """
     n = len(u)
     k, q = osgd_shape(n, batch_size, q, k, max_batches)

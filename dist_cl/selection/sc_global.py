@@ -219,7 +219,7 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     own instead, as the paper's SC does on real data: a stochastic partition whose neighbourhoods meet
     in other combinations every epoch (1 is a random partition, k >= N // B the global one).
     ``map_fn(fn, cells)``: how the independent per-cell work is mapped (e.g. dealt over ranks by
-    dist_cl.distributed.distributed_map); the plan does not depend on it. ``device``: where the k-means
+    dist_cl.runtime.distributed.distributed_map); the plan does not depend on it. ``device``: where the k-means
     and the kNN run (``knn.resolve_device``).
     """
     u = np.ascontiguousarray(u, dtype=np.float32)

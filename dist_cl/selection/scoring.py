@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from dist_cl.losses import BATCH_LOSSES
+from dist_cl.learn.losses import BATCH_LOSSES
 from dist_cl.selection.partitions import random_partition
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -12,7 +12,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def batch_losses(u, v, plan, tau: float, dtype: torch.dtype = torch.float64, loss: str = "infonce",
                  loss_options: dict | None = None) -> np.ndarray:
-    """L(S) of every row S of ``plan`` (n_batches, B) under training loss ``loss`` (dist_cl.losses.BATCH_LOSSES)
+    """L(S) of every row S of ``plan`` (n_batches, B) under training loss ``loss`` (dist_cl.learn.losses.BATCH_LOSSES)
     with its settings ``loss_options`` (``losses.batch_options``); float64 by default, so ties and argmax match
     a reference."""
     u = torch.as_tensor(np.asarray(u), dtype=dtype)

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import torch
 
-from dist_cl.bank import EmbeddingBank
-from dist_cl.distributed import close_distributed, distributed_map, exit_process, init_distributed
-from dist_cl.sampler import BatchPlan, PlanSampler
+from dist_cl.plan.bank import EmbeddingBank
+from dist_cl.plan.sampler import BatchPlan, PlanSampler
+from dist_cl.runtime.distributed import close_distributed, distributed_map, exit_process, init_distributed
 from dist_cl.selection import select_batches
 
 N, D, B, CELL = 960, 16, 24, 96

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_cl.distributed import exit_process
+from dist_cl.runtime.distributed import exit_process
 
 OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce",
        "gather", "scatter", "all_to_all", "barrier", "all_gather_object", "broadcast_object_list", "gather_object")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_cl.distributed import DistInfo, close_distributed, exit_process, init_distributed
-from dist_cl.losses import build_loss
+from dist_cl.learn.losses import build_loss
+from dist_cl.runtime.distributed import DistInfo, close_distributed, exit_process, init_distributed
 
 
 def make_problem():

@@ -1,6 +1,6 @@
 """Under torchrun: each rank claims a different plan digest; every rank must raise RankDivergenceError."""
 
-from dist_cl.distributed import (
+from dist_cl.runtime.distributed import (
     RankDivergenceError,
     check_same_on_all_ranks,
     close_distributed,

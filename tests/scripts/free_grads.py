@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from dist_cl.distributed import close_distributed, exit_process, init_distributed
-from dist_cl.losses import build_loss
-from dist_cl.models import FreeEmbeddings
+from dist_cl.learn.losses import build_loss
+from dist_cl.learn.models import FreeEmbeddings
+from dist_cl.runtime.distributed import close_distributed, exit_process, init_distributed
 
 N, D, TAU = 12, 5, 0.3
 BATCH = torch.tensor([7, 2, 11, 0, 5, 9, 3, 10])

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_cl.distributed import close_distributed, exit_process, gather_rows, init_distributed
-from dist_cl.losses import build_loss
+from dist_cl.learn.losses import build_loss
+from dist_cl.runtime.distributed import close_distributed, exit_process, gather_rows, init_distributed
 
 N, D, TAU = 10, 4, 0.5
 BATCHES = [[0, 1, 2, 3], [2, 5, 3, 7], [7, 0, 9, 2]]

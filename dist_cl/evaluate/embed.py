@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dist_cl.data import loader_options
-from dist_cl.distributed import DistInfo, gather_rows
+from dist_cl.runtime.distributed import DistInfo, gather_rows
 
 
 class _EmbeddingInputs(Dataset):

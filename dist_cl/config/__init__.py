@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dist_cl.strategies import HARDNESS_CONTROLS, OPTION_MINIMUMS, STRATEGIES
+from dist_cl.config.strategies import HARDNESS_CONTROLS, OPTION_MINIMUMS, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -168,7 +168,7 @@ class TrainConfig:
 @dataclass
 class SelectionConfig:
     strategy: str = "random"
-    """Batch selection strategy (see dist_cl.strategies.STRATEGIES)."""
+    """Batch selection strategy (see dist_cl.config.strategies.STRATEGIES)."""
     embeddings: Literal["training", "refresh"] = "training"
     """Bank filled from the training forward passes, or by a refresh pass before each selection."""
     warmup_epochs: int = 1
@@ -194,7 +194,7 @@ class EvalConfig:
     """Training pairs of the training-set metrics (train/full_batch_loss, train/retrieval_top1): all of them
     up to this many, a fixed random subset of this many beyond (N^2 similarities are computed in blocks)."""
     corruptions: bool = False
-    """Also score corrupted-view retrieval on the held-out images (dist_cl.corruptions), as the paper does."""
+    """Also score corrupted-view retrieval on the held-out images (dist_cl.evaluate.corruptions), as the paper does."""
     corruption_samples: int = 1000
     """Held-out images the corrupted-view retrieval uses, evenly spaced (0: all); each costs
     2 severities x 6 corruptions x 2 views forward passes."""
@@ -545,7 +545,7 @@ def describe(cfg: Config) -> str:
 
 def validate_option(strategy: str, key: str, value) -> None:
     """One ``selection.options`` value: a number in [0, 1] for random_fraction, else an integer at least its
-    minimum (dist_cl.strategies.OPTION_MINIMUMS)."""
+    minimum (dist_cl.config.strategies.OPTION_MINIMUMS)."""
     if key == "random_fraction":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"selection.options.random_fraction={value!r} is the random share of every batch; "

@@ -9,7 +9,7 @@ the whole bank. The bank itself lives on the host, where the strategies read it.
 
 import torch
 
-from dist_cl.distributed import gather_rows, world_size
+from dist_cl.runtime.distributed import gather_rows, world_size
 
 
 class EmbeddingBank:

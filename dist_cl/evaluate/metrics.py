@@ -7,9 +7,9 @@ applies them and every rank returns its numbers.
 import numpy as np
 import torch
 
-from dist_cl.corrupted_retrieval import corrupted_retrieval
-from dist_cl.distributed import distributed_map
-from dist_cl.embed import embed_indices
+from dist_cl.evaluate.corrupted_retrieval import corrupted_retrieval
+from dist_cl.evaluate.embed import embed_indices
+from dist_cl.runtime.distributed import distributed_map
 
 EVAL_EPOCH = 2**31 - 1
 """Augmentation epoch of the held-out pairs: the same views at every evaluation of every run."""
@@ -61,7 +61,7 @@ def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, t
 
 
 def full_batch_loss(u: torch.Tensor, v: torch.Tensor, tau: float, block_elements: int = BLOCK_ELEMENTS) -> float:
-    """The symmetric InfoNCE of all pairs as one batch (dist_cl.losses.batch_infonce), over row blocks:
+    """The symmetric InfoNCE of all pairs as one batch (dist_cl.learn.losses.batch_infonce), over row blocks:
     row log-sum-exps per block, column log-sum-exps accumulated across blocks."""
     u, v = u.double(), v.double()
     row_terms = torch.zeros((), dtype=torch.float64)
@@ -101,7 +101,7 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
     features. On the training pairs (``train_*``; at most ``train_pairs`` of them, their number logged as
     ``train_pairs``): the full-batch loss, the objective the paper's theory is about, and retrieval top-1,
     its "original data" metric. ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of
-    the held-out images (dist_cl.corrupted_retrieval).
+    the held-out images (dist_cl.evaluate.corrupted_retrieval).
 
     A collective. Every rank embeds its share (``num_workers`` loader workers each); the float64 metrics
     are computed once, by one rank, and sent to the others.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_cl.config import LossConfig
-from dist_cl.distributed import gather_rows, gather_with_grad
+from dist_cl.runtime.distributed import gather_rows, gather_with_grad
 
 
 def batch_infonce(u: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:

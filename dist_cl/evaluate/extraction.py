@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_cl.checkpoint import load_checkpoint
 from dist_cl.config import Config, config_from_dict
 from dist_cl.data import build_dataset
-from dist_cl.distributed import DistInfo
-from dist_cl.embed import embed_split
-from dist_cl.evaluation import EVAL_EPOCH
-from dist_cl.models import build_model
+from dist_cl.evaluate.embed import embed_split
+from dist_cl.evaluate.metrics import EVAL_EPOCH
+from dist_cl.learn.models import build_model
+from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.distributed import DistInfo
 
 log = logging.getLogger("dist_cl.extract")
 

@@ -7,7 +7,7 @@ corruption c must find view b of the same corruption c among view b of all its c
 The negatives are the same image corrupted otherwise, so the metric asks how much of the image the
 embedding keeps beyond what the augmentations remove; chance is 1 / (number of corruptions).
 
-Here the corruptions are dist_cl.corruptions' six, applied to a held-out image in [0, 1] (the data set's
+Here the corruptions are dist_cl.evaluate.corruptions' six, applied to a held-out image in [0, 1] (the data set's
 ``raw``) before its augmentation and normalisation, at severities 1 and 5. Views and noise are seeded by
 (run seed, evaluation epoch, sample, severity, corruption): the same at every evaluation.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dist_cl.corruptions import CORRUPTIONS, corrupt
 from dist_cl.data.pairs import sample_rng
-from dist_cl.embed import embed_indices
+from dist_cl.evaluate.corruptions import CORRUPTIONS, corrupt
+from dist_cl.evaluate.embed import embed_indices
 
 EVAL_SEVERITIES = (1, 5)
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
-log = logging.getLogger("dist_cl.checkpoint")
+log = logging.getLogger("dist_cl.runtime.checkpoint")
 
 
 class CheckpointError(RuntimeError):

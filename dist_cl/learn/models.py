@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_cl.config import Config, ConfigError
-from dist_cl.distributed import gather_rows, world_size
+from dist_cl.runtime.distributed import gather_rows, world_size
 
 log = logging.getLogger("dist_cl")
 

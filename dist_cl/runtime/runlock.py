@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dist_cl.distributed import world_size
+from dist_cl.runtime.distributed import world_size
 
 log = logging.getLogger("dist_cl")
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cl.config import Config
-from dist_cl.losses import batch_options, build_loss
+from dist_cl.learn.losses import batch_options, build_loss
 
 log = logging.getLogger("dist_cl")
 
@@ -76,13 +76,13 @@ class TrainStep:
         """One step on this rank's rows (sample indices ``index``); ``where()`` names the step and batch in the
         message of a non-finite one; ``score``: also give the batch's scoring loss (a collective: ask on every
         rank or none); ``stop_requested``: this rank was asked to stop, reduced with the step's own flags into
-        ``StepResult.stop`` (dist_cl.preemption), so a stop costs no collective of its own."""
+        ``StepResult.stop`` (dist_cl.runtime.preemption), so a stop costs no collective of its own."""
         view_a, view_b = view_a.to(self.device, non_blocking=True), view_b.to(self.device, non_blocking=True)
         # a skipped step leaves nothing behind: BatchNorm's running statistics and the loss's state included
         state = [*self.model.buffers(), *self.loss_fn.buffers()]
         buffers = [b.clone() for b in state] if self.train.nonfinite == "skip" else None
         u, v, tau = self.forward(self.ddp, view_a, view_b)
-        loss = self.loss_fn(u, v, tau, index)  # float32 with autocast off (dist_cl.losses)
+        loss = self.loss_fn(u, v, tau, index)  # float32 with autocast off (dist_cl.learn.losses)
         scored = None
         if score and not self.loss_fn.scores_itself:
             with torch.no_grad():

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cl.bank import EmbeddingBank
 from dist_cl.config import ConfigError, SelectionConfig
-from dist_cl.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, distributed_map
-from dist_cl.embed import embed_indices
-from dist_cl.metrics import SelectionFigures
-from dist_cl.sampler import BatchPlan
-from dist_cl.seeding import derive_seed
+from dist_cl.evaluate.embed import embed_indices
+from dist_cl.plan.bank import EmbeddingBank
+from dist_cl.plan.figures import SelectionFigures
+from dist_cl.plan.sampler import BatchPlan
+from dist_cl.runtime.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, distributed_map
+from dist_cl.runtime.seeding import derive_seed
 from dist_cl.selection import STRATEGIES, batches_per_selection, lift, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat
 from dist_cl.selection.errors import SelectionError
@@ -41,7 +41,7 @@ class PlanRequest:
     loss: str = "infonce"
     """The training loss (``loss.name``): what osgd scores its batches with, and the lift compares under."""
     loss_options: dict | None = None
-    """Its settings beyond tau (``dist_cl.losses.batch_options``)."""
+    """Its settings beyond tau (``dist_cl.learn.losses.batch_options``)."""
     u: np.ndarray | None = None
     """The bank (a copy where training goes on writing it meanwhile); None for strategies that ignore it."""
     v: np.ndarray | None = None
