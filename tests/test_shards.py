@@ -1,8 +1,10 @@
-"""Indexed shards: written by tools/make_shards.py, read back by index exactly, and failing loudly by name."""
+"""Indexed shards: written by dist-cl-make-shards, read back by index exactly, and failing loudly by name."""
 
 import json
 import os
 import pickle
+import subprocess
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dist_cl.config import AugmentConfig
+from dist_cl.data import make_shards
+from dist_cl.data.shard_writer import LabelError, npz_source
 from dist_cl.data.shards import (
     INDEX_NAME,
     OFFSETS_SUFFIX,
@@ -22,7 +26,6 @@ from dist_cl.data.shards import (
     offsets_path,
     split_dir,
 )
-from tools import make_shards
 
 
 def write_npz(path: Path, n: int = 23, shape: tuple = (6, 5, 3), labels: bool | list = True, seed: int = 0) -> dict:
@@ -242,6 +245,17 @@ def test_split_dirs_under_data_path(tmp_path):
     assert check_shards(tmp_path / "both") == {"train": 23, "heldout": 23}
 
 
+def test_the_installed_make_shards_command_lists_its_options():
+    """``pip install`` puts dist-cl-make-shards beside the interpreter; its help names every option."""
+    command = Path(sysconfig.get_path("scripts")) / "dist-cl-make-shards"
+    proc = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: dist-cl-make-shards")
+    for option in ("--source", "--input", "--out", "--samples-per-shard", "--split", "--holdout-fraction",
+                   "--split-seed", "--subset", "--mode", "--force"):
+        assert option in proc.stdout, option
+
+
 def test_make_shards_refuses_to_overwrite_without_force(tmp_path, capsys):
     out, _ = shards_from_npz(tmp_path)
     args = ["--source", "npz", "--input", str(tmp_path / "source.npz"), "--out", str(out), "--samples-per-shard", "5"]
@@ -260,8 +274,8 @@ def test_make_shards_refuses_to_overwrite_without_force(tmp_path, capsys):
 ], ids=["nan", "string", "fractional", "negative"])
 def test_make_shards_rejects_labels_that_are_not_class_ids(tmp_path, capsys, labels, message):
     write_npz(tmp_path / "source.npz", n=4, labels=labels)
-    with pytest.raises(make_shards.LabelError, match=message):
-        make_shards.npz_source(tmp_path / "source.npz")
+    with pytest.raises(LabelError, match=message):
+        npz_source(tmp_path / "source.npz")
     assert make_shards.main(["--source", "npz", "--input", str(tmp_path / "source.npz"),
                              "--out", str(tmp_path / "out")]) == 2
     assert f"make_shards: error: {tmp_path / 'source.npz'}: {message}" in capsys.readouterr().err
@@ -270,7 +284,7 @@ def test_make_shards_rejects_labels_that_are_not_class_ids(tmp_path, capsys, lab
 
 def test_whole_float_labels_are_class_ids(tmp_path):
     write_npz(tmp_path / "source.npz", n=3, labels=[2.0, 0.0, 1.0])
-    assert [make_shards.npz_source(tmp_path / "source.npz").read(i)[2] for i in range(3)] == [2, 0, 1]
+    assert [npz_source(tmp_path / "source.npz").read(i)[2] for i in range(3)] == [2, 0, 1]
 
 
 def test_make_shards_refuses_a_foreign_non_empty_directory(tmp_path, capsys):

@@ -1,11 +1,11 @@
-"""Training and --dry-run read the shards that tools/make_shards.py writes."""
+"""Training and --dry-run read the shards that dist-cl-make-shards writes."""
 
 import subprocess
 import sys
 
 from conftest import ROOT, torchrun, train_cmd
 
-from tools import make_shards
+from dist_cl.data import make_shards
 
 SHARD_RUN = ["data.name=shards", "data.image_size=8", "model.in_chans=1", "eval.every_epochs=1", "train.epochs=1",
              "train.global_batch_size=32"]

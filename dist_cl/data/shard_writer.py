@@ -1,0 +1,251 @@
+"""Write indexed webdataset shards (tar + wids shardindex.json), the layout dist_cl.data.shards reads.
+
+The command over it is ``dist-cl-make-shards`` (dist_cl.data.make_shards). Sample i goes to shard
+i // samples_per_shard under key %09d with members .png/.jpg (image), .cls (label, where known) and .idx (i).
+Resumable: each shard is written to a temporary name and renamed when complete, so a rerun with the same
+arguments keeps finished shards and writes the rest. A finished output (it has shardindex.json) or one begun
+with other arguments is only replaced with ``force``. Each shard gets an offsets table beside it
+(``<shard>.offsets.npy``), so readers open it without parsing its tar headers.
+"""
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dist_cl.data.shards import (
+    IMAGE_EXTENSIONS,
+    INDEX_KIND,
+    INDEX_NAME,
+    OFFSETS_COLUMNS,
+    offsets_path,
+    sample_key,
+    shard_name,
+)
+
+PARAMS_NAME = "make_shards.json"
+
+
+class ShardWriteError(RuntimeError):
+    """The output directory or the source cannot be used as asked; the message says how to proceed."""
+
+
+class LabelError(ShardWriteError):
+    """Labels that are not class ids (whole numbers from 0): NaN, strings, fractions; the message names
+    the first such label. A NaN cast to an integer became -2^63, and training crashed at its first evaluation."""
+
+
+def class_ids(labels: np.ndarray, source: Path) -> np.ndarray:
+    """``labels`` as int64 class ids, or LabelError naming the first label that is not one."""
+    def first(bad: np.ndarray) -> str:
+        i = int(np.flatnonzero(bad)[0])
+        return f"{source}: label {i} is {labels[i].item()!r}"
+
+    if labels.dtype.kind in "USO":
+        raise LabelError(f"{first(np.ones(len(labels), bool))}, a string; shards store integer class ids: map the "
+                         "class names to 0..K-1 (keep the names in the order of their ids)")
+    if labels.dtype.kind not in "biuf":
+        raise LabelError(f"{source}: labels of dtype {labels.dtype}; shards store integer class ids")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all():
+            raise LabelError(f"{first(~np.isfinite(labels))}; every labelled sample needs a class id: label it or "
+                             "leave it out")
+        if (labels != np.round(labels)).any():
+            raise LabelError(f"{first(labels != np.round(labels))}, not a whole number; class ids are integers")
+    if (labels < 0).any():
+        raise LabelError(f"{first(labels < 0)}; class ids count from 0")
+    return labels.astype(np.int64)
+
+
+@dataclass
+class Source:
+    """Random access to the samples being sharded: index -> (image bytes, extension, label or None)."""
+
+    num_samples: int
+    mode: str
+    classes: list[str] | None
+    read: Callable[[int], tuple[bytes, str, int | None]]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def array_source(images: np.ndarray, labels: np.ndarray | None, classes: list[str] | None) -> Source:
+    """uint8 images (n, h, w) or (n, h, w, 1|3), stored losslessly as PNG."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ShardWriteError(
+            f"images must be uint8 of shape (n, h, w) or (n, h, w, 1|3); got {images.dtype} {images.shape}"
+        )
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    if labels is not None and len(labels) != len(images):
+        raise ShardWriteError(f"{len(labels)} labels for {len(images)} images; they must match one to one")
+
+    def read(i: int):
+        return png_bytes(images[i]), "png", None if labels is None else int(labels[i])
+
+    return Source(len(images), "L" if images.ndim == 3 else "RGB", classes, read)
+
+
+def digits_source(split: str, holdout_fraction: float, split_seed: int) -> Source:
+    """The train or held-out split of dist_cl's digits, pixels 0..16 scaled to 0..255."""
+    from dist_cl.data.digits import digits_split
+
+    images, labels = digits_split(holdout_fraction, split_seed, split)
+    pixels = np.rint(images[:, 0] * 255).astype(np.uint8)
+    return array_source(pixels, labels, [str(d) for d in range(10)])
+
+
+def fashion_mnist_source(path: Path, split: str, subset: int, split_seed: int) -> Source:
+    """Fashion-MNIST's train (60k) or test (10k) IDX files; ``subset`` keeps the rows data.subset keeps."""
+    from dist_cl.data.fashion_mnist import CLASSES, fashion_mnist_split
+
+    images, labels = fashion_mnist_split(path, split, subset, split_seed)
+    return array_source(images, labels, CLASSES)
+
+
+def npz_source(path: Path) -> Source:
+    if not path.is_file():
+        raise ShardWriteError(f"--input {path} does not exist; pass an .npz with 'images' (and optional 'labels')")
+    with np.load(path) as data:
+        if "images" not in data:
+            raise ShardWriteError(f"{path} has no 'images' array (it has {', '.join(data.files)})")
+        labels = class_ids(data["labels"], path) if "labels" in data else None
+        return array_source(data["images"], labels, None)
+
+
+def folder_source(root: Path, mode: str) -> Source:
+    """One sub-folder per class (sorted names give label ids); image files are copied byte for byte."""
+    if not root.is_dir():
+        raise ShardWriteError(f"--input {root} is not a directory of class sub-folders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise ShardWriteError(f"--input {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
+
+    def read(i: int):
+        path, label = files[i]
+        return path.read_bytes(), path.suffix.lower().lstrip("."), label
+
+    return Source(len(files), mode, classes, read)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, source: Source, indices: range, progress: tqdm) -> None:
+    """Write to ``<name>.tmp`` and rename, so a shard under its final name is always complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in indices:
+            data, ext, label = source.read(i)
+            key = sample_key(i)
+            _add(tar, f"{key}.{ext}", data)
+            if label is not None:
+                _add(tar, f"{key}.cls", str(label).encode())
+            _add(tar, f"{key}.idx", str(i).encode())
+            progress.update(1)
+    os.replace(tmp, path)
+
+
+def describe_shard(path: Path) -> dict:
+    """The shard's wids index entry, read back from the file (so kept shards are described the same way);
+    writes the shard's offsets table beside it on the way (dist_cl.data.shards.OFFSETS_COLUMNS)."""
+    labels, rows = [], {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            row = rows.setdefault(key, [0, 0, 0, -1, 0, 0, 0])
+            if ext == "idx":
+                row[5:7] = member.offset_data, member.size
+            elif ext == "cls":
+                row[3:5] = member.offset_data, member.size
+                labels.append(int(tar.extractfile(member).read()))
+            else:
+                row[0:3] = member.offset_data, member.size, IMAGE_EXTENSIONS.index(ext)
+    table = np.array(list(rows.values()), dtype=np.int64).reshape(-1, len(OFFSETS_COLUMNS))
+    tmp = offsets_path(path).with_name(offsets_path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, table)
+    os.replace(tmp, offsets_path(path))
+    entry = {
+        "url": path.name,
+        "nsamples": len(table),
+        "filesize": path.stat().st_size,
+        "md5sum": hashlib.md5(path.read_bytes()).hexdigest(),
+    }
+    if labels:
+        entry["labels"] = labels
+    return entry
+
+
+def prepare_output(out: Path, params: dict, force: bool) -> None:
+    """Create ``out``, or resume into it, or clear it with --force; refuse anything else."""
+    params_path = out / PARAMS_NAME
+    if out.exists() and not out.is_dir():
+        raise ShardWriteError(f"--out {out} is a file; choose a directory")
+    if force and out.is_dir():
+        for path in out.iterdir():
+            if path.name in (INDEX_NAME, PARAMS_NAME) or path.name.startswith("shard-"):
+                path.unlink()
+    elif (out / INDEX_NAME).exists():
+        raise ShardWriteError(f"{out} already holds a finished shard set ({INDEX_NAME}); pass --force to overwrite it")
+    elif params_path.exists():
+        previous = json.loads(params_path.read_text())
+        if previous != params:
+            raise ShardWriteError(
+                f"{out} holds an unfinished run with other arguments ({previous}); rerun with those to resume, "
+                "or pass --force to start over"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise ShardWriteError(
+            f"{out} is not empty and was not written by make_shards; choose another --out or pass --force"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    params_path.write_text(json.dumps(params, indent=2))
+
+
+def make_shards(source: Source, out: Path, samples_per_shard: int, params: dict, force: bool = False) -> dict:
+    """Write (or finish writing) the shards and the index; returns the index."""
+    prepare_output(out, params, force)
+    num_shards = -(-source.num_samples // samples_per_shard)
+    shards = [out / shard_name(k) for k in range(num_shards)]
+    done = sum(
+        min(samples_per_shard, source.num_samples - k * samples_per_shard) for k, p in enumerate(shards) if p.exists()
+    )
+    with tqdm(total=source.num_samples, initial=done, unit="img", desc=f"shards -> {out}") as progress:
+        for k, path in enumerate(shards):
+            if not path.exists():
+                start = k * samples_per_shard
+                write_shard(path, source, range(start, min(start + samples_per_shard, source.num_samples)), progress)
+    index = {
+        "__kind__": INDEX_KIND,
+        "wids_version": 1,
+        "name": out.name,
+        "shardlist": [describe_shard(path) for path in shards],
+        "dist_cl": {"mode": source.mode, "classes": source.classes, "made_by": params},
+    }
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, out / INDEX_NAME)
+    return index
