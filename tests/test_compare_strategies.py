@@ -1,10 +1,15 @@
-"""tools/compare_strategies.py's test of "converges faster": the training full-batch loss at equal steps."""
+"""The comparison of strategies (dist_cl.report.comparison, run by tools/compare_strategies.py) and its test of
+"converges faster": the training full-batch loss at equal steps."""
 
 import json
+import shlex
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
-from tools import compare_strategies as compare
+from dist_cl.report import comparison as compare
 
 
 def run(losses: list[float], steps_per_epoch: int = 10) -> dict:
@@ -84,13 +89,14 @@ def test_a_figure_one_run_lacks_is_averaged_over_the_runs_that_measured_it():
     assert compare.measured_mean(runs[:1], "epoch_s", ".1f") == "-"
 
 
-def test_a_relative_config_is_the_one_beside_where_the_tool_was_started(tmp_path, monkeypatch):
+def test_a_relative_config_is_the_one_beside_where_the_tool_was_started(tmp_path):
     """The runs start in the repository root, so the tool hands them the config's absolute path."""
-    (tmp_path / "my.yaml").write_text((compare.ROOT / "configs" / "synthetic.yaml").read_text())
-    monkeypatch.chdir(tmp_path)
-    commands = []
-    monkeypatch.setattr(compare.subprocess, "call", lambda command, **kwargs: commands.append(command) or 0)
-    compare.main(["--config", "my.yaml", "--nproc", "1", "--epochs", "1", "--seeds", "0", "--strategies",
-                  "random", "--out", str(tmp_path / "out")])
+    (tmp_path / "my.yaml").write_text((ROOT / "configs" / "synthetic.yaml").read_text())
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_strategies.py"), "--dry-run",
+                           "--config", "my.yaml", "--nproc", "1", "--epochs", "1", "--seeds", "0", "--strategies",
+                           "random", "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [shlex.split(line) for line in proc.stdout.splitlines()]
     [command] = commands
     assert command[command.index("--config") + 1] == str(tmp_path / "my.yaml")

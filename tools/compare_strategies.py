@@ -7,6 +7,7 @@
         --out runs/compare-knob                                          # a labelled variant with its overrides
     python tools/compare_strategies.py ... -- loss.tau=0.2               # extra overrides for every run
     python tools/compare_strategies.py --composition EMB/train           # same-label share + lift of each plan
+    python tools/compare_strategies.py --dry-run                         # each run's command; nothing trains
 
 Every run goes to <out>/<label>-s<seed> (run.dir), its terminal output (every rank's) to console.log there
 (the trainer writes train.log itself), its wall time, command and load average to run_info.json. A run
@@ -14,10 +15,11 @@ whose metrics.jsonl already holds the final epoch is skipped, so an interrupted 
 running the same command again (a run cut short is resumed from its checkpoint by launch/train.py; its
 wall time then covers the last attempt only and is marked "resumed").
 
-Aggregation reads each run's metrics.jsonl alone: its evaluation lines (the metrics at every evaluated
-epoch) and its epoch lines (training and selection seconds, selection/* figures of every epoch), plus
-run_info.json and the probe where they exist. It writes <out>/results.md (also printed) and <out>/strategies.png
-(retrieval top-1 and kNN top-1 against epoch and against optimizer step, mean over seeds with a min-max band).
+Aggregation (dist_cl.report.comparison) reads each run's metrics.jsonl alone: its evaluation lines (the
+metrics at every evaluated epoch) and its epoch lines (training and selection seconds, selection/* figures of
+every epoch), plus run_info.json and the probe where they exist. It writes <out>/results.md (also printed) and
+<out>/strategies.png (retrieval top-1 and kNN top-1 against epoch and against optimizer step, mean over seeds
+with a min-max band).
 
 A strategy entry is either a registered name (random, osgd, sc, sc_global, ...) or LABEL:STRATEGY[:K=V,K=V]
 with dotted overrides for that entry only.
@@ -30,74 +32,28 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dist_cl.config import TOOL_OUTPUTS
+from dist_cl.report.comparison import (
+    PROBE_NAME,
+    Entry,
+    collect,
+    parse_entries,
+    plot,
+    results_table,
+    run_dir,
+)
+from dist_cl.report.records import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = "random,osgd,sc,sc_global"
-PROBE_NAME = "probe.json"
-
-
-@dataclass
-class Entry:
-    label: str
-    strategy: str
-    overrides: list[str] = field(default_factory=list)
-
-
-def parse_entry(text: str) -> Entry:
-    parts = text.split(":", 2)
-    if len(parts) == 1:
-        return Entry(parts[0], parts[0])
-    overrides = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
-    if any("=" not in o for o in overrides):
-        raise SystemExit(f"bad strategy entry {text!r}: use NAME or LABEL:STRATEGY[:key=value,key=value]")
-    return Entry(parts[0], parts[1], overrides)
-
-
-def parse_entries(text: str) -> list[Entry]:
-    """``--strategies``: entries and their overrides share the comma, so a piece with '=' before any ':'
-    (``loss.hcl_beta=1.0``) is one more override of the labelled entry before it, anything else a new entry."""
-    entries: list[Entry] = []
-    labelled = False  # whether the last entry was written LABEL:STRATEGY[...], the only kind overrides follow
-    for piece in (p for p in text.split(",") if p):
-        if "=" in piece and (":" not in piece or piece.index("=") < piece.index(":")):
-            if not labelled:
-                raise SystemExit(f"bad strategy entry {piece!r}: overrides follow a LABEL:STRATEGY:key=value entry")
-            entries[-1].overrides.append(piece)
-        else:
-            entries.append(parse_entry(piece))
-            labelled = ":" in piece
-    return entries
-
-
-def run_dir(out: Path, label: str, seed: int) -> Path:
-    return out / f"{label}-s{seed}"
-
-
-def read_metrics(path: Path, kind: str = "eval") -> dict[int, dict]:
-    """metrics.jsonl records of ``kind`` ('eval' or 'epoch') by epoch; a resumed run may repeat an epoch,
-    the last record wins."""
-    records = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if record.get("kind", "eval") == kind:
-                    records[int(record["epoch"])] = record
-    return records
 
 
 def finished(directory: Path, epochs: int) -> bool:
-    return epochs in read_metrics(directory / "metrics.jsonl")
+    return epochs in read_records(directory / "metrics.jsonl")
 
 
 def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
@@ -105,8 +61,6 @@ def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
     if finished(directory, args.epochs):
         print(f"[skip] {directory} already has epoch {args.epochs}", flush=True)
         return
-    resumed = (directory / "checkpoints" / "latest").exists()
-    directory.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
         str(ROOT / "launch" / "train.py"), "--config", str(args.config),
@@ -114,6 +68,11 @@ def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
         f"eval.every_epochs={args.eval_every}", f"run.dir={directory}", f"run.name={entry.label}-s{seed}",
         *extra, *entry.overrides,
     ]
+    if args.dry_run:
+        print(shlex.join(command), flush=True)
+        return
+    resumed = (directory / "checkpoints" / "latest").exists()
+    directory.mkdir(parents=True, exist_ok=True)
     print(f"[run ] {entry.label} seed {seed}: {shlex.join(command)}", flush=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -149,218 +108,11 @@ def probe(entry: Entry, seed: int, args) -> None:
     print(f"[prob] {entry.label} seed {seed}: rc {code}", flush=True)
 
 
-def read_probe(directory: Path) -> float:
-    path = directory / PROBE_NAME
-    return json.loads(path.read_text())["metrics"].get("probe_top1", float("nan")) if path.is_file() else float("nan")
-
-
-METRICS = (  # (key in a run summary, metrics.jsonl field, table heading)
-    ("train_fbl", "train_full_batch_loss", "train full-batch loss"),
-    ("train_r1", "train_retrieval_top1", "train R@1"),
-    ("retrieval", "retrieval_top1", "held-out R@1"),
-    ("knn", "knn_top1", "kNN top-1"),
-    ("fbl", "full_batch_loss", "held-out full-batch loss"),
-    ("corrupted_s1", "corrupted_r1/s1", "corrupted R@1, severity 1"),
-    ("corrupted_s5", "corrupted_r1/s5", "corrupted R@1, severity 5"),
-)
-DIAGNOSTICS = (  # epoch-line figures averaged over the loss-aware epochs (all epochs for random)
-    ("lift", "selection/lift"), ("realised_lift", "selection/realised_lift"),
-    ("pair_repeat", "selection/pair_repeat"), ("purity", "selection/label_purity"),
-)
-
-
-def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
-    metrics = read_metrics(directory / "metrics.jsonl")
-    if epochs not in metrics:
-        return None
-    info_path = directory / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    epochs_trained = read_metrics(directory / "metrics.jsonl", kind="epoch").values()
-    loss_aware = [r for r in epochs_trained  # runs from before the records named their strategy: lift written
-                  if r.get("strategy", "random" if "selection/lift" not in r else None) != "random"]
-    final = metrics[epochs]
-
-    def per_epoch_mean(field: str) -> float:
-        """Mean over the loss-aware epochs (not a random plan's: warm-up's), all epochs for random."""
-        kept = [r[field] for r in (loss_aware or epochs_trained) if field in r]
-        return float(np.mean(kept)) if kept else float("nan")
-
-    summary = {key: {e: r.get(field, float("nan")) for e, r in metrics.items()} for key, field, _ in METRICS}
-    summary.update({key: per_epoch_mean(field) for key, field in DIAGNOSTICS})
-    train_seconds = [r["train_seconds"] for r in epochs_trained]
-    return {
-        **summary,
-        "epochs": sorted(metrics),
-        "step": {e: r["step"] for e, r in metrics.items()},
-        "final_step": final["step"],
-        "samples": final["step"] * batch_size,
-        "probe": read_probe(directory),
-        "wall_s": info.get("wall_s", float("nan")),
-        "cpu_s": info.get("child_cpu_s", float("nan")),
-        "load": float(np.mean([info["loadavg_before"][0], info["loadavg_after"][0]])) if info else float("nan"),
-        "resumed": info.get("resumed", False),
-        "train_s": sum(train_seconds) if train_seconds else float("nan"),
-        "epoch_s": float(np.median(train_seconds)) if train_seconds else float("nan"),
-        # per loss-aware epoch; the random warm-up epochs cost ~0
-        "selection_s": per_epoch_mean("selection/seconds"),
-        "share": per_epoch_mean("selection/share"),
-        "loss_aware_epochs": len(loss_aware),
-    }
-
-
-def measured_mean(runs: list[dict], key: str, spec: str) -> str:
-    """The mean of ``key`` over the runs that measured it ("-" if none did): a run written by an older version
-    of the trainer may lack a field the others have."""
-    values = [r[key] for r in runs if r[key] == r[key]]
-    return format(float(np.mean(values)), spec) if values else "-"
-
-
-def mean_std(values) -> str:
-    values = np.asarray([v for v in values if v == v], dtype=float)
-    if len(values) == 0:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
-
-
-def curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs every run evaluated, the seed-mean step at each, and the per-seed values (seeds, epochs)."""
-    common = sorted(set.intersection(*[set(r["epochs"]) for r in runs]))
-    steps = np.array([[r["step"][e] for e in common] for r in runs]).mean(axis=0)
-    values = np.array([[r[key][e] for e in common] for r in runs], dtype=float)
-    return common, steps, values.mean(axis=0), values
-
-
-def against_reference(runs: list[dict], reference: list[dict]) -> tuple[str, str]:
-    """The issue's two tests of "converges faster" on the training full-batch loss, at equal optimizer steps
-    (the reference's seed-mean curve interpolated linearly between its evaluations):
-
-    - below the reference at every evaluation from the first third of the reference's steps on, by more than
-      the seed spread (the larger sample std of the two there; the reference's at its nearest evaluation):
-      "yes", or the first evaluation that fails;
-    - the steps it takes to reach the reference's final loss (seed means), as a share of the reference's.
-    """
-    _, steps, mean, values = curve(runs, "train_fbl")
-    _, ref_steps, ref_mean, ref_values = curve(reference, "train_fbl")
-    sample_std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0  # noqa: E731
-    in_range = [i for i, step in enumerate(steps) if ref_steps[-1] / 3 <= step <= ref_steps[-1]]
-    verdict = "yes" if in_range else f"n/a (ends at step {steps[-1]:.0f})"
-    for i in in_range:
-        step = steps[i]
-        nearest = int(np.abs(ref_steps - step).argmin())
-        spread = max(sample_std(values[:, i]), sample_std(ref_values[:, nearest]))
-        at_reference = float(np.interp(step, ref_steps, ref_mean))
-        if not mean[i] < at_reference - spread:
-            verdict = f"no (step {step:.0f}: {mean[i]:.3f} vs {at_reference:.3f}, spread {spread:.3f})"
-            break
-    reached = [step for step, m in zip(steps, mean) if m <= ref_mean[-1]]
-    share = f"{reached[0] / ref_steps[-1]:.2f}" if reached else "never"
-    return verdict, share
-
-
 def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs: dict[str, list[dict]] = {}
-    missing = []
-    for entry in entries:
-        for seed in seeds:
-            summary = summarise_run(run_dir(args.out, entry.label, seed), args.epochs, args.batch_size)
-            if summary is None:
-                missing.append(f"{entry.label}-s{seed}")
-            else:
-                runs.setdefault(entry.label, []).append(summary)
-    reference = runs.get(args.reference)
-    lines = [f"Final epoch {args.epochs}; mean ± std (sample std) over seeds {','.join(map(str, seeds))}; "
-             f"global batch {args.batch_size}. Train full-batch loss: symmetric InfoNCE over the training pairs "
-             "at fixed evaluation views (the paper's objective); train R@1: positive-pair retrieval among them; "
-             "held-out R@1 / full-batch loss: the same on the held-out pairs; probe: linear probe on frozen "
-             "backbone features (tools/evaluate.py on the final checkpoint).", ""]
-    lines += [
-        "| strategy | seeds | " + " | ".join(name for _, _, name in METRICS) + " | probe top-1 | steps |",
-        "|---|---|" + "---|" * (len(METRICS) + 2),
-    ]
-    for entry in entries:
-        rs = runs.get(entry.label, [])
-        if rs:
-            lines.append(f"| {entry.label} | {len(rs)} | "
-                         + " | ".join(mean_std(r[key][args.epochs] for r in rs) for key, _, _ in METRICS)
-                         + f" | {mean_std(r['probe'] for r in rs)} | {np.mean([r['final_step'] for r in rs]):.0f} |")
-    lines += ["", f"Training full-batch loss against `{args.reference}` at equal optimizer steps, and selection "
-              "diagnostics (means over the loss-aware epochs; lift: the plan's loss over a random partition's on "
-              "the bank; realised: trained batches over random batches under the same model at the same steps; "
-              "pair repeat: batch-mate pairs already batch-mates in the previous epoch; purity: same-label "
-              "batch-mate pairs). Seconds: median training seconds per epoch, selection seconds per loss-aware "
-              "epoch and its share of the epoch's wall time (from the runs' logs).", "",
-              "| strategy | below reference from 1/3 on, beyond seed spread | steps to reference's final loss | "
-              "lift | realised lift | pair repeat | purity | s / epoch | selection s | selection share | "
-              "wall s | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for entry in entries:
-        rs = runs.get(entry.label, [])
-        if not rs:
-            continue
-        verdict, share = against_reference(rs, reference) if reference and entry.label != args.reference else ("-", "-")
-        resumed = " (resumed)" if any(r["resumed"] for r in rs) else ""
-        cells = [measured_mean(rs, key, ".3f") for key, _ in DIAGNOSTICS]
-        cells += [measured_mean(rs, "epoch_s", ".1f"), measured_mean(rs, "selection_s", ".3f"),
-                  measured_mean(rs, "share", ".3f"), measured_mean(rs, "wall_s", ".0f") + resumed,
-                  measured_mean(rs, "load", ".1f")]
-        lines.append(f"| {entry.label} | {verdict} | {share} | " + " | ".join(cells) + " |")
-    epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
-    epochs = [e for e in epochs if e % args.table_every == 0 or e == args.epochs or e in args.table_epochs]
-    for key, _, name in METRICS:
-        if not any(value == value for rs in runs.values() for r in rs for value in r[key].values()):
-            continue  # not measured in these runs (e.g. corrupted views without eval.corruptions)
-        lines += ["", f"{name} per evaluated epoch (mean over seeds; step in brackets):", "",
-                  "| strategy | " + " | ".join(f"ep {e}" for e in epochs) + " |",
-                  "|---|" + "---|" * len(epochs)]
-        for entry in entries:
-            rs = runs.get(entry.label, [])
-            if not rs:
-                continue
-            cells = []
-            for e in epochs:
-                vals = [r[key][e] for r in rs if e in r[key]]
-                steps = [r["step"][e] for r in rs if e in r["step"]]
-                cells.append(f"{np.mean(vals):.3f} [{np.mean(steps):.0f}]" if vals else "-")
-            lines.append(f"| {entry.label} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed at the final epoch (train full-batch loss / held-out R@1 / kNN top-1):", ""]
-    for entry in entries:
-        rs = runs.get(entry.label, [])
-        if rs:
-            lines.append(f"- {entry.label}: " + ", ".join(
-                f"{r['train_fbl'][args.epochs]:.3f} / {r['retrieval'][args.epochs]:.3f} / {r['knn'][args.epochs]:.3f}"
-                for r in rs))
-    if missing:
-        lines += ["", f"Missing or unfinished runs: {', '.join(missing)}"]
-    text = "\n".join(lines) + "\n"
-
-    panels = (("train_fbl", "train full-batch loss", "step"), ("retrieval", "held-out R@1", "epoch"),
-              ("knn", "kNN top-1", "epoch"), ("train_r1", "train R@1", "epoch"))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for entry in entries:
-        rs = runs.get(entry.label, [])
-        if not rs:
-            continue
-        for ax, (key, name, x_axis) in zip(axes.ravel(), panels):
-            common, steps, mean, values = curve(rs, key)
-            x = steps if x_axis == "step" else np.array(common)
-            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{entry.label} (n={len(rs)})")
-            ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
-            ax.set_ylabel(name)
-            ax.set_xlabel("optimizer step (global batches)" if x_axis == "step" else "epoch")
-            ax.grid(alpha=0.3)
-    if any(runs.values()):  # nothing finished yet: no curves to name
-        axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{Path(args.config).name}: mean over seeds {','.join(map(str, seeds))}, band = min-max")
-    fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
+    """results.md and strategies.png from the runs' records (dist_cl.report.comparison)."""
+    runs = collect(args.out, entries, seeds, args.epochs, args.batch_size)
+    text = results_table(runs, args.reference, args.table_every, args.table_epochs)
+    plot(runs, args.plot, f"{Path(args.config).name}: mean over seeds {','.join(map(str, seeds))}, band = min-max")
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)
     return text
@@ -459,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only print where the full-batch loss of each model puts its softmax mass, from "
                              "embeddings of the training split saved by tools/extract_embeddings.py")
     parser.add_argument("--aggregate-only", action="store_true", help="do not train; aggregate what exists")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the command of each run still to train, one a line; train nothing")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (or after --)")
     args = parser.parse_args(argv)
     extra = args.overrides + extra
@@ -480,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.composition:
         print(composition(entries, seeds, args.composition, args.batch_size, base.loss.tau))
+        return 0
+    if args.dry_run:
+        for entry in entries:
+            for seed in seeds:
+                train(entry, seed, args, extra)
         return 0
     if not args.aggregate_only:
         started = time.perf_counter()

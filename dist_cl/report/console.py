@@ -6,7 +6,6 @@ Lines go through tqdm, so they never break the progress bar. Per-epoch lines are
 """
 
 import datetime
-import json
 import logging
 import math
 import sys
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from dist_cl.report.records import read_records
 
 THROTTLED = {"throttled": True}
 """``log.info(..., extra=THROTTLED)``: a line the terminal shows at most once every ``run.print_every_s``."""
@@ -119,9 +120,7 @@ def summary(metrics_path: Path, run_dir: Path, epochs: int, steps: int, seconds:
             checkpoint: Path | None) -> list[str]:
     """The end-of-run lines: what ran, the final and best evaluation (over every attempt: read from
     metrics.jsonl), and where the outputs are."""
-    evaluations = []
-    if metrics_path.exists():
-        evaluations = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get("kind") == "eval"]
+    evaluations = list(read_records(metrics_path).values())
     lines = [f"done: {epochs} epochs, {steps} steps; this attempt took {duration(seconds)}"]
     if evaluations:
         final, best = evaluations[-1], best_of(evaluations)
