@@ -14,7 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from dist_cl.config import Config, ConfigError, describe, load_config, validate
+from dist_cl.config import Config, ConfigError, describe, load_config
 from dist_cl.data.shards import ShardError, check_shards
 from dist_cl.learn.models import check_backbone
 from dist_cl.report.console import setup_console
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train as the command line (``sys.argv[1:]`` by default) asks; returns the exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:  # before the process group: its timeout and backend are in the config
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         check_backbone(cfg.model.backbone)
     except ConfigError as err:
         return _user_error("config error", err)

@@ -20,12 +20,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import dist_cl
-from dist_cl.config import Config, ConfigError, changed_keys, config_differences, save_config
+from dist_cl.config import Config, ConfigError, changed_keys, config_differences, resume_warnings, save_config
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.evaluate.metrics import evaluate
 from dist_cl.learn.losses import batch_options
 from dist_cl.learn.models import build_training_model
-from dist_cl.learn.optim import build_optimizer, epochs_change_warning, set_lr
+from dist_cl.learn.optim import build_optimizer, set_lr
 from dist_cl.learn.step import NonFiniteError, TrainStep
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
@@ -142,18 +142,9 @@ class Trainer:
                                   f"({'; '.join(differences)}); resume with the original config or start a new run.dir")
         self.checkpoints.restore(state)
         plan = self.sampler.plan
-        change = epochs_change_warning(state["meta"]["config"]["train"]["epochs"], self.cfg.train,
-                                       self.counters.epoch + (self.sampler.cursor / len(plan) if plan else 0.0))
-        if change:
-            log.warning(change)
-        if state["meta"]["world_size"] != self.info.world_size:
-            log.warning("resuming on %d ranks from %d: per-rank RNG streams restart (plans and bank are kept)",
-                        self.info.world_size, state["meta"]["world_size"])
-        threads = state["meta"].get("threads", torch.get_num_threads())
-        if threads != torch.get_num_threads():  # CPU reductions split their sums by thread
-            log.warning("CPU ops use %d threads where the checkpoint's run used %d: training goes on correctly but "
-                        "no longer bit-identical to an uninterrupted run; set OMP_NUM_THREADS=%d to keep it so",
-                        torch.get_num_threads(), threads, threads)
+        for warning in resume_warnings(state["meta"], self.cfg, self.info.world_size, torch.get_num_threads(),
+                                       self.counters.epoch + (self.sampler.cursor / len(plan) if plan else 0.0)):
+            log.warning(warning)
         log.info("resumed from %s at epoch %d step %d", path, self.counters.epoch, self.counters.step)
         return True
 

@@ -8,7 +8,8 @@ import yaml
 from conftest import ROOT
 
 from dist_cl.config import Config, ConfigError, config_from_dict, field_docs, load_config
-from dist_cl.learn.optim import epochs_change_warning, lr_factor
+from dist_cl.config.resume import epochs_change_warning
+from dist_cl.config.schedule import lr_factor
 from dist_cl.plan.planner import left_out_warning, plan_strategy, random_epochs, warmup_warning
 
 

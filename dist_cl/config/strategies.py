@@ -47,3 +47,24 @@ OPTION_MINIMUMS = {"q": 1, "k": 1, "max_batches": 1, "max_n": 1, "knn": 1, "cell
                    "chunk_batches": 1, "group_size": 0}
 """The least value of each integer option; sc_global's ``chunk_batches`` may also be 0 (one global partition).
 ``random_fraction`` is the one fractional option, in [0, 1]."""
+
+
+def check_hardness_controls(strategy: str, random_fraction: float, group_size: int, *, loss_aware: bool,
+                            error: type[Exception], prefix: str = "") -> None:
+    """The rules the two hardness controls share wherever they are set: a partition strategy to apply to, and
+    one control at a time. Raises ``error``, naming the controls with ``prefix`` (``selection.options.``).
+
+    select_batches applies them to any partition (``loss_aware=False``); a run's config asks for a loss-aware
+    one (``loss_aware=True``), since on a strategy that reads no embeddings there is no hardness to control.
+    """
+    controls = [key for key, value in zip(HARDNESS_CONTROLS, (random_fraction, group_size)) if value]
+    if not controls:
+        return
+    declared = STRATEGIES[strategy]
+    if not declared.partition or (loss_aware and not declared.reads_embeddings):
+        fitting = [name for name, s in STRATEGIES.items() if s.partition and (s.reads_embeddings or not loss_aware)]
+        kind = "loss-aware partition" if loss_aware else "partition"
+        raise error(f"{prefix}{controls[0]} applies to {kind} strategies; {strategy!r} is not one: use "
+                    f"{', '.join(fitting[:-1])} or {fitting[-1]}")
+    if len(controls) == 2:
+        raise error(f"{prefix}random_fraction and {prefix}group_size are two hardness controls; set one of them")

@@ -9,12 +9,19 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from dist_cl.config import AugmentConfig
+from dist_cl.config.datasets import DATASETS
 from dist_cl.data.pairs import PairDataset
+
+DIGITS = DATASETS["digits"]
 
 
 def digits_split(holdout_fraction: float, split_seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (n, 1, 8, 8) in [0, 1] and labels of the ``train`` or ``heldout`` split."""
     digits = load_digits()
+    if (len(digits.images), len(np.unique(digits.target))) != (DIGITS.samples, DIGITS.classes):
+        raise ValueError(f"scikit-learn's digits hold {len(digits.images)} images of {len(np.unique(digits.target))} "
+                         f"classes where dist_cl.config.datasets declares {DIGITS.samples} of {DIGITS.classes}, from "
+                         "which data.holdout_fraction's bounds are checked: update the declaration")
     images = (digits.images / 16.0).astype(np.float32)[:, None]
     train_idx, held_idx = train_test_split(
         np.arange(len(images)), test_size=holdout_fraction, random_state=split_seed, stratify=digits.target
@@ -26,7 +33,7 @@ def digits_split(holdout_fraction: float, split_seed: int, split: str) -> tuple[
 class DigitsPairs(PairDataset):
     """Two views per digit: a random shift (pad + crop), a small rotation and Gaussian noise, in torch."""
 
-    channels = 1
+    channels = DIGITS.channels
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: AugmentConfig, seed: int):
         super().__init__(seed)

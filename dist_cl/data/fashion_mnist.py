@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dist_cl.config import AugmentConfig, ConfigError
+from dist_cl.config.datasets import DATASETS
 from dist_cl.data.pairs import PairDataset
 from dist_cl.data.transforms import eval_transform, simclr_transform
 
@@ -95,7 +96,7 @@ def fashion_mnist_split(path: str | Path, split: str, subset: int, seed: int) ->
 class FashionMnistPairs(PairDataset):
     """Two SimCLR views of a uint8 (1, h, w) image tensor; ``clean`` is the resize + centre-crop eval view."""
 
-    channels = 1
+    channels = DATASETS["fashion_mnist"].channels
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: AugmentConfig, image_size: int, seed: int):
         super().__init__(seed)

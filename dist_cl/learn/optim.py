@@ -1,15 +1,11 @@
-"""The optimizer and its learning-rate schedule.
-
-The schedule is a pure function of training progress in (fractional) epochs, so it needs no state of
-its own in a checkpoint: a resumed run recomputes the same rate from its epoch and cursor.
-"""
-
-import math
+"""The optimizer and its learning-rate schedule (the factor itself is dist_cl.config.schedule.lr_factor, a pure
+function of progress in epochs, so a resumed run recomputes the same rate from its epoch and cursor)."""
 
 import torch
 from timm.optim import create_optimizer_v2
 
 from dist_cl.config import TrainConfig
+from dist_cl.config.schedule import lr_factor
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -22,28 +18,6 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.O
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     return optimizer
-
-
-def lr_factor(progress: float, warmup: float, total: float) -> float:
-    """Linear warm-up to 1, then cosine decay to 0; ``progress`` in (fractional) epochs.
-
-    Measured in epochs rather than steps because strategies differ in batches per epoch (osgd keeps q of
-    every k).
-    """
-    if progress < warmup:
-        return progress / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / max(total - warmup, 1e-12))))
-
-
-def epochs_change_warning(saved_epochs: int, train: TrainConfig, progress: float) -> str | None:
-    """The learning-rate jump that resuming at ``progress`` (epochs) with another ``train.epochs`` makes:
-    the schedule is a function of progress over the total, so a new total moves the whole cosine."""
-    if saved_epochs == train.epochs:
-        return None
-    before, after = (train.lr * lr_factor(progress, train.warmup_epochs, total) for total in (saved_epochs,
-                                                                                              train.epochs))
-    return (f"train.epochs changed from {saved_epochs} to {train.epochs} on resume: the learning rate at epoch "
-            f"{progress:.2f} goes from {before:.3g} to {after:.3g} (the cosine schedule is over train.epochs)")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, epoch: int, cursor: int, n_batches: int) -> float:

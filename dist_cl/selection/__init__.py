@@ -11,7 +11,7 @@ from math import comb
 
 import numpy as np
 
-from dist_cl.config.strategies import STRATEGIES
+from dist_cl.config.strategies import STRATEGIES, check_hardness_controls
 from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd, osgd_batches
 from dist_cl.selection.partitions import random_partition
@@ -95,16 +95,11 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         options["loss"], options["loss_options"] = loss, loss_options
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
+    check_hardness_controls(name, random_fraction, group_size, loss_aware=False, error=SelectionError)
     n_random = round(random_fraction * batch_size)
-    if n_random and not STRATEGIES[name].partition:
-        raise SelectionError(f"random_fraction applies to partition strategies; {name!r} is not one")
     if group_size:
-        if not STRATEGIES[name].partition:
-            raise SelectionError(f"group_size applies to partition strategies; {name!r} is not one")
         if group_size < 0 or batch_size % group_size:
             raise SelectionError(f"group_size={group_size} must divide batch_size={batch_size}")
-        if n_random:
-            raise SelectionError("group_size and random_fraction are two hardness controls; set one of them")
         plan = _hard_groups(name, u, v, n, batch_size, group_size, seed=seed, tau=tau, **options)
     elif n_random == 0:
         plan = _own_plan(name, u, v, n, batch_size, seed=seed, tau=tau, **options)
