@@ -1,4 +1,5 @@
-"""tools/synthetic.py end to end, and the paper's synthetic ordering where it holds on a short run."""
+"""The synthetic experiment (dist_cl.evaluate.synthetic, run by tools/synthetic.py) end to end, and the
+paper's synthetic ordering where it holds on a short run."""
 
 import csv
 
@@ -6,20 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from dist_cl.evaluate import synthetic as synthetic_experiment
 from dist_cl.selection import select_batches
-from tools import synthetic as synthetic_tool
 
 
 @pytest.fixture(scope="module")
-def synthetic():
-    """The tool; its main sets torch's thread count, which is restored after the module."""
-    threads = torch.get_num_threads()
-    yield synthetic_tool
-    torch.set_num_threads(threads)
+def synthetic(one_torch_thread):
+    """The experiment, on one torch thread as tools/synthetic.py runs it (its tensors are tiny)."""
+    return synthetic_experiment
 
 
 def test_synthetic_writes_csv_png_and_tensorboard_for_every_strategy(synthetic, tmp_path):
-    rows = synthetic.main(["--steps", "4", "--seeds", "2", "--dims", "4", "--out", str(tmp_path)])
+    rows = synthetic.run(synthetic.Settings(steps=4, seeds=2, dims=[4]), tmp_path)
     assert [r["strategy"] for r in rows] == list(synthetic.STRATEGIES)
     with open(tmp_path / "losses.csv") as f:
         records = list(csv.DictReader(f))
@@ -54,9 +53,10 @@ def test_hard_batches_beat_shuffling_and_shuffling_beats_a_fixed_partition_after
     full and ncb catch up with fixed only after ~300 steps at d=16 (see docs/RESULTS.md), so they are
     checked at d=4 only, where they are below fixed from the start.
     """
-    common = ["--steps", "100", "--report-steps", "100", "--out", str(tmp_path)]
-    rows = synthetic.main([*common, "--dims", "16", "4", "--strategies", "fixed", "random", "osgd", "sc"])
-    rows += synthetic.main([*common, "--dims", "4", "--strategies", "full"])
+    common = dict(steps=100, report_steps=[100])
+    rows = synthetic.run(synthetic.Settings(**common, dims=[16, 4], strategies=["fixed", "random", "osgd", "sc"]),
+                         tmp_path)
+    rows += synthetic.run(synthetic.Settings(**common, dims=[4], strategies=["full"]), tmp_path)
     loss = {(r["setting"], r["strategy"]): r["step100"] for r in rows}
     for setting in ("N8_B2_d16", "N8_B2_d4"):
         assert max(loss[setting, "osgd"], loss[setting, "sc"]) < loss[setting, "random"] < loss[setting, "fixed"]
