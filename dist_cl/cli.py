@@ -102,23 +102,24 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: Config, args: argparse.Namespace, info: DistInfo) -> int:
     setup_console(info.rank, cfg.run.print_every_s)
     trainer = Trainer(cfg, info)
-    if args.dry_run:
-        if cfg.data.name == "shards":
-            check_shards(cfg.data.path)
-        logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
-                                          len(trainer.train_set))
+    try:  # the planner's thread, the metrics and the log file are closed on every way out
+        if args.dry_run:
+            if cfg.data.name == "shards":
+                check_shards(cfg.data.path)
+            logging.getLogger("dist_cl").info("dry run: config and data are valid (%d training samples)",
+                                              len(trainer.train_set))
+            return 0
+        with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main), trainer.stop.handling():
+            trainer.resume(args.resume)
+            try:
+                trainer.fit()
+            except Preempted as stopped:
+                logging.getLogger("dist_cl").warning("preempted: %s; exit code %d asks to be requeued", stopped,
+                                                     REQUEUE_EXIT_CODE)
+                return REQUEUE_EXIT_CODE
         return 0
-    code = 0
-    with hold_run_dir(cfg.run_dir, cfg.run.lock_stale_s, info.is_main), trainer.stop.handling():
-        trainer.resume(args.resume)
-        try:
-            trainer.fit()
-        except Preempted as stopped:
-            logging.getLogger("dist_cl").warning("preempted: %s; exit code %d asks to be requeued", stopped,
-                                                 REQUEUE_EXIT_CODE)
-            code = REQUEUE_EXIT_CODE
-    trainer.close()
-    return code
+    finally:
+        trainer.close()
 
 
 def run() -> None:

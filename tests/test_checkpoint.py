@@ -86,7 +86,7 @@ def test_every_registered_component_round_trips_its_state(tmp_path):
         trainer.fit()
         trainer.close()
         state, _, _ = trainer.checkpoints.load(str(tmp_path / "a" / "checkpoints" / "step-00000012.pt"))
-        assert state["sampler"]["cursor"] == 4 and state["next_plan"]["plan"]["strategy"] == "sc_global"
+        assert state["sampler"]["cursor"] == 4 and state["planner"]["plan"]["strategy"] == "sc_global"
         fresh = Trainer(load_config(config, [*overrides, f"run.dir={tmp_path / 'b'}"]), info)
         fresh.checkpoints.restore(state)
         assert set(fresh.checkpoints.components) <= set(state)

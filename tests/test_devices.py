@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.config import ConfigError
-from dist_cl.runtime.distributed import resolve_backend, served_devices
+from dist_cl.runtime.distributed import resolve_backend
 
 RUN = ["selection.strategy=sc_global", "selection.overlap=true", "selection.warmup_epochs=0", "train.epochs=2",
        "train.global_batch_size=128", "selection.options.cell_size=512", "eval.every_epochs=2",
@@ -40,6 +40,13 @@ def recorded_run(tmp_path_factory):
     proc = torchrun([str(ROOT / "tests" / "scripts" / "collective_devices.py"), str(out),
                      *train_cmd(out / "run", *RUN)[1:]])
     return out, proc
+
+
+def served_devices(backend: str) -> set[str]:
+    """Device types whose tensors a group of ``backend`` (e.g. ``cpu:gloo,cuda:nccl``) takes."""
+    if ":" in backend:
+        return {pair.split(":")[0] for pair in backend.split(",")}
+    return {"gloo": {"cpu"}, "nccl": {"cuda"}}[backend]
 
 
 def test_every_collective_goes_to_a_group_that_serves_its_tensors_on_a_cuda_host(recorded_run):
@@ -87,16 +94,16 @@ def test_planner_thread_sets_and_passes_its_ranks_device(monkeypatch):
     monkeypatch.setattr(sc_global, "_centroid_index",
                         lambda d, n, device: index.append(device) or centroid_index(d, n, torch.device("cpu")))
     u, v = unit_pairs(600, 8, seed=1)
-    request = PlanRequest(epoch=1, strategy="sc_global", seed=2, batch_size=32, num_samples=600,
-                          options={"cell_size": 128}, u=u, v=v)
+    request = PlanRequest(strategy="sc_global", seed=2, batch_size=32, options={"cell_size": 128}, u=u, v=v,
+                          scoring={"tau": 0.1})
     planner = BackgroundPlanner(torch.device("cuda", 3))
     try:
-        plan, _ = planner.submit(request).result()
+        plan, _ = planner.submit(request, epoch=1).result()
     finally:
         planner.close()
     assert [(name.startswith("dist_cl-plan"), str(d)) for name, d in current] == [(True, "cuda:3")]
     assert knn and index and {str(d) for d in knn + index} == {"cuda:3"}
-    assert np.array_equal(plan.batches, compute_plan(request, device=torch.device("cpu"))[0].batches)
+    assert np.array_equal(plan.batches, compute_plan(request, 1, device=torch.device("cpu"))[0].batches)
 
 
 @pytest.mark.parametrize("device,gpus,expected", [
@@ -154,7 +161,7 @@ def test_cpu_plan_is_the_plan_of_the_code_before_gpu_faiss(options, digest, devi
 def test_plans_are_made_once_unless_the_strategy_deals_its_own_work(strategy, options, one_rank):
     """sc and osgd run on one rank and the others receive the plan (map_fn over one item); sc_global gets
     map_fn to deal its cells. Either way the plan is the strategy's own."""
-    from dist_cl.plan.planner import select_everywhere
+    from dist_cl.plan.planner import PlanRequest, select_shared
     from dist_cl.selection import select_batches
 
     calls = []
@@ -164,6 +171,7 @@ def test_plans_are_made_once_unless_the_strategy_deals_its_own_work(strategy, op
         return [fn(item) for item in items]
 
     u, v = unit_pairs(256, 8, seed=3)
-    plan = select_everywhere(strategy, u, v, 8, seed=1, tau=0.2, map_fn=map_fn, **options)
+    plan = select_shared(PlanRequest(strategy, seed=1, batch_size=8, options=options, u=u, v=v, scoring={"tau": 0.2}),
+                         map_fn=map_fn)
     assert np.array_equal(plan, select_batches(strategy, u, v, 8, seed=1, tau=0.2, **options))
     assert (calls == [1]) is one_rank and bool(calls)

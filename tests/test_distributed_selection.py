@@ -76,15 +76,15 @@ def test_overlap_computes_each_plan_from_the_bank_one_epoch_before_it(tmp_path):
                        "checkpoint.keep=10", "selection.strategy=sc_global", "selection.overlap=true",
                        "selection.options={cell_size: 32}"))
     ends = [load_checkpoint(tmp_path / "checkpoints" / f"step-{8 * (e + 1):08d}.pt")[0] for e in range(3)]
-    assert ends[0]["next_plan"]["plan"]["strategy"] == "random"  # snapshot of epoch 0, inside the warm-up
-    ahead = ends[1]["next_plan"]["plan"]
+    assert ends[0]["planner"]["plan"]["strategy"] == "random"  # snapshot of epoch 0, inside the warm-up
+    ahead = ends[1]["planner"]["plan"]
     assert (ahead["epoch"], ahead["strategy"]) == (2, "sc_global")
     bank = ends[0]["bank"]
     assert (bank["written_at"] >= 0).all()  # N divisible by B: epoch 0 wrote every row, none is refreshed
     expected = select_batches("sc_global", bank["u"].numpy(), bank["v"].numpy(), batch,
                               seed=plan_seed(0, 2, "sc_global"), tau=tau, cell_size=32)
     np.testing.assert_array_equal(ahead["batches"], expected)
-    assert ends[2]["next_plan"] is None  # no epoch 3 to plan for
+    assert ends[2]["planner"] is None  # no epoch 3 to plan for
 
 
 def test_every_steps_repartitions_the_rest_of_the_epoch_from_the_bank_at_that_step(reference_runs):

@@ -18,11 +18,10 @@ from dist_cl import cli
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
-from dist_cl.learn.step import LossScaler
+from dist_cl.learn.step import LossScaler, SkippedStepsError
 from dist_cl.runtime.checkpoint import Checkpointer, CheckpointError, load_checkpoint
 from dist_cl.runtime.runlock import RunDirLockedError, RunLock
 from dist_cl.selection import SelectionError
-from dist_cl.trainer import SkippedStepsError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
              "selection.strategy=random"]

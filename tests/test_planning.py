@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cl.config import SelectionConfig
+from dist_cl.config import Config, SelectionConfig, TrainConfig
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.planner import EpochPlanner, plan_seed
 from dist_cl.runtime.distributed import DistInfo
-from dist_cl.runtime.seeding import derive_seed
+from dist_cl.runtime.seeding import Stream, derive_seed
 from dist_cl.selection import select_batches
 
 N, B, SEED = 96, 8, 5
@@ -38,8 +38,9 @@ def planner(strategy="sc_global", **selection) -> EpochPlanner:
     bank = EmbeddingBank(N, 16)
     rows = torch.nn.functional.normalize(torch.randn(2, N, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     bank.fill(torch.arange(N), rows[0], rows[1], step=0)
-    config = SelectionConfig(strategy=strategy, **selection)
-    return EpochPlanner(config, SEED, B, Pairs(), FixedTemperature(), bank, CPU)
+    config = Config(seed=SEED, train=TrainConfig(global_batch_size=B, epochs=3),
+                    selection=SelectionConfig(strategy=strategy, **selection))
+    return EpochPlanner(config, Pairs(), FixedTemperature(), bank, CPU)
 
 
 def test_warmup_epochs_plan_random_batches_then_the_strategy():
@@ -48,17 +49,17 @@ def test_warmup_epochs_plan_random_batches_then_the_strategy():
         plan, figures = policy.plan(epoch, step=epoch * 12)
         assert plan.strategy == "random" and figures.lift == 1.0
         np.testing.assert_array_equal(plan.batches, select_batches("random", None, None, B, num_samples=N,
-                                                                   seed=derive_seed(SEED, epoch)))
+                                                                   seed=derive_seed(SEED, Stream.PLAN, epoch)))
     plan, figures = policy.plan(2, step=24)
     expected = select_batches("sc_global", policy.bank.u.numpy(), policy.bank.v.numpy(), B,
-                              seed=derive_seed(SEED, 2), tau=0.2, cell_size=32)
+                              seed=derive_seed(SEED, Stream.PLAN, 2), tau=0.2, cell_size=32)
     assert plan.strategy == "sc_global" and figures.lift > 1
     np.testing.assert_array_equal(plan.batches, expected)
 
 
 def test_the_seed_rule_is_per_epoch_per_cursor_or_per_run():
-    assert plan_seed(SEED, 3, "sc_global") == derive_seed(SEED, 3) != plan_seed(SEED, 4, "sc_global")
-    assert plan_seed(SEED, 3, "sc_global", cursor=7) == derive_seed(SEED, 3, 7)
+    assert plan_seed(SEED, 3, "sc_global") == derive_seed(SEED, Stream.PLAN, 3) != plan_seed(SEED, 4, "sc_global")
+    assert plan_seed(SEED, 3, "sc_global", cursor=7) == derive_seed(SEED, Stream.RESELECT, 3, 7)
     assert plan_seed(SEED, 3, "fixed") == plan_seed(SEED, 9, "fixed") == SEED
 
 
@@ -74,7 +75,7 @@ def test_reselection_keeps_the_trained_batches_and_repartitions_the_rest(strateg
     rest = np.sort(plan.batches[4:].ravel())
     np.testing.assert_array_equal(np.sort(new.batches[4:].ravel()), rest)  # the same samples, each once
     chosen = select_batches(strategy, policy.bank.u.numpy()[rest], policy.bank.v.numpy()[rest], B,
-                            seed=derive_seed(SEED, 0, 4), tau=0.2, **options)
+                            seed=derive_seed(SEED, Stream.RESELECT, 0, 4), tau=0.2, **options)
     np.testing.assert_array_equal(new.batches[4:], rest[chosen])
     assert figures.seconds > before  # the re-selection's time is the epoch's selection time too
 
@@ -82,8 +83,7 @@ def test_reselection_keeps_the_trained_batches_and_repartitions_the_rest(strateg
 def test_the_plan_computed_ahead_round_trips_through_the_checkpoint_state():
     policy = planner(warmup_epochs=0, overlap=True, options={"cell_size": 32})
     try:
-        plan, _ = policy.plan(0, step=0)
-        policy.plan_ahead(0, step=0, first_step=len(plan), epochs=3)
+        plan, _ = policy.plan(0, step=0)  # under overlap, starts computing epoch 1's plan
         state = policy.state_dict()
         restored = planner(warmup_epochs=0, overlap=True, options={"cell_size": 32})
         restored.load_state_dict(state)
@@ -102,7 +102,7 @@ def test_osgd_is_selected_again_after_each_selection_until_an_epoch_of_steps():
     u, v = policy.bank.u.numpy().copy(), policy.bank.v.numpy().copy()
     plan, _ = policy.plan(0, step=0)
     assert plan.batches.shape == (N // B, B)
-    first = select_batches("osgd", u, v, B, seed=derive_seed(SEED, 0), tau=0.2, k=4, q=1)
+    first = select_batches("osgd", u, v, B, seed=derive_seed(SEED, Stream.PLAN, 0), tau=0.2, k=4, q=1)
     np.testing.assert_array_equal(plan.batches[:3], first)
     assert [cursor for cursor in range(1, 12) if policy.reselection_due(plan, cursor)] == [3, 6, 9]
     policy.bank.fill(torch.arange(N), torch.from_numpy(v), torch.from_numpy(u), step=3)  # training moved the bank

@@ -1,8 +1,9 @@
 """The contract every data set follows: sample i -> (view_a, view_b, i), reproducible from (seed, epoch, i).
 
 Augmentations draw from the global torch and python RNGs inside ``sample_rng``, seeded from the run
-seed, the epoch and the sample index alone. A sample's views are then the same on any rank, in any
-DataLoader worker and after any resume, which is what makes an interrupted run end bit-identical.
+seed, the epoch and the sample index alone (stream AUGMENT of dist_cl.runtime.seeding). A sample's views
+are then the same on any rank, in any DataLoader worker and after any resume, which is what makes an
+interrupted run end bit-identical.
 """
 
 import random
@@ -12,14 +13,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dist_cl.runtime.seeding import derive_seed
+from dist_cl.runtime.seeding import Stream, derive_seed
 
 
 @contextmanager
 def sample_rng(seed: int, epoch: int, index: int, *variant: int):
     """Seed torch and python RNGs for one sample (``variant`` tells apart several drawings of one sample, e.g.
     its corrupted versions), restoring the caller's state afterwards."""
-    sample_seed = derive_seed(seed, epoch, index, *variant)
+    sample_seed = derive_seed(seed, Stream.AUGMENT, epoch, index, *variant)
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         # the CPU generator alone: torch.manual_seed also queues a CUDA seeding and formats a stack trace

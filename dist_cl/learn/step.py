@@ -1,5 +1,6 @@
 """Per-step numerics: the forward pass and loss under autocast, the backward pass, clipping, the update,
-and what happens when something is not finite (``train.nonfinite``).
+and what happens when something is not finite (``train.nonfinite``): a step skipped and counted against
+``train.max_skipped_fraction`` (``TrainCounters``), weights that overflowed refused a checkpoint.
 
 Every rank takes the same branch: the finite flags are reduced over the ranks on the device, and read
 with the loss in the step's one host sync.
@@ -7,7 +8,7 @@ with the loss in the step's one host sync.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,55 @@ log = logging.getLogger("dist_cl")
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient; the message names the step and the batch."""
+
+
+class SkippedStepsError(NonFiniteError):
+    """train.nonfinite=skip skipped more than train.max_skipped_fraction of an epoch's steps."""
+
+
+@dataclass
+class TrainCounters:
+    """Where training is: epochs completed, optimizer steps taken, steps skipped (a checkpoint component)."""
+
+    epoch: int = 0
+    step: int = 0
+    skipped_steps: int = 0
+    """Steps without an update: non-finite ones skipped under train.nonfinite=skip, and fp16 overflows."""
+    epoch_nonfinite: int = 0
+    """Steps of this epoch skipped as non-finite (what train.max_skipped_fraction caps)."""
+
+    def count_nonfinite(self, epoch_steps: int, cap: float) -> None:
+        """Count a step skipped as non-finite; stop the run once more than ``cap``
+        (train.max_skipped_fraction) of this epoch's ``epoch_steps`` were. Every rank takes the same
+        decision: the skip is a reduced flag."""
+        self.epoch_nonfinite += 1
+        if self.epoch_nonfinite > cap * epoch_steps:
+            raise SkippedStepsError(
+                f"train.nonfinite=skip skipped {self.epoch_nonfinite} of the {epoch_steps} steps of epoch {self.epoch} "
+                f"(the last at step {self.step}), more than train.max_skipped_fraction={cap}: the weights are "
+                "diverging or the data holds broken samples; lower train.lr, set train.grad_clip, or check the data "
+                "(the skipped batches are in the warnings above)")
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_nonfinite = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.skipped_steps = state["epoch"], state["step"], state["skipped_steps"]
+        self.epoch_nonfinite = state.get("epoch_nonfinite", 0)  # absent from older checkpoints
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Refuse to save weights that overflowed in an update from finite gradients (``where`` names the
+    update), so that the newest checkpoint on disk is always one training can continue from."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise NonFiniteError(f"non-finite weights or buffers ({shown}) after the update of {where}; not saving "
+                             "them over the last good checkpoint; lower train.lr or set train.grad_clip")
 
 
 class LossScaler(torch.amp.GradScaler):

@@ -2,105 +2,103 @@
 
 ``EpochPlanner`` owns every rule of it: warm-up, the seed rule, how the bank is completed before a
 selection, tau, computing ahead (``selection.overlap``) and mid-epoch re-selection. Every plan it makes,
-re-selections included, goes request -> plan: a pure function of its ``PlanRequest`` (strategy, seed,
-bank snapshot, tau), so it is the same whichever thread or world size computes it, and a run killed
-mid-epoch resumes with the same next plan.
+re-selections included, is a pure function of its ``PlanRequest`` (strategy, seed, bank snapshot, tau),
+so it is the same whichever thread or world size computes it, and a run killed mid-epoch resumes with
+the same next plan. The path to a plan has three hops, each adding one thing:
+``EpochPlanner.plan`` (the policy: which request, when) -> ``compute_plan`` (the figures) ->
+``select_shared`` (one plan on every rank, refilled to an epoch for osgd) -> ``select_batches``.
 """
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cl.config import ConfigError, SelectionConfig
+from dist_cl.config import Config, ConfigError, SelectionConfig
 from dist_cl.evaluate.embed import embed_indices
+from dist_cl.learn.losses import batch_options
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.sampler import BatchPlan
 from dist_cl.runtime.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, distributed_map
-from dist_cl.runtime.seeding import derive_seed
+from dist_cl.runtime.seeding import Stream, derive_seed
 from dist_cl.selection import STRATEGIES, batches_per_selection, lift, select_batches
 from dist_cl.selection.diagnostics import label_purity, pair_repeat
 from dist_cl.selection.errors import SelectionError
 
+log = logging.getLogger("dist_cl")
+
 
 @dataclass(frozen=True)
 class PlanRequest:
-    epoch: int
-    """The epoch the plan is for."""
+    """What ``select_batches`` reads to make a plan: a pure function of it, on any thread or world size."""
+
     strategy: str
     seed: int
     batch_size: int
-    num_samples: int
     options: dict
-    tau: float = 0.1
-    loss: str = "infonce"
-    """The training loss (``loss.name``): what osgd scores its batches with, and the lift compares under."""
-    loss_options: dict | None = None
-    """Its settings beyond tau (``dist_cl.learn.losses.batch_options``)."""
+    """``selection.options`` where the plan is of the configured strategy, else none."""
     u: np.ndarray | None = None
     """The bank (a copy where training goes on writing it meanwhile); None for strategies that ignore it."""
     v: np.ndarray | None = None
-    staleness: float = 0.0
-    """Mean age in steps of the snapshot's rows at the plan's first step."""
+    num_samples: int = 0
+    """N, for a strategy that ignores the bank (one that reads it counts the bank's rows)."""
+    scoring: dict = field(default_factory=dict)
+    """What osgd scores its batches with and the lift compares under, for a strategy that reads the bank:
+    ``tau``, ``loss`` (``loss.name``) and ``loss_options`` (``dist_cl.learn.losses.batch_options``)."""
     rows: int = 0
     """0: one selection. Else the plan's length: a strategy that keeps a subset of batches per selection
-    (osgd) is selected again from the same bank, with seeds derived from ``seed`` and the rows so far,
-    and the plan cut there."""
-    prepare_seconds: float = 0.0
-    """Time the training loop spent completing and copying the bank for this request."""
+    (osgd) is selected again from the same bank (seeds of stream REFILL) and the plan cut there."""
 
 
-def select_everywhere(strategy: str, u, v, batch_size: int, *, map_fn=distributed_map, device=None,
-                      **kwargs) -> np.ndarray:
-    """``select_batches`` with the same plan on every rank (a collective, through ``map_fn``).
+def select_shared(request: PlanRequest, map_fn=distributed_map, device: torch.device | None = None) -> np.ndarray:
+    """``request``'s batches, the same on every rank (a collective where the strategy reads the bank),
+    selected again until ``request.rows`` where it asks for more than one selection.
 
-    A strategy that deals its work over the ranks itself (sc_global) runs on all of them; any other that
-    reads the bank (sc, osgd) runs on one rank, and the others receive its plan: computed on every rank,
-    BLAS differences between nodes would end the job with RankDivergenceError. Seeded strategies that
-    ignore the bank are computed everywhere, which costs nothing.
+    A strategy that deals its work over the ranks itself (sc_global) runs on all of them, through
+    ``map_fn``; any other that reads the bank (sc, osgd) runs on one rank, and the others receive its plan:
+    computed on every rank, BLAS differences between nodes would end the job with RankDivergenceError.
+    Seeded strategies that ignore the bank are computed everywhere, which costs nothing. ``device``: where
+    a strategy that computes on one runs (the rank's).
     """
-    spec = STRATEGIES[strategy]
-    if spec.reads_embeddings and not spec.takes_map_fn:
-        [batches] = map_fn(lambda _: select_batches(strategy, u, v, batch_size, device=device, **kwargs), [None])
-        return batches
-    return select_batches(strategy, u, v, batch_size, map_fn=map_fn, device=device, **kwargs)
+    spec = STRATEGIES[request.strategy]
 
+    def select(seed: int) -> np.ndarray:
+        if request.u is None:
+            return select_batches(request.strategy, None, None, request.batch_size, seed=seed,
+                                  num_samples=request.num_samples, **request.options)
+        chosen = partial(select_batches, request.strategy, request.u, request.v, request.batch_size, seed=seed,
+                         device=device, **request.scoring, **request.options)
+        if spec.reads_embeddings and not spec.takes_map_fn:
+            [batches] = map_fn(lambda _: chosen(), [None])
+            return batches
+        return chosen(map_fn=map_fn)
 
-def select_plan(request: PlanRequest, map_fn=distributed_map, device: torch.device | None = None) -> np.ndarray:
-    """The batches of ``request`` alone (a collective where the strategy reads the bank)."""
-    if request.u is None:
-        return select_batches(request.strategy, None, None, request.batch_size, seed=request.seed,
-                              num_samples=request.num_samples, **request.options)
-    select = partial(select_everywhere, request.strategy, request.u, request.v, request.batch_size,
-                     tau=request.tau, loss=request.loss, loss_options=request.loss_options, map_fn=map_fn,
-                     device=device, **request.options)
-    batches = select(seed=request.seed)
+    batches = select(request.seed)
     while len(batches) < request.rows:
-        batches = np.concatenate([batches, select(seed=derive_seed(request.seed, len(batches)))])
+        batches = np.concatenate([batches, select(derive_seed(request.seed, Stream.REFILL, len(batches)))])
     return batches[: request.rows or None]
 
 
-def compute_plan(request: PlanRequest, map_fn=distributed_map, device: torch.device | None = None
-                 ) -> tuple[BatchPlan, SelectionFigures]:
-    """The plan and the figures that describe it; ``device``: where a strategy that computes on one runs
-    (the rank's)."""
+def compute_plan(request: PlanRequest, epoch: int, prepared: SelectionFigures | None = None,
+                 map_fn=distributed_map, device: torch.device | None = None) -> tuple[BatchPlan, SelectionFigures]:
+    """``epoch``'s plan made from ``request``, and the figures that describe it: ``prepared``'s (what was
+    known when the request was made: the bank's staleness, the time spent preparing it) with the plan's
+    lift and selection time added."""
     started = time.perf_counter()
-    figures = SelectionFigures()
-    batches = select_plan(request, map_fn, device)
+    figures = replace(prepared) if prepared is not None else SelectionFigures()
+    batches = select_shared(request, map_fn, device)
     if request.strategy == "random":
         figures.lift = 1.0  # its definition: a random plan against a random partition
     if request.u is not None:
-        figures.lift = lift(request.u, request.v, batches, tau=request.tau, seed=request.seed, dtype=torch.float32,
-                            loss=request.loss, loss_options=request.loss_options)
-        figures.bank_staleness = request.staleness
-    figures.prepare_seconds = request.prepare_seconds
-    figures.seconds = request.prepare_seconds + time.perf_counter() - started
-    return BatchPlan(batches, request.epoch, request.strategy), figures
+        figures.lift = lift(request.u, request.v, batches, seed=request.seed, dtype=torch.float32, **request.scoring)
+    figures.seconds = (figures.prepare_seconds or 0.0) + time.perf_counter() - started
+    return BatchPlan(batches, epoch, request.strategy), figures
 
 
 def use_device(device: torch.device) -> None:
@@ -125,8 +123,10 @@ class BackgroundPlanner:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist_cl-plan", initializer=use_device,
                                            initargs=(device,))
 
-    def submit(self, request: PlanRequest) -> Future:
-        return self.executor.submit(compute_plan, request, partial(distributed_map, group=self.group), self.device)
+    def submit(self, request: PlanRequest, epoch: int, prepared: SelectionFigures | None = None) -> Future:
+        """``compute_plan(request, epoch, prepared)`` on the worker thread; the future holds (plan, figures)."""
+        return self.executor.submit(compute_plan, request, epoch, prepared, partial(distributed_map, group=self.group),
+                                    self.device)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -186,45 +186,64 @@ def fills_epoch(strategy: str) -> bool:
 
 
 def plan_seed(run_seed: int, epoch: int, strategy: str, cursor: int | None = None) -> int:
-    """The seed rule: a per-epoch strategy gets (run seed, epoch), a re-selection of the rest of an epoch
-    at global batch ``cursor`` gets (run seed, epoch, cursor), and a once-per-run plan the run seed."""
+    """The seed rule (dist_cl.runtime.seeding): a per-epoch strategy's plan is of stream PLAN (epoch), a
+    re-selection of the rest of an epoch at global batch ``cursor`` of stream RESELECT (epoch, cursor), and
+    a once-per-run plan takes the run seed."""
     if not STRATEGIES[strategy].per_epoch:
         return run_seed
-    return derive_seed(run_seed, epoch) if cursor is None else derive_seed(run_seed, epoch, cursor)
+    if cursor is None:
+        return derive_seed(run_seed, Stream.PLAN, epoch)
+    return derive_seed(run_seed, Stream.RESELECT, epoch, cursor)
+
+
+def check_plannable(selection: SelectionConfig, num_samples: int, batch_size: int) -> None:
+    """Selection settings that only N makes wrong fail at start, not after the warm-up epochs."""
+    if selection.strategy == "full" and batch_size != num_samples:
+        raise ConfigError(f"selection.strategy=full trains on all N = {num_samples} samples as one batch, "
+                          f"but train.global_batch_size={batch_size}: set train.global_batch_size={num_samples}")
+    try:  # osgd's k > N // B
+        batches_per_selection(selection.strategy, num_samples, batch_size, selection.options)
+    except SelectionError as err:
+        raise ConfigError(f"selection.strategy={selection.strategy} with selection.options={selection.options} "
+                          f"on N = {num_samples} samples at a global batch of {batch_size}: {err}") from err
+
+
+def plan_warnings(cfg: Config, num_samples: int) -> list[str]:
+    """What the run's plans will leave out or never do, worth a warning at start."""
+    warnings = (left_out_warning(num_samples, cfg.train.global_batch_size, cfg.selection.strategy),
+                warmup_warning(cfg.selection, cfg.train.epochs))
+    return [warning for warning in warnings if warning]
 
 
 class EpochPlanner:
-    """Which global batches each epoch trains on; the trainer asks it for the epoch's plan, and nothing else.
+    """Which global batches each epoch trains on: the trainer asks it for an epoch's plan (``plan``) and, at
+    each step, for the rest of it selected again where due (``reselect``); nothing else.
 
     A collective: construct it and call its methods on every rank. Its state in a checkpoint is the plan
     computed ahead, waited for: a resumed run must train on it, not recompute it from a bank that
     training has moved on.
     """
 
-    def __init__(self, selection: SelectionConfig, run_seed: int, batch_size: int, dataset, model,
-                 bank: EmbeddingBank, info: DistInfo, num_workers: int = 0, loss: str = "infonce",
-                 loss_options: dict | None = None):
-        self.selection, self.run_seed, self.batch_size, self.loss = selection, run_seed, batch_size, loss
-        self.loss_options = loss_options
-        self.dataset, self.model, self.bank, self.info, self.num_workers = dataset, model, bank, info, num_workers
-        if selection.strategy == "full" and batch_size != len(dataset):
-            raise ConfigError(f"selection.strategy=full trains on all N = {len(dataset)} samples as one batch, "
-                              f"but train.global_batch_size={batch_size}: set train.global_batch_size={len(dataset)}")
-        try:  # options that only N makes wrong (osgd's k > N // B) fail now, not after the warm-up epochs
-            batches_per_selection(selection.strategy, len(dataset), batch_size, selection.options)
-        except SelectionError as err:
-            raise ConfigError(f"selection.strategy={selection.strategy} with selection.options="
-                              f"{selection.options} on N = {len(dataset)} samples at a global batch of "
-                              f"{batch_size}: {err}") from err
-        self.background = BackgroundPlanner(info.device) if selection.overlap else None
+    collective = True
+    """``state_dict`` waits for the plan computed ahead on every rank (its computation is a collective), so
+    the ranks wait there, not in the checkpoint's barrier."""
+
+    def __init__(self, cfg: Config, dataset, model, bank: EmbeddingBank, info: DistInfo):
+        check_plannable(cfg.selection, len(dataset), cfg.train.global_batch_size)
+        self.selection, self.run_seed, self.epochs = cfg.selection, cfg.seed, cfg.train.epochs
+        self.batch_size, self.num_workers = cfg.train.global_batch_size, cfg.data.num_workers
+        self.loss = {"loss": cfg.loss.name, "loss_options": batch_options(cfg.loss)}
+        self.dataset, self.model, self.bank, self.info = dataset, model, bank, info
+        self.background = BackgroundPlanner(info.device) if cfg.selection.overlap else None
         self.ahead: Future | None = None
         """The next epoch's (plan, figures), computed ahead under selection.overlap."""
-        self.previous: BatchPlan | None = None
-        """The last epoch's plan, for selection/pair_repeat (not checkpointed: a diagnostic)."""
+        for warning in plan_warnings(cfg, len(dataset)) if info.is_main else []:
+            log.warning(warning)
 
     def request(self, epoch: int, step: int, first_step: int, train_epoch: int, copy_bank: bool = False
-                ) -> PlanRequest:
-        """What ``epoch``'s plan is computed from: the bank as it is at ``step`` (a collective).
+                ) -> tuple[PlanRequest, SelectionFigures]:
+        """What ``epoch``'s plan is computed from, the bank as it is at ``step`` (a collective), and the
+        figures known so far.
 
         The plan starts at global step ``first_step``; ``train_epoch`` is the epoch training is in, whose
         augmentations a refresh embeds. ``copy_bank`` for a plan computed while training goes on writing the
@@ -232,17 +251,19 @@ class EpochPlanner:
         """
         started = time.perf_counter()
         name = plan_strategy(self.selection, train_epoch)
-        request = PlanRequest(epoch=epoch, strategy=name, seed=plan_seed(self.run_seed, epoch, name),
-                              batch_size=self.batch_size, num_samples=len(self.dataset),
+        request = PlanRequest(strategy=name, seed=plan_seed(self.run_seed, epoch, name), batch_size=self.batch_size,
                               options=self.selection.options if name == self.selection.strategy else {},
+                              num_samples=len(self.dataset),
                               rows=len(self.dataset) // self.batch_size if fills_epoch(name) else 0)
+        prepared = SelectionFigures()
         if STRATEGIES[name].reads_embeddings:
             self.complete_bank(train_epoch, step)
             u, v = self.bank.u.numpy(), self.bank.v.numpy()
             request = replace(request, u=u.copy() if copy_bank else u, v=v.copy() if copy_bank else v,
-                              tau=float(self.model.temperature()), loss=self.loss, loss_options=self.loss_options,
-                              staleness=self.bank.staleness(first_step))
-        return replace(request, prepare_seconds=time.perf_counter() - started)
+                              scoring={"tau": float(self.model.temperature()), **self.loss})
+            prepared.bank_staleness = self.bank.staleness(first_step)
+        prepared.prepare_seconds = time.perf_counter() - started
+        return request, prepared
 
     def complete_bank(self, epoch: int, step: int) -> None:
         """Make the bank complete: every row (selection.embeddings=refresh) or only rows never written by
@@ -259,9 +280,11 @@ class EpochPlanner:
                              num_workers=self.num_workers)
         self.bank.fill(indices, u, v, step)
 
-    def plan(self, epoch: int, step: int) -> tuple[BatchPlan, SelectionFigures]:
-        """``epoch``'s global batches, identical on every rank, and the figures that describe them: the
-        plan computed ahead, or one made now from the bank at ``step``."""
+    def plan(self, epoch: int, step: int, last: BatchPlan | None = None) -> tuple[BatchPlan, SelectionFigures]:
+        """``epoch``'s global batches, identical on every rank, and the figures that describe them: the plan
+        computed ahead, or one made now from the bank at ``step``. ``last``: the plan the previous epoch
+        trained, if any (selection/pair_repeat). Under selection.overlap, the next epoch's plan starts being
+        computed, from the bank as it is now."""
         started = time.perf_counter()
         if self.ahead is not None:
             plan, figures = self.ahead.result()
@@ -269,32 +292,25 @@ class EpochPlanner:
             figures = replace(figures, wait_seconds=figures.prepare_seconds + time.perf_counter() - started)
             self.ahead = None
         else:
-            plan, figures = compute_plan(self.request(epoch, step, step, epoch), device=self.info.device)
+            request, prepared = self.request(epoch, step, step, epoch)
+            plan, figures = compute_plan(request, epoch, prepared, device=self.info.device)
             figures.wait_seconds = time.perf_counter() - started
         if plan.epoch != epoch:
             raise RuntimeError(f"the plan computed ahead is for epoch {plan.epoch}, not {epoch}")
         check_same_on_all_ranks("batch plan", plan.digest())
-        self.diagnose(plan, figures)
+        self.diagnose(plan, last, figures)
+        if self.background is not None and epoch + 1 < self.epochs:
+            request, prepared = self.request(epoch + 1, step, step + len(plan), epoch, copy_bank=True)
+            self.ahead = self.background.submit(request, epoch + 1, prepared)
         return plan, figures
 
-    def diagnose(self, plan: BatchPlan, figures: SelectionFigures) -> None:
-        """Label purity where there are labels; pair repeat where this plan and the last epoch's are both
+    def diagnose(self, plan: BatchPlan, last: BatchPlan | None, figures: SelectionFigures) -> None:
+        """Label purity where there are labels; pair repeat where ``plan`` and the ``last`` epoch's are both
         partitions."""
         if self.dataset.labels is not None:
             figures.label_purity = label_purity(plan.batches, self.dataset.labels)
-        last = self.previous
         if last is not None and STRATEGIES[plan.strategy].partition and STRATEGIES[last.strategy].partition:
             figures.pair_repeat = pair_repeat(plan.batches, last.batches, len(self.dataset))
-
-    def plan_ahead(self, epoch: int, step: int, first_step: int, epochs: int) -> None:
-        """Under selection.overlap, start computing epoch ``epoch + 1``'s plan (if the run has one) from the
-        bank as it is at ``step``; it starts at global step ``first_step``."""
-        if self.background is not None and epoch + 1 < epochs:
-            self.ahead = self.background.submit(self.request(epoch + 1, step, first_step, epoch, copy_bank=True))
-
-    def finish(self, plan: BatchPlan) -> None:
-        """``plan``'s epoch is trained."""
-        self.previous = plan
 
     def reselection_due(self, plan: BatchPlan, cursor: int) -> bool:
         """Time to select the rest of a loss-aware epoch plan again: every selection.every_steps steps for a
@@ -307,21 +323,24 @@ class EpochPlanner:
             every = self.selection.every_steps
         return bool(every) and cursor % every == 0
 
-    def reselect(self, plan: BatchPlan, cursor: int, step: int, figures: SelectionFigures) -> BatchPlan:
-        """A new plan for ``plan``'s epoch: its first ``cursor`` batches, then the rest selected again from
-        the bank as it is at ``step`` (a collective): the samples of the rest re-partitioned (each sample is
-        still trained once), or, for a strategy that ``fills_epoch``, new selections over all samples.
-        The time it takes, all waited for, is added to the epoch's ``figures``."""
+    def reselect(self, plan: BatchPlan, cursor: int, step: int, figures: SelectionFigures) -> BatchPlan | None:
+        """Where ``reselection_due``, a new plan for ``plan``'s epoch: its first ``cursor`` batches, then the
+        rest selected again from the bank as it is at ``step`` (a collective): the samples of the rest
+        re-partitioned (each sample is still trained once), or, for a strategy that ``fills_epoch``, new
+        selections over all samples. The time it takes, all waited for, is added to the epoch's ``figures``.
+        None where no re-selection is due."""
+        if not self.reselection_due(plan, cursor):
+            return None
         started = time.perf_counter()
-        request = self.request(plan.epoch, step, step, plan.epoch)
+        request, _ = self.request(plan.epoch, step, step, plan.epoch)
         request = replace(request, seed=plan_seed(self.run_seed, plan.epoch, plan.strategy, cursor))
         # the rest's figures are not reported (the epoch's are the first plan's), so only its batches are made
         if fills_epoch(plan.strategy):
-            rest = select_plan(replace(request, rows=len(plan) - cursor), device=self.info.device)
+            rest = select_shared(replace(request, rows=len(plan) - cursor), device=self.info.device)
         else:
             samples = np.sort(plan.batches[cursor:].ravel())
-            request = replace(request, num_samples=len(samples), u=request.u[samples], v=request.v[samples])
-            rest = samples[select_plan(request, device=self.info.device)]
+            rest = samples[select_shared(replace(request, u=request.u[samples], v=request.v[samples]),
+                                         device=self.info.device)]
         new = BatchPlan(np.concatenate([plan.batches[:cursor], rest]), plan.epoch, plan.strategy)
         check_same_on_all_ranks("batch plan", new.digest())
         seconds = time.perf_counter() - started
@@ -338,11 +357,6 @@ class EpochPlanner:
     def load_state_dict(self, state: dict | None) -> None:
         self.ahead = None if state is None else resolved(BatchPlan.from_state_dict(state["plan"]),
                                                          SelectionFigures.from_scalars(state["figures"]))
-
-    def wait(self) -> None:
-        """Wait for the plan computed ahead (before a checkpoint barrier: every rank waits here, not there)."""
-        if self.ahead is not None:
-            self.ahead.result()
 
     def close(self) -> None:
         if self.background is not None:

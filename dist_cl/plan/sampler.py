@@ -23,6 +23,12 @@ class BatchPlan:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def describe(self, cursor: int) -> str:
+        """Global batch ``cursor``, for error messages."""
+        batch = self.batches[cursor]
+        shown = ", ".join(map(str, batch[:16])) + (", ..." if len(batch) > 16 else "")
+        return f"(epoch {self.epoch}, global batch {cursor}, indices [{shown}])"
+
     def state_dict(self) -> dict:
         return {"batches": self.batches.copy(), "epoch": self.epoch, "strategy": self.strategy}
 

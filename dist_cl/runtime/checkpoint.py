@@ -241,9 +241,12 @@ class RunCheckpoints:
 
 
 def upgrade(state: dict) -> dict:
-    """A checkpoint of an earlier layout in today's: dist_cl 0.1.0's had counters and meta at the top level, and
-    none before SogCLR had the ``loss`` component (no loss had state then)."""
+    """A checkpoint of an earlier layout in today's: dist_cl 0.1.0's had counters and meta at the top level,
+    none before SogCLR had the ``loss`` component (no loss had state then), and the planner's state was
+    ``next_plan`` until the package was split into layers."""
     upgraded = {"loss": {}, **state}
+    if "next_plan" in upgraded:
+        upgraded["planner"] = upgraded.pop("next_plan")
     if "meta" in state:
         return upgraded
     upgraded = {k: v for k, v in upgraded.items() if k not in ("epoch", "step", "skipped_steps", "config",

@@ -145,13 +145,6 @@ def resolve_backend(requested: Backend, cuda_available: bool) -> tuple[str, str]
     return MIXED_BACKEND, "cuda"
 
 
-def served_devices(backend: str) -> set[str]:
-    """Device types whose tensors a group of ``backend`` takes."""
-    if ":" in backend:
-        return {pair.split(":")[0] for pair in backend.split(",")}
-    return {"gloo": {"cpu"}, "nccl": {"cuda"}}[backend]
-
-
 def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
     """The store the process group forms in: a fresh one for every round of workers.
 
