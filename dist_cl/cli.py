@@ -77,7 +77,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
     parser.add_argument("--resume", default="auto",
-                        help="'auto' (resume from the run directory's newest checkpoint if any), 'latest', or a path")
+                        help="'auto' (resume from the run directory's newest checkpoint; start from step 0 only "
+                             "where the directory shows no earlier training), 'latest' (a checkpoint is required), "
+                             "'none' (start from step 0 on purpose, in a run directory without checkpoints), or a "
+                             "checkpoint file, <run>/checkpoints/latest or a run directory")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and its data, then exit")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config, each key with what it means, then exit")

@@ -1,7 +1,10 @@
 """Atomic checkpoints in <run>/checkpoints: write to a temporary file, fsync, rename, keep the newest k.
 
 Each checkpoint ``step-00000123.pt`` has a ``.sha256`` beside it and ``latest`` names the newest. Loading
-verifies the checksum and falls back to the previous checkpoint when the newest is truncated or corrupt.
+takes the newest of the listed checkpoints and the one ``latest`` names (a directory listing that lags, on
+NFS, can miss it), verifies the checksum, and falls back to the previous checkpoint when the newest is
+truncated or corrupt, or is no complete checkpoint at all (not a torch file, a bare state_dict, a pickle of
+something else, a layout missing a component): each file skipped is named with what it is.
 A checkpoint without its ``.sha256`` is refused like a corrupt one: saving renames the sidecar into place
 before the checkpoint, so a file dist_cl wrote never lacks it, and one that does was copied without it or
 put there by hand; loading it unchecked would let a flipped bit resume silently and spread into every
@@ -18,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -112,41 +116,99 @@ class Checkpointer:
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
         return path
 
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, where it names one."""
+        try:
+            name = (self.directory / "latest").read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            return None
+        return self.directory / name if _NAME.match(name) else None
+
+    def candidates(self) -> list[Path]:
+        """This directory's checkpoints, newest first: those listed and the one ``latest`` names."""
+        found = {p.name: p for p in self.checkpoints()}
+        named = self.latest()
+        if named is not None and named.is_file():
+            found.setdefault(named.name, named)
+        return sorted(found.values(), key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
+
     def resolve(self, which: str) -> list[Path]:
-        """Candidates for ``which`` ('latest' or a path), best first."""
-        if which != "latest":
-            path = Path(which)
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {which!r} does not exist; pass --resume latest or a file path")
-            return [path]
-        return list(reversed(self.checkpoints()))
+        """Candidates for ``which``, best first: 'latest' (this directory's), a checkpoint file, or a ``latest``
+        pointer, checkpoints directory or run directory (that directory's checkpoints)."""
+        if which == "latest":
+            return self.candidates()
+        path = Path(which)
+        if path.is_dir():
+            directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            return Checkpointer(directory, self.keep).candidates()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {which!r} does not exist; pass --resume latest, a checkpoint file, "
+                                  "<run>/checkpoints/latest or a run directory")
+        if path.name == "latest":
+            return Checkpointer(path.parent, self.keep).candidates()
+        return [path]
 
     @staticmethod
     def digest(path: Path) -> str:
         """The sha256 in ``path``'s sidecar (``load`` verified it against the file)."""
         return path.with_name(path.name + ".sha256").read_text().strip()
 
-    def load(self, which: str = "latest") -> tuple[dict, Path, list[str]]:
-        """(state, path, problems): the newest checkpoint that verifies, and why newer ones were skipped."""
+    def load(self, which: str = "latest", complete: Callable[[Any], dict] = lambda state: state
+             ) -> tuple[dict, Path, list[str]]:
+        """(state, path, problems): the newest candidate that verifies and that ``complete`` turns into a
+        checkpoint (it raises CheckpointError saying what the file holds instead), and why newer ones were
+        skipped."""
         problems = []
         for path in self.resolve(which):
-            data = path.read_bytes()
-            digest_file = path.with_name(path.name + ".sha256")
-            if not digest_file.is_file():
-                problems.append(f"{path.name}: no {digest_file.name} beside it, so it cannot be verified (if you "
-                                f"trust the file: sha256sum {path} | cut -d' ' -f1 > {digest_file})")
-                continue
-            if digest_file.read_text().strip() != hashlib.sha256(data).hexdigest():
-                problems.append(f"{path.name}: checksum mismatch (truncated or corrupt)")
-                continue
             try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-            except (RuntimeError, EOFError, OSError) as err:
-                problems.append(f"{path.name}: cannot be read ({err})")
-                continue
-            return state, path, problems
-        tried = "; ".join(problems) or f"no checkpoint in {self.directory}"
+                return complete(_read_verified(path)), path, problems
+            except CheckpointError as err:
+                problems.append(f"{path.name}: {err}")
+        tried = "; ".join(problems) or f"no checkpoint in {self.directory if which == 'latest' else which}"
         raise CheckpointError(f"no usable checkpoint: {tried}")
+
+
+def _read_verified(path: Path) -> Any:
+    """What ``path`` unpickles to, once its checksum matches its sidecar; CheckpointError saying why not."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # removed meanwhile, or the file system is failing
+        raise CheckpointError(f"cannot be read ({err.strerror or err})") from err
+    digest_file = path.with_name(path.name + ".sha256")
+    if not digest_file.is_file():
+        raise CheckpointError(f"no {digest_file.name} beside it, so it cannot be verified (if you trust the file: "
+                              f"sha256sum {path} | cut -d' ' -f1 > {digest_file})")
+    if digest_file.read_text(errors="replace").strip() != hashlib.sha256(data).hexdigest():
+        raise CheckpointError("checksum mismatch (truncated or corrupt)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling arbitrary bytes can raise any exception type
+        raise CheckpointError(f"not a torch file, or a damaged one ({type(err).__name__}: {err})") from err
+
+
+def checkpoint_state(content: Any, components: Iterable[str] = ()) -> dict:
+    """``content`` (what a file unpickled to) as a dist_cl checkpoint of today's layout holding ``components``;
+    CheckpointError saying what the file is where it is none."""
+    if not isinstance(content, dict):
+        raise CheckpointError(f"a pickle of a {type(content).__name__}, not a dist_cl checkpoint")
+    keys = ", ".join(map(repr, list(content)[:8])) + (", ..." if len(content) > 8 else "")
+    if content and all(isinstance(value, torch.Tensor) for value in content.values()):
+        raise CheckpointError(f"a bare state_dict ({len(content)} tensors: {keys}), not a dist_cl checkpoint: it "
+                              "holds weights alone, no optimizer, counters or config to resume from")
+    try:
+        state = upgrade(content)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"a dict without a dist_cl checkpoint's {err} (its keys: {keys or 'none'})") from err
+    missing = [name for name in ("meta", "counters", *components) if name not in state]
+    if missing:
+        raise CheckpointError(f"a dict without a dist_cl checkpoint's {', '.join(missing)} (its keys: {keys}): "
+                              "not written by dist_cl, or by another version of it")
+    meta, counters = state["meta"], state["counters"]
+    if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("world_size"), int)
+            and isinstance(counters, dict) and all(isinstance(counters.get(k), int) for k in ("epoch", "step"))):
+        raise CheckpointError("a dist_cl checkpoint whose meta (config, world_size) or counters (epoch, step) are "
+                              "malformed")
+    return state
 
 
 class Stateful(Protocol):
@@ -182,13 +244,32 @@ class RunCheckpoints:
         return path
 
     def load(self, which: str) -> tuple[dict, Path, list[str]]:
-        """(state, path, problems) of ``which`` ('latest' or a path), checked, not yet restored."""
-        state, path, problems = self.checkpointer.load(which)
-        return upgrade(state), path, problems
+        """(state, path, problems) of ``which`` ('latest' or a path): the newest candidate that holds every
+        component, not yet restored."""
+        return self.checkpointer.load(which, lambda content: checkpoint_state(content, self.components))
+
+    def progress(self) -> list[str]:
+        """What in the run directory says that it trained before: files that only a checkpoint or a finished
+        epoch leaves. TensorBoard's event files are not such a sign: a run killed before its first checkpoint
+        leaves them, and its restart purges them (``purge_step``)."""
+        directory = self.checkpointer.directory
+        found = []
+        latest = directory / "latest"
+        if latest.is_file():
+            found.append(f"{latest} (naming {latest.read_text(errors='replace').strip()})")
+        sidecars = sorted(p.name for p in directory.glob("step-*.pt.sha256"))
+        if sidecars:
+            found.append(f"{len(sidecars)} checksum sidecar(s) in {directory} ({sidecars[-1]} the newest)")
+        metrics = directory.parent / "metrics.jsonl"
+        if metrics.is_file():
+            epochs = sum('"kind": "epoch"' in line for line in metrics.read_text(errors="replace").splitlines())
+            if epochs:
+                found.append(f"{epochs} epoch record(s) in {metrics}")
+        return found
 
     def load_agreed(self, which: str) -> tuple[dict, Path, list[str]] | None:
-        """``load(which)`` with every rank on rank 0's choice (a collective); None where ``which`` is 'auto'
-        and rank 0 finds no checkpoint.
+        """``load(which)`` with every rank on rank 0's choice (a collective); None where ``which`` is
+        'none', or 'auto' and rank 0 finds no checkpoint and no sign that the run directory trained before.
 
         Rank 0 alone resolves ``which`` and broadcasts the identity of what it chose (file, step, sha256);
         every other rank loads that file and checks both. Ranks that resolved 'latest' themselves resumed
@@ -199,7 +280,7 @@ class RunCheckpoints:
         chosen: list = [None, None]  # (path, step, sha256) or None; rank 0's error
         if self.is_main:
             try:
-                if which != "auto" or self.checkpointer.checkpoints():
+                if self.resumes(which):
                     state, path, problems = self.load("latest" if which == "auto" else which)
                     chosen[0] = (str(path), state["counters"]["step"], self.checkpointer.digest(path))
             except (CheckpointError, OSError) as err:  # on every rank, not on rank 0 alone while the others wait
@@ -230,12 +311,29 @@ class RunCheckpoints:
                 + "; every rank must see the same run.dir (a file system shared by all nodes), so nothing was trained")
         return state, path, problems
 
+    def resumes(self, which: str) -> bool:
+        """Whether ``which`` ('auto', 'none', 'latest' or a path) resumes from a checkpoint rather than training
+        from step 0; CheckpointError where starting over would mix two runs' histories in one run directory."""
+        directory = self.checkpointer.directory
+        if which == "none":
+            if self.checkpointer.candidates():
+                raise CheckpointError(
+                    f"--resume none trains from step 0, but {directory} holds checkpoints, which the new run's "
+                    "would be mixed with (and pruned against); choose a new run.dir, or --resume auto to resume")
+            return False
+        if which != "auto" or self.checkpointer.candidates():
+            return True
+        progress = self.progress()
+        if progress:
+            raise CheckpointError(
+                f"--resume auto found no checkpoint in {directory} but signs that the run trained before: "
+                f"{'; '.join(progress)}; its checkpoints were removed, or are not visible yet (a lagging file "
+                "system), and starting over would mix two histories; restore them, or start fresh on purpose: "
+                "a new run.dir, or --resume none to train from step 0 in this one")
+        return False
+
     def restore(self, state: dict) -> None:
-        """Give every component its state back."""
-        missing = [name for name in self.components if name not in state]
-        if missing:
-            raise CheckpointError(f"the checkpoint holds no state for {', '.join(missing)}; it was written by "
-                                  "another version of dist_cl; start a new run.dir")
+        """Give every component its state back (``load`` checked that the state holds each)."""
         for name, component in self.components.items():
             component.load_state_dict(state[name])
 
@@ -259,20 +357,14 @@ def upgrade(state: dict) -> dict:
 def load_checkpoint(path: str | Path) -> tuple[dict, Path]:
     """(state, file) for a checkpoint file, a ``latest`` pointer, a checkpoints directory or a run directory.
 
-    The tools take any of these as --checkpoint; a directory gives its newest checkpoint that verifies.
+    The tools take any of these as --checkpoint; a pointer or directory gives its newest checkpoint that verifies.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist; pass a checkpoint file, <run>/checkpoints/latest "
                               "or a run directory")
-    if path.is_dir():
-        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        which = "latest"
-    elif path.name == "latest":
-        directory, which = path.parent, "latest"
-    else:
-        directory, which = path.parent, str(path)
-    state, found, problems = Checkpointer(directory, keep=1).load(which)
+    state, found, problems = Checkpointer(path if path.is_dir() else path.parent, keep=1).load(str(path),
+                                                                                               checkpoint_state)
     for problem in problems:
         log.warning("skipped checkpoint %s", problem)
-    return upgrade(state), found
+    return state, found
