@@ -12,10 +12,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dist_cl import cli
+from dist_cl import evaluate_cli as evaluate_tool
+from dist_cl import extract_cli as extract_tool
 from dist_cl.config import load_config
+from dist_cl.evaluate.offline import compute_metrics
 from dist_cl.learn.models import build_model
-from tools import evaluate as evaluate_tool
-from tools import extract_embeddings as extract_tool
 
 STEMS = ("u", "v", "backbone", "indices", "labels")
 
@@ -110,7 +111,7 @@ def small_embeddings():
 
 def test_metrics_equal_brute_force_numpy_and_sklearn(small_embeddings):
     train, heldout = small_embeddings
-    metrics = evaluate_tool.compute_metrics(train, heldout, ks=(1, 5, 10), knn_k=7)
+    metrics = compute_metrics(train, heldout, ks=(1, 5, 10), knn_k=7)
     for k, key in ((1, "retrieval_top1"), (5, "retrieval_recall5"), (10, "retrieval_recall10")):
         assert metrics[key] == pytest.approx(brute_force_recall(heldout["u"], heldout["v"], k), abs=1e-12), key
     assert 0 < metrics["retrieval_top1"] < metrics["retrieval_recall10"] < 1  # the inputs do not make it trivial
@@ -144,7 +145,7 @@ def test_metrics_over_row_blocks_equal_brute_force(small_embeddings, block_rows)
 def test_metrics_without_labels_or_backbone_are_left_out(small_embeddings):
     train, heldout = small_embeddings
     only_pairs = {"u": heldout["u"], "v": heldout["v"]}
-    assert set(evaluate_tool.compute_metrics(None, only_pairs, ks=(1, 3))) == {"retrieval_top1", "retrieval_recall3"}
+    assert set(compute_metrics(None, only_pairs, ks=(1, 3))) == {"retrieval_top1", "retrieval_recall3"}
 
 
 def test_evaluate_from_a_checkpoint_matches_evaluate_from_its_embeddings(trained_run, single_process_embeddings,
