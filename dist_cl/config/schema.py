@@ -28,10 +28,9 @@ class RunConfig:
     """Least seconds between two epoch lines on the terminal (train.log, metrics.jsonl and TensorBoard keep
     every epoch; the first and last epoch always print); 0 prints every epoch."""
     lock_stale_s: float = 600.0
-    """A run directory's lock (run.lock, one job per run directory) left by a job on another host is
-    stale, and taken over, once its holder has not refreshed it for this long; the holder refreshes it
-    every tenth of this. It must exceed the clock difference between the hosts. A lock from this host is
-    stale as soon as its process has ended."""
+    """A run directory's lock (run.lock, one job per run directory) is stale, and taken over, once its
+    holder has not refreshed it for this long; the holder refreshes it every tenth of this. It must exceed
+    the clock difference between the hosts. A lock from this host is stale as soon as its process has ended."""
 
 
 @dataclass
