@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 
+from dist_cl import multinode_restarts
 from dist_cl.runtime.checkpoint import load_checkpoint
 from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE
-from tools import multinode_restarts
 
 
 def final_model(run_dir):
@@ -113,7 +113,7 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
 @pytest.mark.parametrize("scenario", multinode_restarts.SCENARIOS)
 def test_two_node_job_recovers_from_a_killed_worker_or_a_replaced_node_bitwise_equal(reference_runs, tmp_path,
                                                                                       scenario):
-    """Two torchrun agents joined by c10d, one worker each (tools/multinode_restarts.py, which repeats it):
+    """Two torchrun agents joined by c10d, one worker each (tools/multinode_restarts.py repeats it):
     the second agent's worker is SIGKILLed after step 10, or the whole agent is and a new one takes its
     place. Both rounds of workers form their group and the job ends as the uninterrupted run does (the
     digits default is the random strategy, so a 2-rank standalone run is the reference)."""
