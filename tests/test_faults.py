@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -20,7 +19,6 @@ from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
 from dist_cl.learn.step import LossScaler, SkippedStepsError
 from dist_cl.runtime.checkpoint import Checkpointer, CheckpointError, load_checkpoint
-from dist_cl.runtime.runlock import RunDirLockedError, RunLock
 from dist_cl.selection import SelectionError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",
@@ -277,42 +275,3 @@ def test_a_run_dir_that_cannot_be_locked_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "run").write_text("a file where the run directory should be")
     assert run(tmp_path) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot lock run.dir {tmp_path / 'run'}: [Errno 17] File exists")
-
-
-def write_lock(run_dir, **holder) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "job": "4242",
-                                                  "started": "2026-01-01T00:00:00+0000", **holder}))
-
-
-def test_a_lock_from_another_host_is_held_until_its_refreshes_stop_for_lock_stale_s(tmp_path, monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    write_lock(tmp_path)
-    with pytest.raises(RunDirLockedError, match=f"run.dir {tmp_path} is in use by another job: host node-elsewhere, "
-                                                "pid 1, job 4242, started 2026-01-01T00:00:00"):
-        RunLock(tmp_path, stale_s=600).acquire()
-    os.utime(tmp_path / "run.lock", (time.time() - 601, time.time() - 601))
-    lock = RunLock(tmp_path, stale_s=600)
-    lock.acquire()
-    assert json.loads((tmp_path / "run.lock").read_text()) == lock.owner
-    lock.release()
-    assert not (tmp_path / "run.lock").exists()
-
-
-def test_the_same_jobs_lock_from_another_host_is_a_restart_and_taken_over(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    write_lock(tmp_path)
-    lock = RunLock(tmp_path, stale_s=600)
-    lock.acquire()
-    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
-    lock.release()
-
-
-def test_the_holder_refreshes_its_lock(tmp_path):
-    lock = RunLock(tmp_path, stale_s=1.0)
-    lock.acquire()
-    os.utime(tmp_path / "run.lock", (0, 0))
-    time.sleep(0.5)
-    assert (tmp_path / "run.lock").stat().st_mtime > time.time() - 1
-    lock.release()

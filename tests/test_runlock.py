@@ -22,8 +22,37 @@ def write_lock(run_dir, **holder) -> None:
                                                   "started": "2026-01-01T00:00:00+0000", **holder}))
 
 
-def age(run_dir, seconds: float) -> None:
-    os.utime(run_dir / "run.lock", (time.time() - seconds, time.time() - seconds))
+def test_a_lock_from_another_host_is_held_until_its_refreshes_stop_for_lock_stale_s(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    write_lock(tmp_path)
+    with pytest.raises(RunDirLockedError, match=f"run.dir {tmp_path} is in use by another job: host node-elsewhere, "
+                                                "pid 1, job 4242, started 2026-01-01T00:00:00"):
+        RunLock(tmp_path, stale_s=600).acquire()
+    os.utime(tmp_path / "run.lock", (time.time() - 601, time.time() - 601))
+    lock = RunLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text()) == lock.owner
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_same_jobs_lock_from_another_host_is_a_restart_and_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    write_lock(tmp_path)
+    lock = RunLock(tmp_path, stale_s=600)
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_the_holder_refreshes_its_lock(tmp_path):
+    lock = RunLock(tmp_path, stale_s=1.0)
+    lock.acquire()
+    os.utime(tmp_path / "run.lock", (0, 0))
+    time.sleep(0.5)
+    assert (tmp_path / "run.lock").stat().st_mtime > time.time() - 1
+    lock.release()
 
 
 @pytest.mark.parametrize("run_id", ["none", ""])
@@ -43,7 +72,7 @@ def test_a_lock_of_this_host_whose_pid_runs_another_process_is_stale_after_lock_
         write_lock(tmp_path, host=socket.gethostname(), pid=other.pid)
         with pytest.raises(RunDirLockedError, match=f"pid {other.pid}"):
             RunLock(tmp_path, stale_s=600).acquire()
-        age(tmp_path, 2 * 86400)
+        os.utime(tmp_path / "run.lock", (time.time() - 2 * 86400, time.time() - 2 * 86400))  # two days
         lock = RunLock(tmp_path, stale_s=600)
         lock.acquire()
         lock.release()
