@@ -244,7 +244,7 @@ def _raising_when_lost(lock: RunLock) -> Iterator[None]:
 def hold_run_dir(run_dir: Path, stale_s: float, is_main: bool) -> Iterator[None]:
     """Rank 0 holds the run directory's lock for the body (a collective: every rank raises
     RunDirLockedError where another job holds it). Where another job takes it over meanwhile, rank 0 raises
-    RunLockLostError in the body (the other ranks then fail on their next collective with it)."""
+    RunLockLostError in the body (the other ranks then fail on their next collective, as when any rank exits)."""
     lock = RunLock(run_dir, stale_s) if is_main else None
     error: list = [None]
     if lock is not None:
