@@ -2,7 +2,7 @@
 
 It orchestrates components that each own one job (docs/DESIGN.md §3): the plan policy
 (dist_cl.plan.planner), the step numerics (dist_cl.learn.step), the schedule (dist_cl.learn.optim), the reports
-(dist_cl.report.metrics_log) and the checkpoint contents (dist_cl.runtime.checkpoint's component map).
+(dist_cl.report.training) and the checkpoint contents (dist_cl.runtime.checkpoint's component map).
 Everything a step depends on is either in the checkpoint or derived from (seed, epoch, index), so a run killed
 at any step and resumed ends with the weights of a run that was never interrupted.
 """
@@ -13,13 +13,12 @@ import json
 import logging
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import dist_cl
-from dist_cl.config import Config, ConfigError, changed_keys, config_differences, resume_warnings, save_config
+from dist_cl.config import Config, ConfigError, config_differences, resume_warnings
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.evaluate.metrics import evaluate
 from dist_cl.learn.models import build_training_model
@@ -27,11 +26,10 @@ from dist_cl.learn.optim import build_optimizer, set_lr
 from dist_cl.learn.step import TrainCounters, TrainStep, check_finite_weights
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
-from dist_cl.plan.planner import EpochPlanner, random_epochs
+from dist_cl.plan.planner import EpochPlanner
 from dist_cl.plan.realised_lift import RealisedLift
 from dist_cl.plan.sampler import PlanSampler
-from dist_cl.report.console import banner, close_log_file, open_log_file, summary
-from dist_cl.report.metrics_log import EpochRecord, RunMetrics
+from dist_cl.report.training import TrainingReport
 from dist_cl.runtime.checkpoint import CheckpointError, RunCheckpoints, Stateful
 from dist_cl.runtime.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, mark_progress
 from dist_cl.runtime.preemption import Preempted, StopRequest
@@ -41,6 +39,8 @@ log = logging.getLogger("dist_cl")
 
 
 class Trainer:
+    """Builds a run's components from its config, then ``resume``, ``fit`` and ``close`` (a collective)."""
+
     def __init__(self, cfg: Config, info: DistInfo):
         self.cfg, self.info, self.run_dir = cfg, info, cfg.run_dir
         # first: what follows runs collectives whose number and order depend on the config
@@ -65,8 +65,7 @@ class Trainer:
         self.lift = RealisedLift(self.train_set, self.sampler, self.step_fn.score, cfg.seed,
                                  cfg.train.global_batch_size, cfg.run.log_every_steps)
         self.counters = TrainCounters()
-        self.metrics: RunMetrics | None = None
-        self.log_file: logging.Handler | None = None
+        self.report: TrainingReport | None = None
         self.stop = StopRequest()
         # where the other ranks wait for rank 0's checkpoint write: longer than dist.timeout_s
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.checkpoint.timeout_s))
@@ -122,8 +121,9 @@ class Trainer:
             log.info("run already complete at epoch %d/%d (step %d) in %s: raise train.epochs to train on, or set a "
                      "new run.dir to start again", counters.epoch, cfg.train.epochs, counters.step, self.run_dir)
             return
-        started = time.perf_counter()
-        self.open_reports()
+        self.report = TrainingReport(cfg, self.info, counters, (
+            len(self.train_set), len(self.heldout_set) if self.heldout_set is not None else 0,
+            sum(p.numel() for p in self.model.parameters())))
         if counters.step == 0 and cfg.eval.every_epochs:
             self.evaluate_and_report(None, SelectionFigures())
         trained = None
@@ -141,41 +141,18 @@ class Trainer:
             if every and (counters.epoch % every == 0 or counters.epoch == cfg.train.epochs):
                 self.evaluate_and_report(loss, figures)
                 if len(trained):
-                    self.metrics.batch(self.train_set, trained.batches[0], counters.step)
+                    self.report.metrics.batch(self.train_set, trained.batches[0], counters.step)
             self.save_checkpoint()
             if counters.epoch < cfg.train.epochs and self.stop.agreed():
                 raise Preempted(f"stopped at the end of epoch {counters.epoch} (step {counters.step})")
-        self.close_reports(started)
-
-    def open_reports(self) -> None:
-        """Rank 0's config file, log file and banner; every rank's metrics, from the counters on."""
-        cfg, counters = self.cfg, self.counters
-        if self.info.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-            self.log_file = open_log_file(self.run_dir)
-            backend = dist.get_backend() if dist.is_initialized() else "none"
-            for line in banner(cfg, self.info.world_size, self.info.device, backend, len(self.train_set),
-                               len(self.heldout_set) if self.heldout_set is not None else 0,
-                               sum(p.numel() for p in self.model.parameters()), random_epochs(cfg.selection)):
-                log.info(line)
-        self.metrics = RunMetrics(self.run_dir, self.info.is_main, cfg.run.log_every_steps, cfg.train.epochs,
-                                  counters.epoch, counters.step, cfg.train.global_batch_size)
-        self.metrics.config(cfg.to_dict(), changed_keys(cfg), counters.step)
-
-    def close_reports(self, started: float) -> None:
-        """The run's hparams record, and rank 0's summary lines."""
-        self.metrics.hparams()
-        if self.info.is_main:
-            saved = self.checkpoints.checkpointer.checkpoints()
-            for line in summary(self.metrics.path, self.run_dir, self.counters.epoch, self.counters.step,
-                                time.perf_counter() - started, saved[-1] if saved else None):
-                log.info(line)
+        saved = self.checkpoints.checkpointer.checkpoints()
+        self.report.finish(saved[-1] if saved else None)
 
     def train_epoch(self, figures: SelectionFigures) -> float:
         """Train the rest of the sampler's plan; this epoch's mean loss."""
         counters, sampler = self.counters, self.sampler
         self.train_set.set_epoch(counters.epoch)
-        bar = self.metrics.progress_bar(len(sampler.plan), sampler.cursor, counters.epoch)
+        bar = self.report.progress_bar(len(sampler.plan), sampler.cursor)
         losses, data_time, waited_before = [], 0.0, figures.wait_seconds or 0.0
         started = tick = time.perf_counter()
         self.step_fn.ddp.train()
@@ -188,7 +165,8 @@ class Trainer:
                 loss, stop = self.train_one(view_a, view_b, index)
                 if loss is not None:
                     losses.append(loss)
-                self.report_step(bar, losses, time.perf_counter() - started, waited)
+                self.report.step(bar, losses, time.perf_counter() - started, waited,
+                                 self.optimizer.param_groups[0]["lr"], self.model.temperature)
                 # before the checkpoint, so that one taken here already holds the re-selected rest
                 reselected = self.planner.reselect(sampler.plan, sampler.cursor, counters.step, figures)
                 if reselected is not None:
@@ -199,7 +177,10 @@ class Trainer:
                     break  # this loader walks the old plan
         bar.close()
         reselecting = (figures.wait_seconds or 0.0) - waited_before  # added by planner.reselect
-        return self.report_epoch(losses, data_time, time.perf_counter() - started - reselecting, figures)
+        figures.realised_lift = self.lift.take()
+        return self.report.epoch(sampler.plan.strategy, losses, data_time,
+                                 time.perf_counter() - started - reselecting, self.optimizer.param_groups[0]["lr"],
+                                 figures)
 
     def train_one(self, view_a, view_b, index) -> tuple[float | None, bool]:
         """One step at the sampler's cursor: its loss (None if skipped), and whether every rank stops after it."""
@@ -230,34 +211,6 @@ class Trainer:
         if stop:
             raise Preempted(f"stopped after step {step} (epoch {self.counters.epoch})")
 
-    def report_step(self, bar, losses: list, seconds: float, data_wait: float) -> None:
-        """The progress bar after every step, the train/* scalars every run.log_every_steps steps: the step's
-        own data wait, and tau and the skipped steps only where they can change (no flat cards)."""
-        samples_s = len(losses) * self.cfg.train.global_batch_size / max(seconds, 1e-9)
-        loss, lr = losses[-1] if losses else float("nan"), self.optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_s:.0f}")
-        bar.update()
-        scalars = {"loss": loss, "lr": lr, "samples_per_s": samples_s, "data_time_s": data_wait}
-        if self.cfg.loss.learnable_tau:
-            scalars["tau"] = float(self.model.temperature())
-        if self.cfg.train.nonfinite == "skip":
-            scalars["skipped_steps"] = self.counters.skipped_steps
-        self.metrics.step(self.counters.step, scalars)
-
-    def report_epoch(self, losses: list, data_time: float, seconds: float, figures: SelectionFigures) -> float:
-        """Write the epoch's record (log line, TensorBoard, metrics.jsonl); its mean loss."""
-        mean_loss = float(np.mean(losses)) if losses else float("nan")
-        figures.realised_lift = self.lift.take()
-        if figures.wait_seconds is not None:
-            figures.share = figures.wait_seconds / (figures.wait_seconds + seconds)
-        samples_s = len(losses) * self.cfg.train.global_batch_size / max(seconds, 1e-9)
-        self.metrics.epoch(EpochRecord(epoch=self.counters.epoch + 1, strategy=self.sampler.plan.strategy,
-                                       step=self.counters.step, steps=len(losses),
-                                       loss=mean_loss, train_seconds=seconds, data_seconds=data_time,
-                                       samples_per_s=samples_s, lr=self.optimizer.param_groups[0]["lr"],
-                                       selection=figures))
-        return mean_loss
-
     def evaluate_and_report(self, loss: float | None, figures: SelectionFigures) -> None:
         """Evaluate the model (a collective) and log the metrics with the epoch's ``loss`` and ``figures``."""
         mark_progress(f"evaluation at step {self.counters.step}")
@@ -268,12 +221,9 @@ class Trainer:
                            tau=float(self.model.temperature()), train_pairs=cfg.eval.train_pairs,
                            corruptions=cfg.eval.corruptions, corruption_samples=cfg.eval.corruption_samples,
                            num_workers=cfg.data.num_workers)
-        if self.info.is_main:
-            self.metrics.evaluation(self.counters.epoch, self.counters.step, loss, metrics, figures)
+        self.report.evaluation(loss, metrics, figures)
 
     def close(self) -> None:
         self.planner.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.log_file is not None:
-            close_log_file(self.log_file)
+        if self.report is not None:
+            self.report.close()
