@@ -7,7 +7,7 @@ from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from dist_cl import cli
+from dist_cl.cli import train as cli
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=1",
              "selection.strategy=random", "run.log_every_steps=1", "checkpoint.keep=5"]

@@ -11,7 +11,7 @@ import torch
 from conftest import FAST, torchrun, train_cmd
 from test_train_e2e import SYNTHETIC, assert_same_weights, final_model
 
-from dist_cl import cli
+from dist_cl.cli import train as cli
 
 
 def bare_state_dict(reference: bytes) -> bytes:

@@ -6,7 +6,7 @@ import logging
 
 from conftest import ROOT
 
-from dist_cl import cli
+from dist_cl.cli import train as cli
 from dist_cl.report.console import Throttle, best_of, summary
 
 TINY = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=2",

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT, torchrun, train_cmd
 
-from dist_cl import cli
+from dist_cl.cli import train as cli
 from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError

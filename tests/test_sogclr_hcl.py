@@ -12,7 +12,7 @@ from conftest import ROOT, torchrun_script
 from loss_steps import BATCHES, CASES, TAU, N, embeddings, steps
 from test_losses import unit_rows
 
-from dist_cl import cli
+from dist_cl.cli import train as cli
 from dist_cl.learn.losses import HCLLoss, InfoNCELoss, NTXentLoss, SogCLRLoss, batch_hcl
 from dist_cl.runtime.checkpoint import load_checkpoint
 from dist_cl.selection import batch_losses, select_batches

@@ -11,9 +11,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dist_cl import cli
 from dist_cl import evaluate_cli as evaluate_tool
 from dist_cl import extract_cli as extract_tool
+from dist_cl.cli import train as cli
 from dist_cl.config import load_config
 from dist_cl.evaluate.offline import compute_metrics
 from dist_cl.learn.models import build_model

@@ -18,7 +18,7 @@ import numpy as np
 import torch.distributed as dist
 from clustered import clustered_pairs
 
-from dist_cl.cli import run_distributed
+from dist_cl.cli.torchrun import run_distributed
 from dist_cl.plan.sampler import BatchPlan
 from dist_cl.runtime.distributed import DistInfo, check_same_on_all_ranks, distributed_map, exit_process
 from dist_cl.selection import select_batches

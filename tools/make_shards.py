@@ -1,9 +1,9 @@
-"""``python tools/make_shards.py ...`` is ``dist-cl-make-shards ...`` (dist_cl.data.make_shards), kept for old
+"""``python tools/make_shards.py ...`` is ``dist-cl-make-shards ...`` (dist_cl.cli.make_shards), kept for old
 command lines."""
 
 import sys
 
-from dist_cl.data.make_shards import main
+from dist_cl.cli.make_shards import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Multi-node recovery on one machine, repeated: rounds of each scenario of dist_cl.multinode_restarts (two
+"""Multi-node recovery on one machine, repeated: rounds of each scenario of dist_cl.cli.multinode_restarts (two
 torchrun agents joined by c10d; a worker or a whole agent SIGKILLed mid-epoch), each checked bit-identical to
 an uninterrupted run, with a table of the outcomes.
 
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dist_cl.multinode_restarts import SCENARIOS, Outcome, reference_run, run_scenario
+from dist_cl.cli.multinode_restarts import SCENARIOS, Outcome, reference_run, run_scenario
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Write indexed webdataset shards (tar + wids shardindex.json), the layout dist_cl.data.shards reads.
 
-The command over it is ``dist-cl-make-shards`` (dist_cl.data.make_shards). Sample i goes to shard
+The command over it is ``dist-cl-make-shards`` (dist_cl.cli.make_shards). Sample i goes to shard
 i // samples_per_shard under key %09d with members .png/.jpg (image), .cls (label, where known) and .idx (i).
 Resumable: each shard is written to a temporary name and renamed when complete, so a rerun with the same
 arguments keeps finished shards and writes the rest. A finished output (it has shardindex.json) or one begun

@@ -1,7 +1,7 @@
 """Evaluation of saved embeddings: every metric the arrays of a training and a held-out split allow.
 
 The arrays are what dist_cl.evaluate.extraction writes (u, v, backbone, labels, indices per split); the
-commands over this are ``dist-cl-evaluate`` (dist_cl.evaluate_cli) and ``dist-cl-extract-embeddings``.
+commands over this are ``dist-cl-evaluate`` (dist_cl.cli.evaluate) and ``dist-cl-extract-embeddings``.
 """
 
 import logging

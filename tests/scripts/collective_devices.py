@@ -1,4 +1,4 @@
-"""Under torchrun: train through the trainer's command line (dist_cl.cli.main) with every torch.distributed
+"""Under torchrun: train through the trainer's command line (dist_cl.cli.train.main) with every torch.distributed
 collective recorded, then write this rank's records (op, group, tensor device types) as JSON.
 Usage: collective_devices.py OUT [k=v ...]."""
 
@@ -56,7 +56,7 @@ for op in OPS:
     setattr(dist, op, record(op, getattr(dist, op)))
 create_group, dist.new_group = dist.new_group, new_group
 
-from dist_cl.cli import main  # noqa: E402  (after the patching, so no name imported from dist is unrecorded)
+from dist_cl.cli.train import main  # noqa: E402  (after the patching, so no name imported from dist is unrecorded)
 
 out = Path(sys.argv[1])
 code = main(sys.argv[2:])

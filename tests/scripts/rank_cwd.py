@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from dist_cl.cli import run
+from dist_cl.cli.train import run
 
 if __name__ == "__main__":
     os.chdir(Path(sys.argv[1]) / f"rank{os.environ['RANK']}")

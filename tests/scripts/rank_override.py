@@ -4,7 +4,7 @@ rank RANK only: a job whose ranks were given different configs."""
 import os
 import sys
 
-from dist_cl.cli import run
+from dist_cl.cli.train import run
 
 if __name__ == "__main__":
     rank, override, *arguments = sys.argv[1:]

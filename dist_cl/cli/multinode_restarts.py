@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 """The source checkout: its launch/train.py is what the agents run, from there."""
 RUN = ["train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=5", "checkpoint.keep=20",
        "dist.timeout_s=60"]

@@ -36,7 +36,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from dist_cl.cli import run_distributed
+from dist_cl.cli.torchrun import run_distributed
 from dist_cl.evaluate.extraction import SPLITS, add_extraction_args, extract
 from dist_cl.runtime.distributed import DistInfo, exit_process
 

@@ -1,39 +1,25 @@
-"""Command-line entry points: the trainer's (``launch/train.py``, the ``dist-cl-train`` script), and
-``run_distributed``, the frame the trainer and every tool that runs under torchrun share.
+"""The trainer's command line: ``launch/train.py`` and the ``dist-cl-train`` script.
 
-A user error (a bad config, no usable checkpoint, broken shards, impossible selection options, a run
-directory another job holds) ends the process with its message as one line on stderr and exit code 2,
-not with a traceback from every rank.
+It checks the config before any process group starts, then trains inside ``run_distributed``
+(dist_cl.cli.torchrun), so a user error ends with one line on stderr and exit code 2.
 """
 
 import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from dist_cl.cli.torchrun import run_distributed, user_error
 from dist_cl.config import Config, ConfigError, describe, load_config
-from dist_cl.data.shards import ShardError, check_shards
+from dist_cl.data.shards import check_shards
 from dist_cl.learn.models import check_backbone
 from dist_cl.report.console import setup_console
-from dist_cl.runtime.checkpoint import CheckpointError
-from dist_cl.runtime.distributed import (
-    Backend,
-    DistInfo,
-    close_distributed,
-    exit_process,
-    init_distributed,
-    name_timeout,
-)
+from dist_cl.runtime.distributed import DistInfo, exit_process
 from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE, Preempted
-from dist_cl.runtime.runlock import RunDirLockedError, hold_run_dir
-from dist_cl.selection import SelectionError
+from dist_cl.runtime.runlock import hold_run_dir
 from dist_cl.trainer import Trainer
-
-USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError, RunDirLockedError)
-"""Errors whose message names the problem in the user's input and the fix."""
 
 USAGE = """Train dist_cl: ``torchrun --standalone --nproc_per_node=2 launch/train.py [--config PATH] [key=value ...]``.
 
@@ -41,36 +27,7 @@ Also runs as one plain ``python launch/train.py`` process, and installed as ``di
 ``torchrun ... --no-python dist-cl-train ...``). With no arguments it trains configs/digits.yaml.
 """
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
-
-
-def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, backend: Backend = "auto") -> int:
-    """The exit code of ``body(info)`` run in the process group that torchrun's environment describes.
-
-    A user error ends it with a one-line message on stderr and exit code 2; a collective's timeout is
-    raised again as a RankTimeoutError that names the rank that stopped answering. The group is destroyed
-    however ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
-    """
-    try:
-        info = init_distributed(timeout_s, backend)
-    except ConfigError as err:  # a dist.backend this host cannot run
-        return _user_error("config error", err)
-    try:
-        return body(info)
-    except USER_ERRORS as err:
-        return _user_error("error", err)
-    except RuntimeError as err:
-        named = name_timeout(err, timeout_s)
-        if named is None:
-            raise
-        raise named from err
-    finally:
-        close_distributed()
-
-
-def _user_error(kind: str, err: Exception) -> int:
-    print(f"{kind}: {err}", file=sys.stderr)
-    return 2
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         check_backbone(cfg.model.backbone)
     except ConfigError as err:
-        return _user_error("config error", err)
+        return user_error("config error", err)
     if args.print_config:
         print(describe(cfg))
         return 0

@@ -1,0 +1,1 @@
+"""The commands: training, making shards, extracting and evaluating embeddings, the multi-node drill."""
