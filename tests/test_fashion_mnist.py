@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+from dist_cl.cli import make_shards
 from dist_cl.config import ConfigError, load_config
-from dist_cl.data import build_dataset, make_shards
+from dist_cl.data import build_dataset
 from dist_cl.data.fashion_mnist import FILES, INSTALL, IdxError, read_idx, stratified_subset
 from dist_cl.data.shards import ShardPairs
 from dist_cl.learn.models import build_model

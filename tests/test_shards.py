@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from dist_cl.cli import make_shards
 from dist_cl.config import AugmentConfig
-from dist_cl.data import make_shards
 from dist_cl.data.shard_writer import LabelError, npz_source
 from dist_cl.data.shards import (
     INDEX_NAME,

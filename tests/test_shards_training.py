@@ -5,7 +5,7 @@ import sys
 
 from conftest import ROOT, torchrun, train_cmd
 
-from dist_cl.data import make_shards
+from dist_cl.cli import make_shards
 
 SHARD_RUN = ["data.name=shards", "data.image_size=8", "model.in_chans=1", "eval.every_epochs=1", "train.epochs=1",
              "train.global_batch_size=32"]

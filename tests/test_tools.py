@@ -11,8 +11,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dist_cl import evaluate_cli as evaluate_tool
-from dist_cl import extract_cli as extract_tool
+from dist_cl.cli import evaluate as evaluate_tool
+from dist_cl.cli import extract_embeddings as extract_tool
 from dist_cl.cli import train as cli
 from dist_cl.config import load_config
 from dist_cl.evaluate.offline import compute_metrics

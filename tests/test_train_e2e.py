@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 
-from dist_cl import multinode_restarts
+from dist_cl.cli import multinode_restarts
 from dist_cl.runtime.checkpoint import load_checkpoint
 from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE
 
