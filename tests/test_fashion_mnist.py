@@ -175,3 +175,21 @@ def test_config_file_builds_its_data_and_model(idx_dir):
     with torch.no_grad():
         u, v, _ = build_model(cfg, num_samples=30).eval()(views, views)
     assert u.shape == (2, cfg.model.embed_dim) and torch.allclose(u, v)
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("changed,message", [
+    ("images", r"images-idx3-ubyte(\.gz)? holds 5x7 images, not Fashion-MNIST's 28x28: it is another data set"),
+    ("labels", r"labels-idx1-ubyte(\.gz)? holds labels up to 255, not Fashion-MNIST's 0 to 9: it is another data set"),
+])
+def test_idx_files_of_another_shape_are_refused_as_not_fashion_mnist(idx_dir, split, changed, message):
+    """Valid IDX files under Fashion-MNIST's names: 5x7 images, or labels up to 255, are another data set."""
+    images, labels = fake_split(split)
+    image_stem, label_stem = FILES[split]
+    if changed == "images":
+        write_idx(idx_dir / image_stem, images[:, :5, :7].copy(), gz=split == "train")
+    else:
+        labels[0] = 255
+        write_idx(idx_dir / label_stem, labels, gz=split == "train")
+    with pytest.raises(IdxError, match=message):
+        build_dataset(config(idx_dir), split)

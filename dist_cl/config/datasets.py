@@ -23,12 +23,15 @@ class Dataset:
     """Its fixed number of images, where it has one, split by ``data.holdout_fraction``."""
     classes: int | None = None
     """Its number of classes, where it is fixed: each split needs one image of each at least."""
+    image_shape: tuple[int, int] | None = None
+    """Height and width of its images, where they are fixed: files of another shape are another data set."""
 
 
 DATASETS = {
     "digits": Dataset(reads=("holdout_fraction",), channels=1, samples=1797, classes=10),
     "synthetic": Dataset(reads=("num_samples",), images=False),
     "shards": Dataset(reads=("path", "image_size")),
-    "fashion_mnist": Dataset(reads=("path", "image_size", "subset", "heldout_subset"), channels=1),
+    "fashion_mnist": Dataset(reads=("path", "image_size", "subset", "heldout_subset"), channels=1, classes=10,
+                             image_shape=(28, 28)),
 }
 """Every ``data.name`` and its declaration; dist_cl.data.build_dataset binds each name to its loader."""

@@ -1,8 +1,10 @@
 """Fashion-MNIST (Xiao et al. 2017): 60,000 training and 10,000 test 28x28 grayscale images in 10 classes.
 
 Read from the four IDX files (gzip'd or plain) that Debian's ``dataset-fashion-mnist`` installs. The
-test files are the held-out split. ``data.subset`` / ``data.heldout_subset`` keep a stratified sample of
-a split, fixed by ``data.split_seed`` (the same rows ``tools/make_shards.py --subset`` writes).
+test files are the held-out split. Files of a valid format but another image shape or label range (another
+data set under these names) are refused by what dist_cl.config.datasets declares, not trained on as
+Fashion-MNIST. ``data.subset`` / ``data.heldout_subset`` keep a stratified sample of a split, fixed by
+``data.split_seed`` (the same rows ``tools/make_shards.py --subset`` writes).
 Images stay uint8 tensors and the SimCLR views are made on tensors: no PIL round trip per view.
 """
 
@@ -22,6 +24,7 @@ INSTALL = "apt-get install -y dataset-fashion-mnist"
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "heldout": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST = DATASETS["fashion_mnist"]
 UINT8 = 0x08
 """IDX type code of unsigned bytes, the only element type Fashion-MNIST uses."""
 
@@ -64,6 +67,19 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, expected, header).reshape(shape)
 
 
+def check_fashion_mnist(images: np.ndarray, labels: np.ndarray, image_file: Path, label_file: Path) -> None:
+    """IdxError where valid IDX arrays are not Fashion-MNIST's: images of another size, labels past its classes."""
+    height, width = FASHION_MNIST.image_shape
+    if images.shape[1:] != (height, width):
+        raise IdxError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images, not Fashion-MNIST's "
+                       f"{height}x{width}: it is another data set; set data.path to Fashion-MNIST's IDX files "
+                       f"(`{INSTALL}`), or write other images as shards (dist-cl-make-shards) and use data.name=shards")
+    if len(labels) and labels.max() >= FASHION_MNIST.classes:
+        raise IdxError(f"{label_file} holds labels up to {labels.max()}, not Fashion-MNIST's 0 to "
+                       f"{FASHION_MNIST.classes - 1}: it is another data set; set data.path to Fashion-MNIST's IDX "
+                       f"files (`{INSTALL}`)")
+
+
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Sorted indices of ``size`` samples with the label proportions of ``labels`` (all of them for 0)."""
     n = len(labels)
@@ -80,11 +96,13 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 def fashion_mnist_split(path: str | Path, split: str, subset: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n, 28, 28) and int64 labels of ``split``, ``subset`` of them stratified (0: all)."""
     image_stem, label_stem = FILES[split]
-    images = read_idx(find_file(path, image_stem), 3)
-    labels = read_idx(find_file(path, label_stem), 1).astype(np.int64)
+    image_file, label_file = find_file(path, image_stem), find_file(path, label_stem)
+    images = read_idx(image_file, 3)
+    labels = read_idx(label_file, 1).astype(np.int64)
     if len(images) != len(labels):
         raise IdxError(f"{image_stem} holds {len(images)} images but {label_stem} {len(labels)} labels under "
                        f"{path}; reinstall them with `{INSTALL}`")
+    check_fashion_mnist(images, labels, image_file, label_file)
     key = "data.subset" if split == "train" else "data.heldout_subset"
     if subset > len(labels):
         raise ConfigError(f"{key}={subset} is more than the {len(labels)} {split} images; use at most "
@@ -96,7 +114,7 @@ def fashion_mnist_split(path: str | Path, split: str, subset: int, seed: int) ->
 class FashionMnistPairs(PairDataset):
     """Two SimCLR views of a uint8 (1, h, w) image tensor; ``clean`` is the resize + centre-crop eval view."""
 
-    channels = DATASETS["fashion_mnist"].channels
+    channels = FASHION_MNIST.channels
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: AugmentConfig, image_size: int, seed: int):
         super().__init__(seed)
