@@ -152,6 +152,14 @@ class TrainConfig:
     a tenth of an epoch skipped means diverging weights or broken data, and a run that goes on trains on
     another data set than the one configured. Counted per epoch, so a run that starts diverging late
     stops within that epoch; 1 never stops."""
+    accum_steps: int = 1
+    """Micro-batches each rank's share of the global batch goes through the model in: a global batch
+    accum_steps times larger in the same activation memory (GradCache; open_clip's --accum-freq). The features
+    of every micro-batch are made without gradient, the loss and its gradients w.r.t. them are computed once
+    over the whole global batch, then each micro-batch is made again and back-propagated from them: the
+    step's loss and gradients are the unaccumulated step's, at the cost of one more forward pass. BatchNorm
+    normalises over a micro-batch, not the rank's share, so a model with BatchNorm trains differently
+    (docs/DESIGN.md §1). Must divide global_batch_size / world_size."""
 
 
 @dataclass

@@ -66,6 +66,12 @@ def _check_train(t: TrainConfig, world_size: int | None) -> None:
     if world_size is not None and t.global_batch_size % world_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by world_size={world_size}; "
                           f"use a multiple of {world_size}")
+    _positive({"train.accum_steps": t.accum_steps})
+    per_rank = t.global_batch_size // (world_size or 1)
+    if world_size is not None and per_rank % t.accum_steps:
+        raise ConfigError(f"train.accum_steps={t.accum_steps} does not divide the per-rank batch "
+                          f"train.global_batch_size / world_size = {t.global_batch_size} / {world_size} = {per_rank}; "
+                          "use a divisor of it")
     if not 0.0 <= t.max_skipped_fraction <= 1.0:
         raise ConfigError(f"train.max_skipped_fraction={t.max_skipped_fraction} is a fraction of an epoch's steps; "
                           "use a value in [0, 1]")

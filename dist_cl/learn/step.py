@@ -4,10 +4,13 @@ and what happens when something is not finite (``train.nonfinite``): a step skip
 
 Every rank takes the same branch: the finite flags are reduced over the ranks on the device, and read
 with the loss in the step's one host sync.
+
+With ``train.accum_steps`` = k, each rank's rows go through the model in k micro-batches (``TrainStep.accumulate``).
 """
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,6 +76,15 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
                              "them over the last good checkpoint; lower train.lr or set train.grad_clip")
 
 
+@contextlib.contextmanager
+def kept_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """Forward passes inside leave ``model``'s buffers (BatchNorm's running statistics) as they were."""
+    buffers = [b.clone() for b in model.buffers()]
+    yield
+    if buffers:
+        torch._foreach_copy_(list(model.buffers()), buffers)
+
+
 class LossScaler(torch.amp.GradScaler):
     """fp16's loss scaler, resumable from a checkpoint written where it was off (no fp16, or not on CUDA),
     which holds no scaler state: it then starts at its initial scale, where torch's would raise."""
@@ -131,14 +143,17 @@ class TrainStep:
         # a skipped step leaves nothing behind: BatchNorm's running statistics and the loss's state included
         state = [*self.model.buffers(), *self.loss_fn.buffers()]
         buffers = [b.clone() for b in state] if self.train.nonfinite == "skip" else None
-        u, v, tau = self.forward(self.ddp, view_a, view_b)
-        loss = self.loss_fn(u, v, tau, index)  # float32 with autocast off (dist_cl.learn.losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.train.accum_steps == 1:
+            u, v, tau = self.forward(self.ddp, view_a, view_b)
+            loss = self.loss_fn(u, v, tau, index)  # float32 with autocast off (dist_cl.learn.losses)
+            self.scaler.scale(loss).backward()
+        else:
+            u, v, tau, loss = self.accumulate(view_a, view_b, index)
         scored = None
         if score and not self.loss_fn.scores_itself:
             with torch.no_grad():
                 scored = self.loss_fn.score(u, v, tau)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or float("inf"))
         finite_loss, finite_grad, finite_buffers, stop, value = self.outcome(loss, grad_norm, self.model,
@@ -158,6 +173,42 @@ class TrainStep:
             scored = value if scored is None else scored.item()
         return StepResult(value, u, v, skipped=overflow, score=scored, stop=stop)
 
+    def accumulate(self, view_a, view_b, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(u, v, tau, loss) of this rank's rows as the unaccumulated step makes them, and the gradients of the
+        scaled loss in the parameters, from ``train.accum_steps`` micro-batches (GradCache, Gao et al. 2021;
+        open_clip's --accum-freq computes the same gradients with the loss once per micro-batch).
+
+        1. Every micro-batch's features without gradient: the rank's u, v, the cache.
+        2. The loss of the global batch once from the cache (it gathers the ranks' rows, as unaccumulated), and
+           its gradients w.r.t. the cached u, v, tau: SogCLR's u table is written once, with the same values.
+        3. Each micro-batch again with gradient, back-propagated from its rows of those gradients; the
+           parameters' gradients add up over the micro-batches to the unaccumulated step's. DDP all-reduces
+           once, in the last micro-batch's backward (no_sync before it); tau's gradient goes back there too.
+
+        The first pass leaves BatchNorm's running statistics as it found them, so each sample updates them
+        once, in the second pass.
+        """
+        k = self.train.accum_steps
+        micro = list(zip(view_a.chunk(k), view_b.chunk(k)))
+        with torch.no_grad(), kept_buffers(self.model):
+            cached = [self.forward(self.model, a, b) for a, b in micro]
+        u = torch.cat([c[0] for c in cached]).requires_grad_()
+        v = torch.cat([c[1] for c in cached]).requires_grad_()
+        tau = cached[-1][2].clone().requires_grad_()
+        loss = self.loss_fn(u, v, tau, index)
+        # tau does not reach SogCLR's loss (it only weighs), hence allow_unused
+        grad_u, grad_v, grad_tau = torch.autograd.grad(self.scaler.scale(loss), [u, v, tau], allow_unused=True)
+        for j, ((a, b), du, dv) in enumerate(zip(micro, grad_u.chunk(k), grad_v.chunk(k))):
+            last = j == k - 1
+            with contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync():
+                u_j, v_j, tau_j = self.forward(self.ddp, a, b)
+                outputs, grads = [u_j, v_j], [du, dv]
+                if last and tau_j.requires_grad and grad_tau is not None:
+                    outputs.append(tau_j)
+                    grads.append(grad_tau)
+                torch.autograd.backward(outputs, grads)
+        return u.detach(), v.detach(), tau.detach(), loss.detach()
+
     def forward(self, model, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u, v, tau) of ``model`` (the DDP wrapper, or the bare model to score) under autocast."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -168,9 +219,8 @@ class TrainStep:
         """This rank's scoring loss (``loss_fn.score``: the training loss where it is defined per batch) of a
         global batch under the model as it is, in train mode like a trained batch, BatchNorm's running
         statistics left as they were, the loss's state untouched (a collective: the loss gathers)."""
-        buffers = [b.clone() for b in self.model.buffers()]
-        u, v, tau = self.forward(self.model, view_a.to(self.device), view_b.to(self.device))
-        torch._foreach_copy_(list(self.model.buffers()), buffers)
+        with kept_buffers(self.model):
+            u, v, tau = self.forward(self.model, view_a.to(self.device), view_b.to(self.device))
         return self.loss_fn.score(u, v, tau).item()
 
     @staticmethod
