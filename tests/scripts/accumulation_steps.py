@@ -1,6 +1,6 @@
 """Training steps on fixed float64 global batches with train.accum_steps = k, each rank feeding its slice: the
-global loss (float64), every parameter's gradient (as DDP or the free-embedding model averages it), the features the bank
-is given, the batch's score and (SogCLR) the u table, after each step.
+global loss (float64), every parameter's gradient (as DDP or the free-embedding model averages it), the
+features the bank is given, the batch's score and (SogCLR) the u table, after each step.
 
 Usage under torchrun: accumulation_steps.py OUT_DIR CASE... (one launch for every case); every rank saves the
 steps of each case at each k of ACCUM_STEPS as OUT_DIR/<case>-k<k>-rank<r>.pt.
@@ -63,7 +63,7 @@ def steps(case: str, accum_steps: int, rank: int = 0, world_size: int = 1) -> li
     out = []
     for step, batch in enumerate(BATCHES):
         index = torch.tensor(batch)[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
-        result = step_fn(*views(step, index, free), index, lambda: f"step {step}", score=True)
+        result = step_fn(*views(step, index, free), index, lambda: "a test step", score=True)
         figures = torch.stack([losses[-1], torch.tensor(result.score, dtype=torch.float64)])
         if world_size > 1:
             dist.all_reduce(figures)
