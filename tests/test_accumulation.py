@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from accumulation_steps import ACCUM_STEPS, BATCHES, CASES, steps
+from accumulation_steps import ACCUM_STEPS, BATCHES, CASES, steps, train_step, views
 from conftest import ROOT, torchrun_script
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -71,6 +71,19 @@ def test_ddp_all_reduces_the_gradients_once_per_step_whatever_the_micro_batches(
     unaccumulated, reduced[:] = list(reduced), []
     steps("infonce", 4)
     assert reduced == unaccumulated == [0] * len(BATCHES)  # the tiny model's gradients fill one bucket
+
+
+def test_a_non_finite_micro_batch_skips_the_whole_step_leaving_weights_and_u_table_as_they_were(one_process):
+    model, step_fn = train_step("sogclr", 2, nonfinite="skip")
+    index = torch.tensor(BATCHES[0])
+    view_a, view_b = views(0, index, free=False)
+    view_a[-1] = float("nan")  # one broken sample, in the second micro-batch
+    weights = {name: t.clone() for name, t in model.state_dict().items()}
+    result = step_fn(view_a, view_b, index, lambda: "a test step")
+    assert result.skipped and result.loss is None
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, weights[name]), name
+    assert not step_fn.loss_fn.u_table.any()
 
 
 def test_accum_steps_that_do_not_divide_the_per_rank_batch_are_refused_by_name():

@@ -56,7 +56,9 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(one_epoch_ru
     # at an epoch boundary the first thing is a bank refresh in eval mode, with BatchNorm statistics that
     # must be rank 0's (the checkpoint's) on every rank, not each rank's own from its last step
     (("selection.strategy=sc_global", "selection.embeddings=refresh", "selection.warmup_epochs=0"), 22, 1),
-], ids=["mid-epoch", "dropout", "refresh-at-epoch-end"])
+    # two micro-batches a step: the step stays atomic, SogCLR's u table written once a step
+    (("selection.strategy=random", "loss.name=sogclr", "train.accum_steps=2"), 15, 0),
+], ids=["mid-epoch", "dropout", "refresh-at-epoch-end", "sogclr-accum2"])
 def test_resume_from_a_checkpoint_ends_with_identical_weights(reference_runs, tmp_path, overrides, step, epoch):
     reference_run = reference_runs(*overrides)
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")

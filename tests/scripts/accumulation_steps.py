@@ -48,16 +48,22 @@ def views(step: int, index: torch.Tensor, free: bool) -> tuple[torch.Tensor, tor
     return x[index], x[index] + 0.3 * torch.randn(N, IN, generator=g, dtype=torch.float64)[index]
 
 
-def steps(case: str, accum_steps: int, rank: int = 0, world_size: int = 1) -> list[dict]:
-    """Every step of ``case`` (a CASES key) at ``accum_steps`` on this rank."""
+def train_step(case: str, accum_steps: int, rank: int = 0, world_size: int = 1, nonfinite: str = "error"):
+    """(model, its TrainStep) of ``case`` (a CASES key) at ``accum_steps``."""
     cfg = Config()
     cfg.loss.name, cfg.train.accum_steps, cfg.train.global_batch_size = CASES[case], accum_steps, len(BATCHES[0])
-    cfg.loss.hcl_tau_plus, cfg.loss.hcl_beta, cfg.loss.gamma = 0.1, 1.0, 0.6
+    cfg.loss.hcl_tau_plus, cfg.loss.hcl_beta, cfg.loss.gamma, cfg.train.nonfinite = 0.1, 1.0, 0.6, nonfinite
     torch.manual_seed(0)
+    model = (FreeEmbeddings(N, D, TAU, True, seed=0) if case.endswith("_free")
+             else Encoder(CASES[case] != "sogclr")).double()
+    return model, TrainStep(cfg, model, torch.optim.SGD(model.parameters(), lr=0.5), rank, world_size,
+                            torch.device("cpu"), N)
+
+
+def steps(case: str, accum_steps: int, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Every step of ``case`` (a CASES key) at ``accum_steps`` on this rank."""
+    model, step_fn = train_step(case, accum_steps, rank, world_size)
     free = case.endswith("_free")
-    model = (FreeEmbeddings(N, D, TAU, True, seed=0) if free else Encoder(CASES[case] != "sogclr")).double()
-    step_fn = TrainStep(cfg, model, torch.optim.SGD(model.parameters(), lr=0.5), rank, world_size,
-                        torch.device("cpu"), N)
     losses = []  # the step's loss in float64: StepResult.loss is read as float32 with the finite flags
     step_fn.loss_fn.register_forward_hook(lambda module, args, loss: losses.append(loss.detach()))
     out = []
