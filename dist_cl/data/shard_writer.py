@@ -1,7 +1,10 @@
-"""Write indexed webdataset shards (tar + wids shardindex.json), the layout dist_cl.data.shards reads.
+"""Write indexed webdataset shards (tar + wids shardindex.json), the layouts dist_cl.data reads.
 
 The command over it is ``dist-cl-make-shards`` (dist_cl.cli.make_shards). Sample i goes to shard
-i // samples_per_shard under key %09d with members .png/.jpg (image), .cls (label, where known) and .idx (i).
+i // samples_per_shard under key %09d. Image shards (dist_cl.data.shards) are ``shard-000000.tar`` with
+members .png/.jpg (image), .cls (label, where known) and .idx (i). Caption shards (dist_cl.data.captions)
+are img2dataset's ``00000.tar`` with members .jpg/.png/.webp, .txt (caption), .json and .cls where known;
+``index_captions`` indexes such shards that img2dataset wrote, leaving the tars as they are.
 Resumable: each shard is written to a temporary name and renamed when complete, so a rerun with the same
 arguments keeps finished shards and writes the rest. A finished output (it has shardindex.json) or one begun
 with other arguments is only replaced with ``force``. Each shard gets an offsets table beside it
@@ -12,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,17 +25,24 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dist_cl.data.captions import CAPTIONS, caption_table_dtype, caption_text
 from dist_cl.data.shards import (
     IMAGE_EXTENSIONS,
     INDEX_KIND,
     INDEX_NAME,
     OFFSETS_COLUMNS,
+    ShardError,
     offsets_path,
+    read_index,
     sample_key,
     shard_name,
 )
 
 PARAMS_NAME = "make_shards.json"
+SHARD_FILE = re.compile(r"(shard-)?\d+\.tar(\..*)?")
+"""The files make_shards writes per shard (tar, offsets table, unfinished .tmp), in either layout."""
+MEMBER_NAME = re.compile(r"((?:.*/)?[^./]+)\.([^/]+)")
+"""A tar member's key and extension as webdataset splits them: at the first dot of the file name."""
 
 
 class ShardWriteError(RuntimeError):
@@ -67,12 +78,14 @@ def class_ids(labels: np.ndarray, source: Path) -> np.ndarray:
 
 @dataclass
 class Source:
-    """Random access to the samples being sharded: index -> (image bytes, extension, label or None)."""
+    """Random access to the samples being sharded: index -> (image bytes, extension, label or None), and for
+    caption shards index -> the caption's members (``{"txt": ..., "json": ...}``)."""
 
     num_samples: int
     mode: str
     classes: list[str] | None
     read: Callable[[int], tuple[bytes, str, int | None]]
+    captions: Callable[[int], dict[str, bytes]] | None = None
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -146,6 +159,42 @@ def folder_source(root: Path, mode: str) -> Source:
     return Source(len(files), mode, classes, read)
 
 
+def caption_shard_name(shard: int) -> str:
+    return f"{shard:05d}.tar"
+
+
+def caption_folder_source(root: Path, mode: str) -> Source:
+    """Every image under ``root`` (sub-folders included, sorted by path) with its caption beside it:
+    ``a/cat.jpg`` + ``a/cat.txt``, as img2dataset's ``--output_format files`` leaves them. ``a/cat.json``
+    (metadata) and ``a/cat.cls`` (a class id) are copied where present; without a .json one is written with
+    the caption and the source path. Images are copied byte for byte; captions are checked on the way."""
+    if not root.is_dir():
+        raise ShardWriteError(f"--input {root} is not a directory of images with captions beside them")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if not files:
+        raise ShardWriteError(f"--input {root} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    with_cls = [path.with_suffix(".cls").is_file() for path in files]
+    if any(with_cls) and not all(with_cls):
+        raise ShardWriteError(f"{files[with_cls.index(False)]} has no .cls beside it while other images do: "
+                              "label every image or none")
+
+    def read(i: int):
+        path = files[i]
+        label = path.with_suffix(".cls").read_text().strip() if with_cls[i] else None
+        try:
+            return path.read_bytes(), path.suffix.lower().lstrip("."), None if label is None else int(label)
+        except ValueError as exc:
+            raise ShardWriteError(f"{path.with_suffix('.cls')} holds {label!r}, not an integer class id") from exc
+
+    def captions(i: int):
+        text, meta = files[i].with_suffix(".txt"), files[i].with_suffix(".json")
+        caption = caption_text(text.read_bytes() if text.is_file() else None, f"caption {text} of image {files[i]}")
+        return {"txt": caption.encode(), "json": meta.read_bytes() if meta.is_file() else json.dumps(
+            {"caption": caption, "source": str(files[i].relative_to(root))}).encode()}
+
+    return Source(len(files), mode, None, read, captions)
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -159,13 +208,23 @@ def write_shard(path: Path, source: Source, indices: range, progress: tqdm) -> N
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in indices:
             data, ext, label = source.read(i)
-            key = sample_key(i)
-            _add(tar, f"{key}.{ext}", data)
+            members = {ext: data, **(source.captions(i) if source.captions else {})}
             if label is not None:
-                _add(tar, f"{key}.cls", str(label).encode())
-            _add(tar, f"{key}.idx", str(i).encode())
+                members["cls"] = str(label).encode()
+            if source.captions is None:  # image shards carry their index, checked on every read
+                members["idx"] = str(i).encode()
+            for name, payload in members.items():
+                _add(tar, f"{sample_key(i)}.{name}", payload)
             progress.update(1)
     os.replace(tmp, path)
+
+
+def save_table(path: Path, table: np.ndarray) -> None:
+    """Write ``path``'s offsets table beside it, complete or not at all."""
+    tmp = offsets_path(path).with_name(offsets_path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, table)
+    os.replace(tmp, offsets_path(path))
 
 
 def describe_shard(path: Path) -> dict:
@@ -184,10 +243,7 @@ def describe_shard(path: Path) -> dict:
             else:
                 row[0:3] = member.offset_data, member.size, IMAGE_EXTENSIONS.index(ext)
     table = np.array(list(rows.values()), dtype=np.int64).reshape(-1, len(OFFSETS_COLUMNS))
-    tmp = offsets_path(path).with_name(offsets_path(path).name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, offsets_path(path))
+    save_table(path, table)
     entry = {
         "url": path.name,
         "nsamples": len(table),
@@ -199,6 +255,93 @@ def describe_shard(path: Path) -> dict:
     return entry
 
 
+def describe_caption_shard(path: Path) -> dict:
+    """A caption shard's wids index entry (no md5sum: it would read every byte of every tar of a web-scale
+    set, and the reader checks sizes); writes its offsets table (dist_cl.data.captions) on the way.
+
+    Members are grouped by key, samples kept in tar order. Every caption is read and checked here, so a
+    missing, empty or undecodable one stops indexing rather than training. Members other than the image,
+    .txt, .json and .cls are left where they are, unread.
+    """
+    samples: dict[str, dict[str, tuple[int, ...]]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            match = MEMBER_NAME.fullmatch(member.name)
+            if match is None:
+                raise ShardError(f"shard {path} member {member.name!r} has no extension; webdataset names members "
+                                 "KEY.EXT")
+            key, ext = match.group(1), match.group(2).lower()
+            members = samples.setdefault(key, {})
+            if ext in members or (ext in IMAGE_EXTENSIONS and "image" in members):
+                raise ShardError(f"shard {path} key {key}: a second {ext if ext in members else 'image'} member "
+                                 f"({member.name}); a sample holds one of each")
+            if ext in IMAGE_EXTENSIONS:
+                members["image"] = (member.offset_data, member.size, IMAGE_EXTENSIONS.index(ext))
+            else:
+                members[ext] = (member.offset_data, member.size)
+    table = np.zeros(len(samples), caption_table_dtype(max((len(key.encode()) for key in samples), default=1)))
+    labels = []
+    with open(path, "rb") as f:
+        def read(offset_size: tuple[int, int] | None) -> bytes | None:
+            if offset_size is None:
+                return None
+            f.seek(offset_size[0])
+            return f.read(offset_size[1])
+
+        for i, (key, members) in enumerate(samples.items()):
+            where = f"shard {path} key {key}"
+            if "image" not in members:
+                raise ShardError(f"{where}: no image member (one of {', '.join(IMAGE_EXTENSIONS)}); every caption "
+                                 "needs its image")
+            caption_text(read(members.get("txt")), where)
+            if "cls" in members:
+                try:
+                    labels.append(int(read(members["cls"])))
+                except ValueError as exc:
+                    raise ShardError(f"{where}: its .cls is not an integer class id ({exc})") from exc
+            table[i] = (key.encode(), *members["image"], *members["txt"], *members.get("json", (-1, 0)))
+    if 0 < len(labels) < len(table):
+        raise ShardError(f"shard {path}: {len(labels)} of {len(table)} samples have a .cls label; label all or none")
+    save_table(path, table)
+    entry = {"url": path.name, "nsamples": len(table), "filesize": path.stat().st_size}
+    if labels:
+        entry["labels"] = labels
+    return entry
+
+
+def write_index(out: Path, shardlist: list[dict], meta: dict) -> dict:
+    """Write ``out/shardindex.json`` (wids' shard index, with dist_cl's ``meta``), complete or not at all."""
+    index = {"__kind__": INDEX_KIND, "wids_version": 1, "name": out.name, "shardlist": shardlist, "dist_cl": meta}
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, out / INDEX_NAME)
+    return index
+
+
+def index_captions(directory: Path, mode: str = "RGB") -> dict:
+    """Index img2dataset's webdataset output in ``directory`` (``00000.tar`` ...) where it lies: an offsets
+    table beside each tar and ``shardindex.json``; the tars, parquet and stats files are not touched. A tar
+    with no samples (every download of the shard failed) has no entry, and is named in ``empty_shards``.
+    Rerunning replaces the tables and index, e.g. after more shards were downloaded."""
+    if not directory.is_dir():
+        raise ShardWriteError(f"--index-captions {directory} is not a directory")
+    if (directory / INDEX_NAME).is_file() and read_index(directory)["dist_cl"].get("content") != CAPTIONS:
+        raise ShardWriteError(f"{directory} holds image shards ({INDEX_NAME}), not img2dataset output")
+    tars = sorted(directory.glob("*.tar"))
+    if not tars:
+        raise ShardWriteError(f"{directory} has no .tar shards; point --index-captions at img2dataset's "
+                              "--output_folder, written with --output_format webdataset")
+    entries = [describe_caption_shard(path) for path in tqdm(tars, unit="shard", desc=f"index {directory}")]
+    empty = [entry["url"] for entry in entries if entry["nsamples"] == 0]
+    shardlist = [entry for entry in entries if entry["nsamples"] > 0]
+    if not shardlist:
+        raise ShardWriteError(f"every shard in {directory} is empty: img2dataset downloaded no image")
+    return write_index(directory, shardlist, {"mode": mode, "classes": None, "content": CAPTIONS,
+                                              "empty_shards": empty})
+
+
 def prepare_output(out: Path, params: dict, force: bool) -> None:
     """Create ``out``, or resume into it, or clear it with --force; refuse anything else."""
     params_path = out / PARAMS_NAME
@@ -206,7 +349,7 @@ def prepare_output(out: Path, params: dict, force: bool) -> None:
         raise ShardWriteError(f"--out {out} is a file; choose a directory")
     if force and out.is_dir():
         for path in out.iterdir():
-            if path.name in (INDEX_NAME, PARAMS_NAME) or path.name.startswith("shard-"):
+            if path.name in (INDEX_NAME, PARAMS_NAME) or SHARD_FILE.fullmatch(path.name):
                 path.unlink()
     elif (out / INDEX_NAME).exists():
         raise ShardWriteError(f"{out} already holds a finished shard set ({INDEX_NAME}); pass --force to overwrite it")
@@ -229,7 +372,8 @@ def make_shards(source: Source, out: Path, samples_per_shard: int, params: dict,
     """Write (or finish writing) the shards and the index; returns the index."""
     prepare_output(out, params, force)
     num_shards = -(-source.num_samples // samples_per_shard)
-    shards = [out / shard_name(k) for k in range(num_shards)]
+    captions = source.captions is not None
+    shards = [out / (caption_shard_name(k) if captions else shard_name(k)) for k in range(num_shards)]
     done = sum(
         min(samples_per_shard, source.num_samples - k * samples_per_shard) for k, p in enumerate(shards) if p.exists()
     )
@@ -238,14 +382,7 @@ def make_shards(source: Source, out: Path, samples_per_shard: int, params: dict,
             if not path.exists():
                 start = k * samples_per_shard
                 write_shard(path, source, range(start, min(start + samples_per_shard, source.num_samples)), progress)
-    index = {
-        "__kind__": INDEX_KIND,
-        "wids_version": 1,
-        "name": out.name,
-        "shardlist": [describe_shard(path) for path in shards],
-        "dist_cl": {"mode": source.mode, "classes": source.classes, "made_by": params},
-    }
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, out / INDEX_NAME)
-    return index
+    describe = describe_caption_shard if captions else describe_shard
+    return write_index(out, [describe(path) for path in shards], {
+        "mode": source.mode, "classes": source.classes, "made_by": params, **({"content": CAPTIONS} if captions else {})
+    })

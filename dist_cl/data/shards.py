@@ -92,22 +92,29 @@ def offsets_path(shard_path: str | Path) -> Path:
 
 
 class OffsetTableShard:
-    """One shard read through its offsets table: samples are slices of a memory map, as wids gives them."""
+    """One shard read through its offsets table: samples are slices of a memory map, as wids gives them.
+    Subclasses read tables of other columns (``fits``, ``__getitem__``)."""
+
+    repair = REPAIR
 
     def __init__(self, path: str, first_index: int, nsamples: int):
         table_path = offsets_path(path)
         try:
             self.table = np.load(table_path)
         except (OSError, ValueError) as exc:
-            raise ShardError(f"offsets table {table_path} cannot be read ({exc}); {REPAIR}") from exc
+            raise ShardError(f"offsets table {table_path} cannot be read ({exc}); {self.repair}") from exc
         size = os.path.getsize(path)
-        fits = self.table.shape == (nsamples, len(OFFSETS_COLUMNS)) and self.table.dtype == np.int64
-        if not fits or (self.table[:, [0, 3, 5]] + self.table[:, [1, 4, 6]]).max(initial=0) > size:
+        if not self.fits(nsamples, size):
             raise ShardError(f"offsets table {table_path} does not describe shard {path} ({nsamples} samples, "
-                             f"{size} bytes); {REPAIR}")
+                             f"{size} bytes); {self.repair}")
         self.file = open(path, "rb")
         self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
         self.first_index = first_index
+
+    def fits(self, nsamples: int, size: int) -> bool:
+        """The table has a row per sample and every member it points at lies inside the shard's bytes."""
+        fits = self.table.shape == (nsamples, len(OFFSETS_COLUMNS)) and self.table.dtype == np.int64
+        return fits and (self.table[:, [0, 3, 5]] + self.table[:, [1, 4, 6]]).max(initial=0) <= size
 
     def __len__(self) -> int:
         return len(self.table)
@@ -191,7 +198,12 @@ class ShardPairs(PairDataset):
     shards in random order, so every shard should stay open: reopening one maps it and loads its offsets
     table again, or re-parses all its tar headers where it has no table (docs/BENCHMARKS.md).
     ``open_shards`` (default: what the descriptor limit allows) bounds them, least recently used closed first.
+    Subclasses read other shard contents (the index's ``dist_cl.content``) by opening and decoding shards
+    their own way (``_open_shard``, ``load``).
     """
+
+    content = "images"
+    repair = REPAIR
 
     def __init__(
         self, directory: str | Path, augment: AugmentConfig, image_size: int, seed: int, open_shards: int = 0
@@ -199,6 +211,10 @@ class ShardPairs(PairDataset):
         super().__init__(seed)
         self.directory = Path(directory)
         index = read_index(self.directory)
+        content = index["dist_cl"].get("content", "images")
+        if content != self.content:
+            raise ShardError(f"{self.directory} holds shards of {content}; {type(self).__name__} reads shards of "
+                             f"{self.content}")
         self.shards = index["shardlist"]
         self.starts = np.array([shard["start"] for shard in self.shards])
         self.num_samples = index["num_samples"]
@@ -227,10 +243,15 @@ class ShardPairs(PairDataset):
         if k in self._open:
             self._open.move_to_end(k)
             return self._open[k]
-        shard = self.shards[k]
+        self._open[k] = self._open_shard(self.shards[k])
+        if len(self._open) > self.open_shards:
+            self._open.popitem(last=False)[1].close()
+        return self._open[k]
+
+    def _open_shard(self, shard: dict):
         _check_file(shard)
         if offsets_path(shard["path"]).is_file():
-            return self._keep(k, OffsetTableShard(shard["path"], shard["start"], shard["nsamples"]))
+            return OffsetTableShard(shard["path"], shard["start"], shard["nsamples"])
         from wids.wids import IndexedTarSamples
 
         try:
@@ -242,20 +263,17 @@ class ShardPairs(PairDataset):
             raise ShardError(
                 f"shard {shard['path']} holds {len(samples)} samples, the index says {shard['nsamples']}; {REPAIR}"
             )
-        return self._keep(k, samples)
-
-    def _keep(self, k: int, samples):
-        self._open[k] = samples
-        if len(self._open) > self.open_shards:
-            self._open.popitem(last=False)[1].close()
         return samples
 
-    def load(self, index: int) -> Image.Image:
+    def _sample(self, index: int) -> tuple[str, dict]:
+        """Sample ``index`` as (its shard's path, its members as wids gives them)."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample index {index} is out of range for {self.num_samples} samples in {self.directory}")
         k = int(np.searchsorted(self.starts, index, side="right")) - 1
-        path = self.shards[k]["path"]
-        sample = self._shard(k)[index - self.shards[k]["start"]]
+        return self.shards[k]["path"], self._shard(k)[index - self.shards[k]["start"]]
+
+    def load(self, index: int) -> Image.Image:
+        path, sample = self._sample(index)
         key = sample["__key__"]
         try:
             stored = int(sample[".idx"].read())
@@ -268,6 +286,10 @@ class ShardPairs(PairDataset):
                 f"shard {path} member {key}.idx holds index {stored} at position {index}: indices must be dense "
                 f"0..{self.num_samples - 1} in order (out of range, duplicated or reordered); {REPAIR}"
             )
+        return self._image(path, sample)
+
+    def _image(self, path: str, sample: dict) -> Image.Image:
+        key = sample["__key__"]
         ext = next((e for e in IMAGE_EXTENSIONS if f".{e}" in sample), None)
         if ext is None:
             raise ShardError(f"shard {path} member {key}: no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
@@ -275,7 +297,7 @@ class ShardPairs(PairDataset):
             image = Image.open(sample[f".{ext}"])
             image.load()
         except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ShardError(f"shard {path} member {key}.{ext} cannot be decoded ({exc}); {REPAIR}") from exc
+            raise ShardError(f"shard {path} member {key}.{ext} cannot be decoded ({exc}); {self.repair}") from exc
         return image if image.mode == self.mode else image.convert(self.mode)
 
     def raw(self, index: int) -> torch.Tensor:
