@@ -204,9 +204,12 @@ class Trainer:
     def checkpoint_after_step(self, stop: bool) -> None:
         """Save every checkpoint.every_steps steps, and where some rank was asked to stop, then stop."""
         every, step = self.cfg.checkpoint.every_steps, self.counters.step
-        # the epoch's last step is saved by fit() at the epoch's end; saving it here too would write
-        # the same file twice, and a kill between the second write's renames would leave neither
-        if stop or (every and step % every == 0 and not self.sampler.done):
+        # the epoch's last step is saved by fit() at the epoch's end, where a stop asked for in it is honoured:
+        # saving it here too would write the same file twice (a kill between the second write's renames would
+        # leave neither), and stopping here would leave the resumed run an epoch without steps to record
+        if self.sampler.done:
+            return
+        if stop or (every and step % every == 0):
             self.save_checkpoint()
         if stop:
             raise Preempted(f"stopped after step {step} (epoch {self.counters.epoch})")
