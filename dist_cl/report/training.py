@@ -1,6 +1,7 @@
-"""A training run's reports as its loop produces them: at its start the config file, train.log and the banner
-(rank 0), then each step's progress bar and train/* scalars, each epoch's record, each evaluation, and at its
-end the hparams record and the summary. ``RunMetrics`` (dist_cl.report.metrics_log) writes them.
+"""A training run's reports as its loop produces them: at its start the config file, run_info.json (the code and
+machine, dist_cl.report.run_info), train.log and the banner (rank 0), then each step's progress bar and
+train/* scalars, each epoch's record, each evaluation, and at its end the hparams record and the summary.
+``RunMetrics`` (dist_cl.report.metrics_log) writes them.
 """
 
 import logging
@@ -16,6 +17,7 @@ from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.planner import random_epochs
 from dist_cl.report.console import banner, close_log_file, open_log_file, summary
 from dist_cl.report.metrics_log import EpochRecord, RunMetrics
+from dist_cl.report.run_info import record_start
 from dist_cl.runtime.distributed import DistInfo
 
 log = logging.getLogger("dist_cl")
@@ -33,6 +35,7 @@ class TrainingReport:
         self.log_file: logging.Handler | None = None
         if info.is_main:
             save_config(cfg, cfg.run_dir / "config.yaml")
+            record_start(cfg.run_dir, counters.step, counters.epoch)
             self.log_file = open_log_file(cfg.run_dir)
             backend = dist.get_backend() if dist.is_initialized() else "none"
             for line in banner(cfg, info.world_size, info.device, backend, *sizes, random_epochs(cfg.selection)):
