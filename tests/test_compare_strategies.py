@@ -100,3 +100,69 @@ def test_a_relative_config_is_the_one_beside_where_the_tool_was_started(tmp_path
     commands = [shlex.split(line) for line in proc.stdout.splitlines()]
     [command] = commands
     assert command[command.index("--config") + 1] == str(tmp_path / "my.yaml")
+
+
+def fake_run(directory, commit: str | None) -> None:
+    """A finished two-epoch run's records: metrics.jsonl and run_info.json with the trainer's code record
+    (none where ``commit`` is None: a record from before run_info.json named one)."""
+    directory.mkdir(parents=True)
+    lines = [{"kind": "eval", "epoch": e, "step": 10 * e, "train_full_batch_loss": 9.0 - e, "retrieval_top1": 0.1 * e,
+              "knn_top1": 0.2 * e} for e in (0, 1, 2)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code = {"version": "0.1.0", "commit": commit, "dirty": False, "diff_sha256": None}
+    (directory / "run_info.json").write_text(json.dumps({"code": code, "resumes": []} if commit else {"wall_s": 1.0}))
+
+
+A, B = "a" * 40, "b" * 40
+
+
+def test_runs_of_different_commits_are_refused_unless_allowed_and_then_named(tmp_path):
+    fake_run(tmp_path / "random-s0", A)
+    fake_run(tmp_path / "random-s1", B)
+    comparison = compare.collect(tmp_path, compare.parse_entries("random"), [0, 1], epochs=2, batch_size=8)
+    with pytest.raises(compare.MixedCodeError, match="2 different code states") as refused:
+        compare.check_one_code_state(comparison)
+    assert f"- {A[:12]}: random-s0\n- {B[:12]}: random-s1" in str(refused.value)
+    table = compare.results_table(comparison, "random", table_every=1, table_epochs=set())
+    assert table.startswith("Code: these runs ran different code")
+    assert f"- {A[:12]}: random-s0\n- {B[:12]}: random-s1\n" in table
+
+
+def test_runs_of_one_commit_are_aggregated_and_the_table_names_it(tmp_path):
+    fake_run(tmp_path / "random-s0", A)
+    fake_run(tmp_path / "random-s1", A)
+    comparison = compare.collect(tmp_path, compare.parse_entries("random"), [0, 1], epochs=2, batch_size=8)
+    compare.check_one_code_state(comparison)
+    table = compare.results_table(comparison, "random", table_every=1, table_epochs=set())
+    assert table.startswith(f"Code: {A[:12]} for all 2 runs")
+
+
+def test_a_run_that_recorded_no_commit_is_an_unknown_state_refused_beside_a_known_one(tmp_path):
+    fake_run(tmp_path / "random-s0", A)
+    fake_run(tmp_path / "random-s1", None)
+    comparison = compare.collect(tmp_path, compare.parse_entries("random"), [0, 1], epochs=2, batch_size=8)
+    with pytest.raises(compare.MixedCodeError, match="- unknown: random-s1 \\(run_info.json names no commit"):
+        compare.check_one_code_state(comparison)
+
+
+def test_the_recorded_runs_that_predate_commits_are_aggregated_as_one_unknown_state():
+    """docs/records: runs recorded before run_info.json named a commit (RESULTS re-makes its tables from them)."""
+    comparison = compare.collect(ROOT / "docs" / "records" / "compare-fmnist-hcl",
+                                 compare.parse_entries("random,sc_global"), [0, 1, 2], epochs=20, batch_size=32)
+    compare.check_one_code_state(comparison)
+    assert compare.code_lines(comparison)[0].startswith("Code: unknown for all 6 runs: their run_info.json names "
+                                                        "no commit")
+
+
+def test_the_tool_refuses_mixed_commits_by_name_and_tabulates_them_with_the_flag(tmp_path):
+    fake_run(tmp_path / "random-s0", A)
+    fake_run(tmp_path / "random-s1", B)
+    command = [sys.executable, str(ROOT / "tools" / "compare_strategies.py"), "--aggregate-only", "--config",
+               str(ROOT / "configs" / "synthetic.yaml"), "--epochs", "2", "--seeds", "0,1", "--strategies", "random",
+               "--out", str(tmp_path)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and not (tmp_path / "results.md").exists()
+    assert f"- {A[:12]}: random-s0\n- {B[:12]}: random-s1" in refused.stderr and "--mixed-commits" in refused.stderr
+    allowed = subprocess.run([*command, "--mixed-commits"], capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert f"- {A[:12]}: random-s0\n- {B[:12]}: random-s1" in (tmp_path / "results.md").read_text()

@@ -10,14 +10,17 @@
     python tools/compare_strategies.py --dry-run                         # each run's command; nothing trains
 
 Every run goes to <out>/<label>-s<seed> (run.dir), its terminal output (every rank's) to console.log there
-(the trainer writes train.log itself), its wall time, command and load average to run_info.json. A run
+(the trainer writes train.log itself), its wall time, command and load average into run_info.json (beside the
+trainer's record of the code and machine, dist_cl.report.run_info). A run
 whose metrics.jsonl already holds the final epoch is skipped, so an interrupted comparison is resumed by
 running the same command again (a run cut short is resumed from its checkpoint by launch/train.py; its
 wall time then covers the last attempt only and is marked "resumed").
 
 Aggregation (dist_cl.report.comparison) reads each run's metrics.jsonl alone: its evaluation lines (the
 metrics at every evaluated epoch) and its epoch lines (training and selection seconds, selection/* figures of
-every epoch), plus run_info.json and the probe where they exist. It writes <out>/results.md (also printed) and
+every epoch), plus run_info.json and the probe where they exist. Runs of different code (commits, uncommitted
+changes, or records that name none) are refused unless --mixed-commits allows them; the table then lists each
+code state with its runs. It writes <out>/results.md (also printed) and
 <out>/strategies.png (retrieval top-1 and kNN top-1 against epoch and against optimizer step, mean over seeds
 with a min-max band).
 
@@ -26,7 +29,6 @@ with dotted overrides for that entry only.
 """
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -38,6 +40,8 @@ from dist_cl.config import TOOL_OUTPUTS
 from dist_cl.report.comparison import (
     PROBE_NAME,
     Entry,
+    MixedCodeError,
+    check_one_code_state,
     collect,
     parse_entries,
     plot,
@@ -45,6 +49,7 @@ from dist_cl.report.comparison import (
     run_dir,
 )
 from dist_cl.report.records import read_records
+from dist_cl.report.run_info import update_run_info
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = "random,osgd,sc,sc_global"
@@ -87,7 +92,7 @@ def train(entry: Entry, seed: int, args, extra: list[str]) -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (directory / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    update_run_info(directory, info)
     print(f"[done] {entry.label} seed {seed}: rc {code}, {wall:.1f}s wall, {child_cpu:.1f}s CPU, "
           f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
     if code != 0:
@@ -109,6 +114,8 @@ def probe(entry: Entry, seed: int, args) -> None:
 def aggregate(entries: list[Entry], seeds: list[int], args) -> str:
     """results.md and strategies.png from the runs' records (dist_cl.report.comparison)."""
     runs = collect(args.out, entries, seeds, args.epochs, args.batch_size)
+    if not args.mixed_commits:
+        check_one_code_state(runs)
     text = results_table(runs, args.reference, args.table_every, args.table_epochs)
     plot(runs, args.plot, f"{Path(args.config).name}: mean over seeds {','.join(map(str, seeds))}, band = min-max")
     args.table.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only print where the full-batch loss of each model puts its softmax mass, from "
                              "embeddings of the training split saved by tools/extract_embeddings.py")
     parser.add_argument("--aggregate-only", action="store_true", help="do not train; aggregate what exists")
+    parser.add_argument("--mixed-commits", action="store_true",
+                        help="aggregate runs of different code (commits, uncommitted changes, or no commit "
+                             "recorded) into one table, which lists each code state with its runs")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command of each run still to train, one a line; train nothing")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run (or after --)")
@@ -180,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return 0
         print(f"[all ] {time.perf_counter() - started:.1f}s wall", flush=True)
-    text = aggregate(entries, seeds, args)
+    try:
+        text = aggregate(entries, seeds, args)
+    except MixedCodeError as err:
+        print(f"error: {err}\nAggregate one code state's runs (move the others to another --out), or pass "
+              "--mixed-commits to tabulate them together with this list.", file=sys.stderr)
+        return 2
     print(text)
     print(f"wrote {args.table} and {args.plot}")
     return 0

@@ -1,6 +1,10 @@
 """A comparison of batch-selection strategies from its runs' records: one summary per run (metrics.jsonl,
 run_info.json, the probe), the verdict against a reference strategy, the tables and the plot.
 
+A table is one code state's unless its caller allows more (``check_one_code_state``): runs of different commits,
+or of different uncommitted changes, differ by more than their strategy. A run whose run_info.json names no
+commit (recorded before it did) is in the state "unknown", itself one state: such runs cannot be told apart.
+
 A comparison trains each entry (a strategy, or LABEL:STRATEGY with dotted overrides) with each seed into
 ``<out>/<label>-s<seed>``; tools/compare_strategies.py runs them and writes what this module aggregates.
 """
@@ -12,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_cl.report.records import read_records
+from dist_cl.report.run_info import UNKNOWN, code_labels, read_run_info
 
 PROBE_NAME = "probe.json"
 """The linear probe of a run's final checkpoint (tools/evaluate.py --json), in its run directory."""
@@ -80,8 +85,7 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
     metrics = read_records(directory / "metrics.jsonl")
     if epochs not in metrics:
         return None
-    info_path = directory / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_run_info(directory)
     epochs_trained = read_records(directory / "metrics.jsonl", kind="epoch").values()
     loss_aware = [r for r in epochs_trained  # runs from before the records named their strategy: lift written
                   if r.get("strategy", "random" if "selection/lift" not in r else None) != "random"]
@@ -97,6 +101,8 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
     train_seconds = [r["train_seconds"] for r in epochs_trained]
     return {
         **summary,
+        "run": directory.name,
+        "code": code_labels(info),
         "epochs": sorted(metrics),
         "step": {e: r["step"] for e, r in metrics.items()},
         "final_step": final["step"],
@@ -104,7 +110,8 @@ def summarise_run(directory: Path, epochs: int, batch_size: int) -> dict | None:
         "probe": read_probe(directory),
         "wall_s": info.get("wall_s", float("nan")),
         "cpu_s": info.get("child_cpu_s", float("nan")),
-        "load": float(np.mean([info["loadavg_before"][0], info["loadavg_after"][0]])) if info else float("nan"),
+        "load": (float(np.mean([info["loadavg_before"][0], info["loadavg_after"][0]]))
+                 if "loadavg_before" in info else float("nan")),  # a run the tool did not launch has none
         "resumed": info.get("resumed", False),
         "train_s": sum(train_seconds) if train_seconds else float("nan"),
         "epoch_s": float(np.median(train_seconds)) if train_seconds else float("nan"),
@@ -191,12 +198,56 @@ def collect(out: Path, entries: list[Entry], seeds: list[int], epochs: int, batc
     return Comparison(entries, seeds, epochs, batch_size, runs, missing)
 
 
+class MixedCodeError(ValueError):
+    """The runs of a comparison ran different code (commits, uncommitted changes, or one unknown)."""
+
+
+def code_states(comparison: Comparison) -> dict[str, list[str]]:
+    """Each code state of the finished runs (dist_cl.report.run_info.code_label) and the runs that ran it; a run
+    resumed on other code is under each of its states."""
+    states: dict[str, list[str]] = {}
+    for _, rs in finished_entries(comparison):
+        for r in rs:
+            for state in r["code"]:
+                states.setdefault(state, []).append(r["run"])
+    return states
+
+
+def code_listing(states: dict[str, list[str]]) -> list[str]:
+    return [f"- {state}: {', '.join(runs)}" + (" (run_info.json names no commit: recorded before it did)"
+                                                if state == UNKNOWN else "") for state, runs in states.items()]
+
+
+def check_one_code_state(comparison: Comparison) -> None:
+    """Raises MixedCodeError, naming each state's runs, where the finished runs ran more than one."""
+    states = code_states(comparison)
+    if len(states) > 1:
+        raise MixedCodeError(f"these runs ran {len(states)} different code states, and one table of them would "
+                             "mix code changes into the strategies' differences:\n" + "\n".join(code_listing(states)))
+
+
+def code_lines(comparison: Comparison) -> list[str]:
+    """The table's first lines (and a blank one): the code its runs ran, each run named where they ran more than
+    one state."""
+    states = code_states(comparison)
+    if not states:
+        return []
+    if len(states) > 1:
+        return ["Code: these runs ran different code, each state with its runs (a table aggregated on purpose):",
+                "", *code_listing(states), ""]
+    [(state, runs)] = states.items()
+    if state == UNKNOWN:
+        return [f"Code: unknown for all {len(runs)} runs: their run_info.json names no commit (recorded before "
+                "it did), so they may have run different code.", ""]
+    return [f"Code: {state} for all {len(runs)} runs (their run_info.json).", ""]
+
+
 def results_table(comparison: Comparison, reference_label: str, table_every: int, table_epochs: set[int]) -> str:
-    """Markdown: the final epoch's metrics, the verdict against ``reference_label`` with the selection
-    diagnostics, each metric per evaluated epoch (every ``table_every``-th, the last and ``table_epochs``),
-    and each seed's final numbers."""
+    """Markdown: the code its runs ran (``code_lines``), the final epoch's metrics, the verdict against
+    ``reference_label`` with the selection diagnostics, each metric per evaluated epoch (every
+    ``table_every``-th, the last and ``table_epochs``), and each seed's final numbers."""
     final, runs = comparison.epochs, comparison.runs
-    lines = final_metrics(comparison) + [""] + verdicts(comparison, reference_label)
+    lines = code_lines(comparison) + final_metrics(comparison) + [""] + verdicts(comparison, reference_label)
     epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
     epochs = [e for e in epochs if e % table_every == 0 or e == final or e in table_epochs]
     for key, _, name in METRICS:
