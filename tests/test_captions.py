@@ -172,6 +172,7 @@ def test_a_sample_is_augmented_image_caption_tokens_and_index_reproducibly(writt
     image, tokens, index = ds[5]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and index == 5
     assert tokens.dtype == torch.long and torch.equal(tokens, open_clip.tokenize([written[1][5]])[0])
+    assert torch.equal(ds.tokens(5), tokens)
     assert torch.equal(ds[5][0], image)
     ds.set_epoch(1)
     assert not torch.equal(ds[5][0], image)

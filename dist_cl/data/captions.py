@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dist_cl.config import AugmentConfig
 from dist_cl.data.pairs import sample_rng
@@ -101,11 +102,13 @@ class CaptionPairs(ShardPairs):
                              f"({shard.get('filesize')} bytes): it changed since it was indexed; {REINDEX}")
         return CaptionShard(shard["path"], shard["start"], shard["nsamples"])
 
-    def load(self, index: int):
+    def load(self, index: int) -> Image.Image:
         return self._image(*self._sample(index))
 
     def caption(self, index: int) -> str:
-        path, sample = self._sample(index)
+        return self._caption(*self._sample(index))
+
+    def _caption(self, path: str, sample: dict) -> str:
         return caption_text(sample[".txt"].read(), f"shard {path} key {sample['__key__']}")
 
     def tokens(self, index: int) -> torch.Tensor:
@@ -113,7 +116,7 @@ class CaptionPairs(ShardPairs):
 
     def __getitem__(self, index: int):
         path, sample = self._sample(index)
-        caption = caption_text(sample[".txt"].read(), f"shard {path} key {sample['__key__']}")
+        caption = self._caption(path, sample)
         image = self._image(path, sample)
         with sample_rng(self.seed, self.epoch, index):
             view = self.augment(image)
