@@ -39,3 +39,20 @@ def test_a_stop_during_an_epochs_last_step_is_honoured_at_the_epochs_end_with_it
     final, expected = load_checkpoint(tmp_path)[0], load_checkpoint(reference)[0]
     assert final["counters"] == expected["counters"]
     assert all(final["model"][key].equal(expected["model"][key]) for key in expected["model"])
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-store", "store-per-round"])
+def test_an_elastic_job_on_torchruns_shared_store_is_refused_naming_the_variable(monkeypatch, tmp_path, shared):
+    """torchrun --nnodes=1:2 restarts its workers when a second node joins, without spending a restart: on
+    torchrun's shared store they would wait for each other under stale names. Refused before the first step
+    (here a dry run of one rank, which such a job grows out of); with the variable set it runs."""
+    if shared:
+        monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    proc = torchrun([*train_cmd(tmp_path, *SYNTHETIC), "--dry-run"], nproc=1, check=False,
+                    extra=["--nnodes=1:2", "--rdzv-conf=last_call_timeout=1"])
+    message = ("rank 0: an elastic job (torchrun --nnodes=1:2) needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every "
+               "torchrun's environment")
+    assert (message in proc.stderr) == shared, proc.stderr[-3000:]
+    assert (proc.returncode == 0) != shared, proc.stderr[-3000:]

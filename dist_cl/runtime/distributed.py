@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -145,6 +146,47 @@ def resolve_backend(requested: Backend, cuda_available: bool) -> tuple[str, str]
     return MIXED_BACKEND, "cuda"
 
 
+def agent_nnodes() -> tuple[int, int]:
+    """(fewest, most) nodes of the torchrun job this worker runs in: its agent's ``--nnodes`` (``N`` or
+    ``MIN:MAX``). torchrun hands its workers no variable with them, so they are read from the agent's command
+    line (the parent process's), or from ``PET_NNODES``, torchrun's environment form of the option."""
+    try:
+        arguments = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # no /proc: not Linux
+        arguments = []
+    value = os.environ.get("PET_NNODES", "1")
+    for i, argument in enumerate(arguments):
+        if argument.startswith("--nnodes="):
+            value = argument.partition("=")[2]
+            break
+        if argument == "--nnodes" and i + 1 < len(arguments):
+            value = arguments[i + 1]
+            break
+    fewest, _, most = value.partition(":")
+    return int(fewest), int(most or fewest)
+
+
+def refuse_shared_store_restarts(rank: int) -> None:
+    """ConfigError where this worker runs on torchrun's shared store (``rendezvous_store``) in a job whose
+    workers may restart: one of several nodes that may restart after a failure, or an elastic one
+    (``--nnodes=MIN:MAX``), whose workers restart whenever a node joins, without spending a restart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's agents, one per node
+    fewest, most = agent_nnodes()
+    if fewest != most:  # its workers restart whenever a node joins, whatever --max-restarts says
+        job, fix = f"an elastic job (torchrun --nnodes={fewest}:{most})", "or launch with a fixed --nnodes"
+    elif nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        job, fix = f"a job of {nodes} nodes with torchrun --max-restarts > 0", "or launch with --max-restarts=0"
+    else:
+        return
+    raise ConfigError(
+        f"rank {rank}: {job} needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's environment; with "
+        "torchrun's shared store, workers restarted after a failure or as nodes join wait for each other under "
+        f"different names and the job is lost: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/slurm.sh "
+        f"does), {fix}")
+
+
 def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
     """The store the process group forms in: a fresh one for every round of workers.
 
@@ -153,9 +195,9 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     store, which outlives the rounds, so the keys are namespaced by ``TORCHELASTIC_RESTART_COUNT``: right
     on one node, but each agent counts its own restarts, so after a failure on several nodes the agents'
     workers wait under different names (docs/DESIGN.md, "Restarts on several nodes"), and such a job is
-    refused (a ConfigError) when it may restart. With the variable set, each round's rank-0 agent picks a
-    free port and rank 0 hosts a new store there, as ``env://`` does; waiting for every rank bounds the
-    group's formation by ``timeout``.
+    refused when it may restart (``refuse_shared_store_restarts``). With the variable set, each round's
+    rank-0 agent picks a free port and rank 0 hosts a new store there, as ``env://`` does; waiting for every
+    rank bounds the group's formation by ``timeout``.
     """
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if host is None or port is None:
@@ -163,13 +205,7 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return dist.TCPStore(host, int(port), world_size=world_size, is_master=rank == 0, timeout=timeout,
                              wait_for_workers=True)
-    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's agents, one per node
-    if nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        raise ConfigError(
-            f"rank {rank}: a job of {nodes} nodes with torchrun --max-restarts > 0 needs "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's environment; with torchrun's shared store, "
-            "workers restarted after a failure wait for each other under different names and the job is lost: "
-            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/slurm.sh does), or launch with --max-restarts=0")
+    refuse_shared_store_restarts(rank)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     client = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"dist_cl/restart{restart}", client)
@@ -189,7 +225,11 @@ def init_distributed(timeout_s: float = 600.0, backend: Backend = "auto") -> Dis
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = rendezvous_store(rank, world_size, timeout) if world_size > 1 else dist.HashStore()
+        if world_size > 1:
+            store = rendezvous_store(rank, world_size, timeout)
+        else:
+            refuse_shared_store_restarts(rank)  # an elastic job of one rank grows into several
+            store = dist.HashStore()
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
             device_id=device if device.type == "cuda" else None,
