@@ -14,12 +14,6 @@ class TokenizerError(ValueError):
     """A tokenizer name open_clip does not know, or one whose tokenizer would be downloaded."""
 
 
-def _offline_models() -> list[str]:
-    import open_clip
-
-    return [name for name in open_clip.list_models() if _hub_tokenizer(name) is None]
-
-
 def _hub_tokenizer(name: str) -> str | None:
     """Where open_clip would download ``name``'s tokenizer from, or None where it ships in the wheel."""
     import open_clip
@@ -44,8 +38,8 @@ class CaptionTokenizer:
 
         if ":" in name or open_clip.get_model_config(name) is None:
             raise TokenizerError(
-                f"tokenizer {name!r} is not one of open_clip's built-in model names; use one whose vocabulary "
-                f"ships with open_clip, e.g. {', '.join(_offline_models()[:6])} (open_clip.list_models())"
+                f"tokenizer {name!r} is not one of open_clip's built-in model names (open_clip.list_models()); "
+                f"use one whose vocabulary ships with open_clip, e.g. {DEFAULT_TOKENIZER}, ViT-B-16 or RN50"
             )
         hub = _hub_tokenizer(name)
         if hub is not None:
