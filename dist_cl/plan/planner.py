@@ -208,11 +208,17 @@ def check_plannable(selection: SelectionConfig, num_samples: int, batch_size: in
                           f"on N = {num_samples} samples at a global batch of {batch_size}: {err}") from err
 
 
-def plan_warnings(cfg: Config, num_samples: int) -> list[str]:
-    """What the run's plans will leave out or never do, worth a warning at start."""
-    warnings = (left_out_warning(num_samples, cfg.train.global_batch_size, cfg.selection.strategy),
-                warmup_warning(cfg.selection, cfg.train.epochs))
-    return [warning for warning in warnings if warning]
+def plan_notes(cfg: Config, num_samples: int) -> list[tuple[int, str]]:
+    """What the run's plans will leave out or never do, each with the level to log it at start.
+
+    A WARNING where something is missed for the whole run (the same samples every epoch, a strategy that
+    never selects); an INFO for the few samples a per-epoch partition leaves out, a new draw each epoch, as
+    a shuffled loader's drop_last leaves out: a setting to know of, not a problem to fix.
+    """
+    left_out = left_out_warning(num_samples, cfg.train.global_batch_size, cfg.selection.strategy)
+    left_out_level = logging.INFO if STRATEGIES[cfg.selection.strategy].per_epoch else logging.WARNING
+    messages = ((left_out_level, left_out), (logging.WARNING, warmup_warning(cfg.selection, cfg.train.epochs)))
+    return [(level, message) for level, message in messages if message]
 
 
 class EpochPlanner:
@@ -237,8 +243,8 @@ class EpochPlanner:
         self.background = BackgroundPlanner(info.device) if cfg.selection.overlap else None
         self.ahead: Future | None = None
         """The next epoch's (plan, figures), computed ahead under selection.overlap."""
-        for warning in plan_warnings(cfg, len(dataset)) if info.is_main else []:
-            log.warning(warning)
+        for level, message in plan_notes(cfg, len(dataset)) if info.is_main else []:
+            log.log(level, message)
 
     def request(self, epoch: int, step: int, first_step: int, train_epoch: int, copy_bank: bool = False
                 ) -> tuple[PlanRequest, SelectionFigures]:
