@@ -1,9 +1,16 @@
 """The frame every command that runs under torchrun shares: the process group around its body, and
 user errors (a bad config, no usable checkpoint, broken shards, impossible selection options, a run
 directory another job holds) as one line on stderr and exit code 2, not a traceback from every rank.
+
+Under torchrun the line goes to the rank's error file instead of stderr, so that it is printed once per
+failed rank, not twice: torchrun's failure summary shows it where it would otherwise say ``error_file: <N/A>``.
+torchrun itself still ends with its ChildFailedError traceback and exit code 1.
 """
 
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 from dist_cl.config import ConfigError
@@ -20,7 +27,7 @@ USER_ERRORS = (ConfigError, CheckpointError, ShardError, SelectionError, RunDirL
 def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, backend: Backend = "auto") -> int:
     """The exit code of ``body(info)`` run in the process group that torchrun's environment describes.
 
-    A user error ends it with a one-line message on stderr and exit code 2; a collective's timeout is
+    A user error ends it with a one-line message (``user_error``) and exit code 2; a collective's timeout is
     raised again as a RankTimeoutError that names the rank that stopped answering. The group is destroyed
     however ``body`` ends, so that no process exits with a live group (torch warns that this leaks resources).
     """
@@ -42,5 +49,24 @@ def run_distributed(body: Callable[[DistInfo], int], timeout_s: float = 600.0, b
 
 
 def user_error(kind: str, err: Exception) -> int:
-    print(f"{kind}: {err}", file=sys.stderr)
+    """Exit code 2 after the line ``kind: err`` in torchrun's error file, or on stderr outside torchrun."""
+    message = f"{kind}: {err}"
+    if not record_for_torchrun(message):
+        print(message, file=sys.stderr)
     return 2
+
+
+def record_for_torchrun(message: str) -> bool:
+    """Write ``message`` where torchrun's agent reads this worker's failure (TORCHELASTIC_ERROR_FILE, set by
+    torchrun only), so that its failure summary shows it; False outside torchrun.
+
+    The format is the one torch's ErrorHandler.record_exception writes, less the ``py_callstack`` whose
+    traceback the summary would show instead of the message.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    error = {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}
+    with open(path, "w") as file:
+        json.dump({"message": error}, file)
+    return True

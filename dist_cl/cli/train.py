@@ -1,7 +1,8 @@
 """The trainer's command line: ``launch/train.py`` and the ``dist-cl-train`` script.
 
 It checks the config before any process group starts, then trains inside ``run_distributed``
-(dist_cl.cli.torchrun), so a user error ends with one line on stderr and exit code 2.
+(dist_cl.cli.torchrun), so a user error ends with exit code 2 and one line: on stderr, or under torchrun in
+its failure summary.
 """
 
 import argparse
