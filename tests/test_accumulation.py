@@ -86,6 +86,25 @@ def test_a_non_finite_micro_batch_skips_the_whole_step_leaving_weights_and_u_tab
     assert not step_fn.loss_fn.u_table.any()
 
 
+def test_under_bf16_autocast_an_accumulated_step_has_the_same_loss_and_its_gradients_within_bf16_rounding(
+        one_process):
+    index = torch.tensor(BATCHES[0])
+    view_a, view_b = (x.float() for x in views(0, index, free=False))
+    results = {}
+    for k in ACCUM_STEPS:
+        model, step_fn = train_step("infonce", k, dtype=torch.float32)
+        step_fn.amp_dtype = torch.bfloat16  # TrainStep keeps AMP to CUDA; the CPU's autocast has bf16 too
+        result = step_fn(view_a, view_b, index, lambda: "a test step")
+        results[k] = result, {name: p.grad for name, p in model.named_parameters()}
+    (reference, grads), *accumulated = results.values()
+    assert reference.u.dtype == torch.bfloat16
+    for result, accumulated_grads in accumulated:
+        assert result.loss == reference.loss
+        assert torch.equal(result.u, reference.u) and torch.equal(result.v, reference.v)
+        for name, grad in grads.items():  # bf16 sums of fewer rows a micro-batch round differently
+            torch.testing.assert_close(accumulated_grads[name], grad, rtol=0, atol=2e-2 * grad.abs().max().item())
+
+
 def test_accum_steps_that_do_not_divide_the_per_rank_batch_are_refused_by_name():
     config = ROOT / "configs" / "synthetic.yaml"
     load_config(config, ["train.global_batch_size=64", "train.accum_steps=4"], world_size=2)

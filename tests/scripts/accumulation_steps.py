@@ -48,14 +48,15 @@ def views(step: int, index: torch.Tensor, free: bool) -> tuple[torch.Tensor, tor
     return x[index], x[index] + 0.3 * torch.randn(N, IN, generator=g, dtype=torch.float64)[index]
 
 
-def train_step(case: str, accum_steps: int, rank: int = 0, world_size: int = 1, nonfinite: str = "error"):
-    """(model, its TrainStep) of ``case`` (a CASES key) at ``accum_steps``."""
+def train_step(case: str, accum_steps: int, rank: int = 0, world_size: int = 1, nonfinite: str = "error",
+               dtype: torch.dtype = torch.float64):
+    """(model, its TrainStep) of ``case`` (a CASES key) at ``accum_steps``, in ``dtype``."""
     cfg = Config()
     cfg.loss.name, cfg.train.accum_steps, cfg.train.global_batch_size = CASES[case], accum_steps, len(BATCHES[0])
     cfg.loss.hcl_tau_plus, cfg.loss.hcl_beta, cfg.loss.gamma, cfg.train.nonfinite = 0.1, 1.0, 0.6, nonfinite
     torch.manual_seed(0)
     model = (FreeEmbeddings(N, D, TAU, True, seed=0) if case.endswith("_free")
-             else Encoder(CASES[case] != "sogclr")).double()
+             else Encoder(CASES[case] != "sogclr")).to(dtype)
     return model, TrainStep(cfg, model, torch.optim.SGD(model.parameters(), lr=0.5), rank, world_size,
                             torch.device("cpu"), N)
 
