@@ -42,6 +42,16 @@ def test_a_user_error_is_what_torchruns_agent_reads_from_the_workers_error_file(
     assert "traceback : error: no usable checkpoint in runs/x/checkpoints\n" in summary
 
 
+def test_a_user_error_whose_torchrun_error_file_cannot_be_written_is_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "gone" / "error.json"))
+
+    def body(info):
+        raise CheckpointError("no usable checkpoint in runs/x/checkpoints")
+
+    assert run_distributed(body) == 2
+    assert capsys.readouterr().err == "error: no usable checkpoint in runs/x/checkpoints\n"
+
+
 @pytest.mark.parametrize("command", ["train", "extract-embeddings"])
 def test_a_user_error_under_torchrun_is_the_one_line_of_torchruns_failure_summary(tmp_path, command):
     if command == "train":

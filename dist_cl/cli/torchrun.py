@@ -58,7 +58,7 @@ def user_error(kind: str, err: Exception) -> int:
 
 def record_for_torchrun(message: str) -> bool:
     """Write ``message`` where torchrun's agent reads this worker's failure (TORCHELASTIC_ERROR_FILE, set by
-    torchrun only), so that its failure summary shows it; False outside torchrun.
+    torchrun only), so that its failure summary shows it; False outside torchrun or where it cannot be written.
 
     The format is the one torch's ErrorHandler.record_exception writes, less the ``py_callstack`` whose
     traceback the summary would show instead of the message.
@@ -67,6 +67,9 @@ def record_for_torchrun(message: str) -> bool:
     if not path:
         return False
     error = {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}
-    with open(path, "w") as file:
-        json.dump({"message": error}, file)
+    try:
+        with open(path, "w") as file:
+            json.dump({"message": error}, file)
+    except OSError:  # the line then goes to stderr: a user error must not end in a traceback
+        return False
     return True
