@@ -121,6 +121,7 @@ class Trainer:
             log.info("run already complete at epoch %d/%d (step %d) in %s: raise train.epochs to train on, or set a "
                      "new run.dir to start again", counters.epoch, cfg.train.epochs, counters.step, self.run_dir)
             return
+        self.checkpoints.check_room()
         self.report = TrainingReport(cfg, self.info, counters, (
             len(self.train_set), len(self.heldout_set) if self.heldout_set is not None else 0,
             sum(p.numel() for p in self.model.parameters())))

@@ -3,11 +3,17 @@ cannot: a stop during an epoch's last step."""
 
 import json
 import math
+import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
+import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 
-from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.checkpoint import load_checkpoint, saved_bytes, unborn_optimizer_bytes
 
 SYNTHETIC = ("--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random")
 """4 steps an epoch: FAST makes checkpoints at steps 4, 5 and 8."""
@@ -56,3 +62,49 @@ def test_an_elastic_job_on_torchruns_shared_store_is_refused_naming_the_variable
                "torchrun's environment")
     assert (message in proc.stderr) == shared, proc.stderr[-3000:]
     assert (proc.returncode == 0) != shared, proc.stderr[-3000:]
+
+
+def test_one_checkpoints_size_is_estimated_before_the_first_step_from_the_state_and_the_optimizer_to_come():
+    """Before its first step AdamW holds no moments; the estimate counts them, and matches the file saved after it."""
+    model = torch.nn.Linear(256, 128)
+    optimizer = torch.optim.AdamW(model.parameters())
+    estimate = saved_bytes({"model": model.state_dict(), "optimizer": optimizer.state_dict()}) + \
+        unborn_optimizer_bytes(optimizer)
+    model(torch.randn(4, 256)).sum().backward()
+    optimizer.step()
+    saved = saved_bytes({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    assert unborn_optimizer_bytes(optimizer) == 0
+    assert 0.98 * saved <= estimate <= saved
+
+
+def in_mount_namespace(mount: str, run_dir, *args: str) -> subprocess.CompletedProcess:
+    """A 2-rank torchrun job of ``args`` in a mount namespace of its own, where ``mount`` (a shell command,
+    ``{dir}`` standing for run_dir/checkpoints) has changed what its checkpoints directory is."""
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    job = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(run_dir, *args)]
+    script = f"{mount.format(dir=shlex.quote(str(checkpoints)))} && exec {shlex.join(job)}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is not permitted here")
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mount,message", [
+    ("mount -t tmpfs -o size=8k tmpfs {dir}",
+     r"{dir} cannot hold one checkpoint of this run: it needs about [\d.]+ KiB \(model, optimizer, bank and plan\), "
+     r"and [0-8].\d KiB are free there; free space or set run.dir on another file system"),
+    ("mount --bind {dir} {dir} && mount -o remount,ro,bind {dir}",
+     r"cannot write to {dir} \(Read-only file system\), where this run saves its checkpoints: make it writable, "
+     r"or set run.dir to a writable directory"),
+], ids=["too-small", "read-only"])
+def test_a_checkpoints_directory_that_cannot_hold_a_checkpoint_fails_by_name_before_the_first_step(tmp_path, mount,
+                                                                                                      message):
+    run_dir = tmp_path / "run"
+    proc = in_mount_namespace(mount, run_dir, *SYNTHETIC, "train.epochs=2", "eval.every_epochs=0")
+    assert proc.returncode != 0
+    found = re.findall("error: " + message.format(dir=re.escape(str(run_dir / "checkpoints"))), proc.stderr)
+    assert found and "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]  # every rank ends by name
+    assert not (run_dir / "metrics.jsonl").exists() and "step 1" not in proc.stderr

@@ -10,7 +10,9 @@ before the checkpoint, so a file dist_cl wrote never lacks it, and one that does
 put there by hand; loading it unchecked would let a flipped bit resume silently and spread into every
 later checkpoint, under valid checksums. The error says how to restore the sidecar of a trusted file.
 A save that fails (disk full, quota, I/O) removes its temporary files and raises CheckpointWriteError
-with the path and the free space; the previous checkpoints and ``latest`` are untouched.
+with the path and the free space; the previous checkpoints and ``latest`` are untouched. Before training,
+``RunCheckpoints.check_room`` writes a probe file there and compares the free space with one checkpoint's
+estimated size, so that a directory that cannot hold one fails by name before a step is spent on it.
 What goes in one is composed: ``RunCheckpoints`` saves a ``{name: component}`` map, each component its own
 state, so a component registered there cannot be forgotten by resume.
 """
@@ -55,6 +57,14 @@ def _write_tmp(path: Path, data: bytes, written: list[Path]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return tmp
+
+
+def _remove(written: list[Path]) -> None:
+    """Remove the temporary files of a write, those it created: on a read-only file system, unlinking one that
+    does not exist fails too."""
+    for tmp in written:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _free_space(directory: Path) -> str:
@@ -105,8 +115,7 @@ class Checkpointer:
             os.replace(tmp_latest, self.directory / "latest")
             _fsync_dir(self.directory)
         except OSError as err:
-            for tmp in written:
-                tmp.unlink(missing_ok=True)
+            _remove(written)
             raise CheckpointWriteError(
                 f"cannot write checkpoint {path}: {err.strerror or err} (it needs {len(data) / 2**20:.1f} MiB, "
                 f"{_free_space(self.directory)}); the previous checkpoints are kept; free space or set "
@@ -211,6 +220,58 @@ def checkpoint_state(content: Any, components: Iterable[str] = ()) -> dict:
     return state
 
 
+class _ByteCount:
+    """A file that counts what is written to it: a checkpoint's size without holding its bytes."""
+
+    def __init__(self):
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def saved_bytes(state: Any) -> int:
+    """The size of the file ``torch.save`` writes for ``state``."""
+    count = _ByteCount()
+    torch.save(state, count)
+    return count.size
+
+
+def unborn_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the state ``optimizer`` creates at its first step for the parameters it holds none for yet:
+    two tensors of each one's size (AdamW's moments, the most that any train.optimizer keeps)."""
+    return sum(2 * p.nelement() * p.element_size() for group in optimizer.param_groups for p in group["params"]
+               if p.requires_grad and p not in optimizer.state)
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+def _room_problem(directory: Path, needed: int) -> str | None:
+    """Why ``directory`` cannot take a checkpoint of ``needed`` bytes (a probe file it cannot write, or too
+    little free space), or None."""
+    written: list[Path] = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_tmp(directory / "probe", b"dist_cl", written)
+        free = shutil.disk_usage(directory).free
+    except OSError as err:
+        return (f"cannot write to {directory} ({err.strerror or err}), where this run saves its checkpoints: "
+                "make it writable, or set run.dir to a writable directory")
+    finally:
+        _remove(written)
+    if free < needed:
+        return (f"{directory} cannot hold one checkpoint of this run: it needs about {_size(needed)} (model, "
+                f"optimizer, bank and plan), and {_size(free)} are free there; free space or set run.dir on another "
+                "file system")
+    return None
+
+
 class Stateful(Protocol):
     """A checkpoint component. ``collective = True`` marks one whose ``state_dict`` is a collective."""
 
@@ -232,16 +293,33 @@ class RunCheckpoints:
         self.is_main = is_main
         self.group = group
 
+    def state(self) -> dict | None:
+        """Every component's state on rank 0, None on the others (a collective: see the class)."""
+        gathered = {name: c.state_dict() for name, c in self.components.items() if getattr(c, "collective", False)}
+        if not self.is_main:
+            return None
+        return {name: gathered[name] if name in gathered else c.state_dict() for name, c in self.components.items()}
+
     def save(self, step: int, meta: dict) -> Path | None:
         """Write every component's state and ``meta`` as step ``step``; the path on rank 0, else None."""
-        gathered = {name: c.state_dict() for name, c in self.components.items() if getattr(c, "collective", False)}
-        path = None
-        if self.is_main:
-            state = {name: gathered[name] if name in gathered else c.state_dict()
-                     for name, c in self.components.items()}
+        state, path = self.state(), None
+        if state is not None:
             path = self.checkpointer.save({**state, "meta": meta}, step)
         dist.barrier(group=self.group)
         return path
+
+    def check_room(self) -> None:
+        """Before training (a collective): the checkpoints directory takes a file, and its file system has room
+        for one checkpoint: the components' states as saved now, and the optimizer state that the first step
+        creates. A directory that cannot hold one would otherwise be found at the first save, after
+        checkpoint.every_steps steps or an epoch of training. CheckpointWriteError on every rank where not."""
+        state, problem = self.state(), [None]
+        if state is not None:
+            problem[0] = _room_problem(self.checkpointer.directory, saved_bytes(state) + sum(
+                unborn_optimizer_bytes(c) for c in self.components.values() if isinstance(c, torch.optim.Optimizer)))
+        dist.broadcast_object_list(problem, src=0, group=self.group)
+        if problem[0] is not None:
+            raise CheckpointWriteError(problem[0])
 
     def load(self, which: str) -> tuple[dict, Path, list[str]]:
         """(state, path, problems) of ``which`` ('latest' or a path): the newest candidate that holds every
