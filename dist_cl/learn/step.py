@@ -178,27 +178,20 @@ class TrainStep:
         scaled loss in the parameters, from ``train.accum_steps`` micro-batches (GradCache, Gao et al. 2021;
         open_clip's --accum-freq computes the same gradients with the loss once per micro-batch).
 
-        1. Every micro-batch's features without gradient: the rank's u, v, the cache.
+        1. Every micro-batch's features without gradient (``features``): the rank's u, v, the cache.
         2. The loss of the global batch once from the cache (it gathers the ranks' rows, as unaccumulated), and
            its gradients w.r.t. the cached u, v, tau: SogCLR's u table is written once, with the same values.
         3. Each micro-batch again with gradient, back-propagated from its rows of those gradients; the
            parameters' gradients add up over the micro-batches to the unaccumulated step's. DDP all-reduces
            once, in the last micro-batch's backward (no_sync before it); tau's gradient goes back there too.
-
-        The first pass leaves BatchNorm's running statistics as it found them, so each sample updates them
-        once, in the second pass.
         """
         k = self.train.accum_steps
-        micro = list(zip(view_a.chunk(k), view_b.chunk(k)))
-        with torch.no_grad(), kept_buffers(self.model):
-            cached = [self.forward(self.model, a, b) for a, b in micro]
-        u = torch.cat([c[0] for c in cached]).requires_grad_()
-        v = torch.cat([c[1] for c in cached]).requires_grad_()
-        tau = cached[-1][2].clone().requires_grad_()
+        u, v, tau = (x.requires_grad_() for x in self.features(view_a, view_b))
         loss = self.loss_fn(u, v, tau, index)
         # tau does not reach SogCLR's loss (it only weighs), hence allow_unused
         grad_u, grad_v, grad_tau = torch.autograd.grad(self.scaler.scale(loss), [u, v, tau], allow_unused=True)
-        for j, ((a, b), du, dv) in enumerate(zip(micro, grad_u.chunk(k), grad_v.chunk(k))):
+        micro = zip(view_a.chunk(k), view_b.chunk(k), grad_u.chunk(k), grad_v.chunk(k))
+        for j, (a, b, du, dv) in enumerate(micro):
             last = j == k - 1
             with contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync():
                 u_j, v_j, tau_j = self.forward(self.ddp, a, b)
@@ -215,13 +208,21 @@ class TrainStep:
             return model(view_a, view_b)
 
     @torch.no_grad()
+    def features(self, view_a, view_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, v, tau) of the bare model in ``train.accum_steps`` micro-batches without gradient, as a trained
+        step normalises them, BatchNorm's running statistics left as they were (so that in an accumulated
+        step each sample updates them once, in the pass with gradient)."""
+        with kept_buffers(self.model):
+            micro = [self.forward(self.model, a, b) for a, b in zip(view_a.chunk(self.train.accum_steps),
+                                                                    view_b.chunk(self.train.accum_steps))]
+        return torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro]), micro[-1][2].clone()
+
+    @torch.no_grad()
     def score(self, view_a, view_b) -> float:
         """This rank's scoring loss (``loss_fn.score``: the training loss where it is defined per batch) of a
-        global batch under the model as it is, in train mode like a trained batch, BatchNorm's running
-        statistics left as they were, the loss's state untouched (a collective: the loss gathers)."""
-        with kept_buffers(self.model):
-            u, v, tau = self.forward(self.model, view_a.to(self.device), view_b.to(self.device))
-        return self.loss_fn.score(u, v, tau).item()
+        global batch under the model as it is, in train mode and micro-batches like a trained batch, the
+        loss's state untouched (a collective: the loss gathers)."""
+        return self.loss_fn.score(*self.features(view_a.to(self.device), view_b.to(self.device))).item()
 
     @staticmethod
     def outcome(loss: torch.Tensor, grad_norm: torch.Tensor, model: torch.nn.Module,
