@@ -6,14 +6,20 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 
+from dist_cl.cli import multinode_restarts
+from dist_cl.report.board import RunDirWriteError
+from dist_cl.report.metrics_log import RunMetrics
 from dist_cl.runtime.checkpoint import load_checkpoint, saved_bytes, unborn_optimizer_bytes
+from dist_cl.runtime.runlock import RunLock
 
 SYNTHETIC = ("--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random")
 """4 steps an epoch: FAST makes checkpoints at steps 4, 5 and 8."""
@@ -108,3 +114,49 @@ def test_a_checkpoints_directory_that_cannot_hold_a_checkpoint_fails_by_name_bef
     found = re.findall("error: " + message.format(dir=re.escape(str(run_dir / "checkpoints"))), proc.stderr)
     assert found and "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]  # every rank ends by name
     assert not (run_dir / "metrics.jsonl").exists() and "step 1" not in proc.stderr
+
+
+def test_a_run_dir_that_stops_taking_writes_mid_run_ends_with_one_named_error(tmp_path):
+    """The run directory turns read-only (chmod -R a-w) after the first checkpoint: TensorBoard's writer
+    threads are the first to fail, and the run ends with one line naming the file, not their tracebacks."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root ignores file permissions, and setpriv, which drops that power, is missing")
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+            "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    run_dir = tmp_path / "run"
+    cmd = [*drop, sys.executable, *train_cmd(run_dir, *SYNTHETIC, "train.epochs=100000", "eval.every_epochs=0")]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        multinode_restarts.wait_for_checkpoint(run_dir, 4, [run], timeout=120)
+        subprocess.run(["chmod", "-R", "a-w", str(run_dir)], check=True)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+        subprocess.run(["chmod", "-R", "u+w", str(run_dir)], check=True)
+    assert run.returncode == 2, err[-3000:]
+    assert re.fullmatch(rf"error: cannot write {run_dir}/\S+ \(Permission denied\): run.dir stopped taking writes "
+                        r"while the run trained; make it writable again \(or free space\), then run the same command "
+                        r"to resume from its last checkpoint", err.splitlines()[-1]), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_an_epoch_record_that_cannot_be_written_and_a_lock_that_cannot_be_removed_are_named(tmp_path, caplog,
+                                                                                            monkeypatch):
+    """metrics.jsonl cannot be appended to (a directory stands there): the named error, not an OSError; and the
+    job's lock, which it cannot remove from a read-only run directory, is left with a warning, so that
+    releasing it does not replace the error that ends the job."""
+    metrics = RunMetrics(tmp_path, True, 1, 2, 0, 0, 2)
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(RunDirWriteError, match=rf"cannot write {tmp_path}/metrics.jsonl \(Is a directory\)"):
+        metrics.append({"kind": "epoch"})
+    metrics.close()
+    lock = RunLock(tmp_path / "run", stale_s=60)
+    lock.acquire()
+
+    def read_only(path, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with caplog.at_level("WARNING", logger="dist_cl"):
+        lock.release()
+    assert f"cannot remove the run directory's lock {lock.path}: [Errno 13] Permission denied" in caplog.text

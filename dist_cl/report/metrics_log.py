@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dist_cl.data.pairs import PairDataset
 from dist_cl.plan.figures import SelectionFigures
-from dist_cl.report.board import Board
+from dist_cl.report.board import Board, write_error
 from dist_cl.report.console import THROTTLED, duration
 
 log = logging.getLogger("dist_cl")
@@ -103,8 +103,11 @@ class RunMetrics:
 
     def append(self, record: dict) -> None:
         if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise write_error(err) from err
 
     def config(self, resolved: dict, changed: dict, step: int) -> None:
         """The resolved config as text, and the keys that differ from the defaults for hparams."""

@@ -153,7 +153,10 @@ class RunLock:
             self.thread.join()
         _held.discard(self.path.absolute())
         if self._read() == self.owner:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as err:  # the run directory stopped taking writes: the error that ends the job says so
+                log.warning("cannot remove the run directory's lock %s: %s", self.path, err)
 
     def _create(self) -> bool:
         try:
