@@ -1,5 +1,6 @@
 """SC-global: a valid, deterministic partition that finds planted hard batches; its pieces against brute force."""
 
+import hashlib
 import itertools
 
 import numpy as np
@@ -9,7 +10,7 @@ import scipy.sparse as sp
 from dist_cl.selection import plan_loss, sc_global, select_batches
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.knn import cross_knn
-from dist_cl.selection.sc_global import kmeans_cells, sc_global_partition, sparse_loss_affinity
+from dist_cl.selection.sc_global import kmeans_cells, local_map, sc_global_partition, sparse_loss_affinity
 
 TAU = 0.1
 
@@ -146,3 +147,34 @@ def test_sc_global_dropped_remainder_depends_on_seed():
     dropped = [frozenset(range(103)) - set(sc_global_partition(u, v, 10, seed=s).ravel()) for s in range(5)]
     assert all(len(d) == 3 for d in dropped)
     assert len(set(dropped)) > 1
+
+
+PLAN_DIGESTS = {
+    "planted": "8073bdd642574d31fab0a4933fef0969bf84585f920c8fe231c63381fc71511b",
+    "random": "7c8bc73d875025c8d8bfadeed86fcfd51de3dd3499e5652a40116589ba1c2c48",
+}
+"""SHA-256 of the plans below, recorded at fbbd544, before the cells ran side by side on the cores (issue 30):
+a change that speeds sc_global up without changing its algorithm leaves them as they are."""
+
+
+def digest_case(case):
+    """(u, v, B, options): 7-8 cells of 256 on planted groups, or the default cells of 2048 on unplanted pairs."""
+    if case == "planted":
+        u, v, _ = planted_pairs(60, 32, d=32, seed=7, spread=0.3)
+        return u, v, 32, {"seed": 11, "cell_size": 256}
+    u, v = random_pairs(6000, 32, seed=8)
+    return u, v, 64, {"seed": 12}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_DIGESTS))
+def test_sc_global_plan_digest_is_unchanged(case):
+    u, v, batch_size, options = digest_case(case)
+    plan = select_batches("sc_global", u, v, batch_size, tau=TAU, **options)
+    assert hashlib.sha256(plan.tobytes()).hexdigest() == PLAN_DIGESTS[case]
+
+
+def test_sc_global_plan_is_the_same_with_cells_on_one_thread():
+    u, v, batch_size, options = digest_case("planted")
+    side_by_side = select_batches("sc_global", u, v, batch_size, tau=TAU, **options)
+    one_thread = select_batches("sc_global", u, v, batch_size, tau=TAU, map_fn=local_map, **options)
+    assert np.array_equal(side_by_side, one_thread)

@@ -15,13 +15,16 @@ The k-means and the kNN run on ``device``: on a CUDA device the kNN is a torch p
 k-means uses FAISS's GPU index where FAISS was built with GPUs (the ``gpu`` extra; ``faiss_on_gpu``).
 """
 
+import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from threadpoolctl import threadpool_limits
 
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.errors import SelectionError
@@ -74,6 +77,29 @@ def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
 
 def local_map(fn: Callable, items: Sequence) -> list:
     return [fn(item) for item in items]
+
+
+def core_map(fn: Callable, items: Sequence) -> list:
+    """``[fn(item) for item in items]`` with one thread per core, each computing single-threaded.
+
+    Most of a cell's work (sparse products, small QRs, Python) runs on one core whatever the BLAS and
+    torch thread counts, so cells side by side use the cores that threads within a cell leave idle. Each
+    cell's result does not depend on the thread that computes it, so neither does the plan.
+    """
+    workers = min(len(os.sched_getaffinity(0)), len(items))
+    if workers < 2:
+        return local_map(fn, items)
+
+    def single_threaded(item):
+        torch.set_num_threads(1)  # this thread's OpenMP team and MKL; restored below for the caller
+        return fn(item)
+
+    threads = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(single_threaded, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _faiss():
@@ -219,8 +245,8 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     own instead, as the paper's SC does on real data: a stochastic partition whose neighbourhoods meet
     in other combinations every epoch (1 is a random partition, k >= N // B the global one).
     ``map_fn(fn, cells)``: how the independent per-cell work is mapped (e.g. dealt over ranks by
-    dist_cl.runtime.distributed.distributed_map); the plan does not depend on it. ``device``: where the k-means
-    and the kNN run (``knn.resolve_device``).
+    dist_cl.runtime.distributed.distributed_map; by default ``core_map``); the plan does not depend on it.
+    ``device``: where the k-means and the kNN run (``knn.resolve_device``).
     """
     u = np.ascontiguousarray(u, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
@@ -228,7 +254,7 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     rng = np.random.default_rng(seed)
     usable = rng.permutation(n)[: n - n % batch_size]
     cell_size = max(cell_size, 4 * batch_size)
-    map_fn = map_fn or local_map
+    map_fn = map_fn or core_map
     if chunk_batches < 0:
         raise SelectionError(f"chunk_batches={chunk_batches} must be >= 0 (0: one global partition)")
     chunk = chunk_batches * batch_size
