@@ -1,11 +1,13 @@
 """``dist-cl-make-shards``: write indexed shards from digits, Fashion-MNIST, an image folder, an .npz or
-images with captions; or index img2dataset's captioned shards where they lie.
+images with captions, or the Noto emoji with their CLDR captions; or index img2dataset's captioned shards
+where they lie.
 
     dist-cl-make-shards --source digits --split train --out data/digits/train --samples-per-shard 256
     dist-cl-make-shards --source fashion-mnist --split heldout --out data/fashion-mnist/heldout
     dist-cl-make-shards --source folder --input imagenet/train --out data/in1k/train
     dist-cl-make-shards --source npz --input cifar_train.npz --out data/cifar/train
     dist-cl-make-shards --source captions --input photos/ --out data/photos/train
+    dist-cl-make-shards --source emoji --split heldout --out data/emoji/heldout
     dist-cl-make-shards --index-captions data/laion_100k
 
 Sample i goes to shard i // samples-per-shard under key %09d with members .png/.jpg (image), .cls (label,
@@ -13,7 +15,8 @@ where known) and .idx (i). Resumable: a rerun with the same arguments keeps fini
 rest. A finished output (it has shardindex.json) or one begun with other arguments is only replaced with
 --force. Each shard gets an offsets table beside it (``<shard>.offsets.npy``). ``--source captions`` writes
 img2dataset's layout (``00000.tar``: KEY.jpg|png|webp, KEY.txt, KEY.json) from images with ``NAME.txt``
-captions beside them; ``--index-captions DIR`` adds the tables and index to img2dataset's own output and
+captions beside them, ``--source emoji`` the same from Debian's emoji font and CLDR data
+(dist_cl.data.emoji); ``--index-captions DIR`` adds the tables and index to img2dataset's own output and
 writes nothing else. The writer is dist_cl.data.shard_writer; ``python tools/make_shards.py`` runs this
 same command.
 """
@@ -41,6 +44,10 @@ from dist_cl.data.shards import INDEX_NAME, ShardError
 def build_source(args: argparse.Namespace) -> Source:
     if args.source == "digits":
         return digits_source(args.split, args.holdout_fraction, args.split_seed)
+    if args.source == "emoji":
+        from dist_cl.data.emoji import emoji_source
+
+        return emoji_source(args.split, args.holdout_fraction, args.split_seed)
     if args.source == "fashion-mnist":
         from dist_cl.data.fashion_mnist import DEFAULT_PATH
 
@@ -57,7 +64,7 @@ def build_source(args: argparse.Namespace) -> Source:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-cl-make-shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["digits", "fashion-mnist", "folder", "npz", "captions"],
+    parser.add_argument("--source", choices=["digits", "fashion-mnist", "folder", "npz", "captions", "emoji"],
                         default="digits")
     parser.add_argument("--input", help="folder: directory of class sub-folders; npz: file with images[, labels]; "
                         "fashion-mnist: folder of the IDX files (default /usr/share/datasets/fashion-mnist); "
@@ -67,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                         "where it lies (offsets tables and shardindex.json beside its tars), instead of writing")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--split", choices=["train", "heldout"], default="train",
-                        help="digits, fashion-mnist: which split")
-    parser.add_argument("--holdout-fraction", type=float, default=0.2, help="digits: as data.holdout_fraction")
-    parser.add_argument("--split-seed", type=int, default=0, help="digits, fashion-mnist: as data.split_seed")
+                        help="digits, fashion-mnist, emoji: which split")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2,
+                        help="digits: as data.holdout_fraction; emoji: the fraction of each group held out")
+    parser.add_argument("--split-seed", type=int, default=0, help="digits, fashion-mnist, emoji: as data.split_seed")
     parser.add_argument("--subset", type=int, default=0,
                         help="fashion-mnist: a stratified sample of this many, as data.subset / data.heldout_subset")
     parser.add_argument("--mode", choices=["RGB", "L"], default="RGB", help="folder: image mode samples are read in")
