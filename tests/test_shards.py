@@ -330,3 +330,18 @@ def test_index_is_read_by_wids_shard_list_dataset(tmp_path):
     assert len(ds) == 23
     sample = ds[13]
     assert sample["__key__"] == "000000013" and sample[".idx"].read() == b"13"
+
+
+@pytest.mark.parametrize("labels,message", [
+    (lambda labels: labels[:-1], r"entry 'shard-000002.tar' has 4 labels for its 5 samples"),
+    (lambda labels: [*labels, 0], r"entry 'shard-000002.tar' has 6 labels for its 5 samples"),
+    (lambda labels: [-1, *labels[1:]], r"entry 'shard-000002.tar' has labels that are not non-negative integers"),
+], ids=["short", "long", "negative"])
+def test_a_label_list_that_does_not_fit_its_shard_is_refused_by_check_shards(tmp_path, labels, message):
+    """The kNN evaluation reads sample i's label at position i: a list that does not fit fails at the dry run."""
+    out, _ = shards_from_npz(tmp_path)
+    index = json.loads((out / INDEX_NAME).read_text())
+    index["shardlist"][2]["labels"] = labels(index["shardlist"][2]["labels"])
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=message):
+        check_shards(out)

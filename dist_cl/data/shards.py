@@ -76,6 +76,7 @@ def read_index(directory: str | Path) -> dict:
     for shard in index["shardlist"]:
         if not isinstance(shard.get("nsamples"), int) or shard["nsamples"] <= 0 or "url" not in shard:
             raise ShardError(f"{path}: entry {shard.get('url')!r} needs a url and a positive integer nsamples")
+        _check_labels(path, shard)
         shard["path"] = str(directory / shard["url"])
         shard["start"] = start
         start += shard["nsamples"]
@@ -85,6 +86,19 @@ def read_index(directory: str | Path) -> dict:
         raise ShardError(f"{path}: image mode {meta['mode']!r} is not one of {', '.join(MODES)}")
     index["num_samples"] = start
     return index
+
+
+def _check_labels(path: Path, shard: dict) -> None:
+    """A shard's label list, where it has one, holds a non-negative integer label for each of its samples: the
+    kNN evaluation reads sample i's label at position i, and a short list would fail there, after training."""
+    if "labels" not in shard:
+        return
+    labels = shard["labels"]
+    if not isinstance(labels, list) or len(labels) != shard["nsamples"]:
+        count = f"{len(labels)} labels" if isinstance(labels, list) else f"labels of type {type(labels).__name__}"
+        raise ShardError(f"{path}: entry {shard['url']!r} has {count} for its {shard['nsamples']} samples; {REPAIR}")
+    if not all(isinstance(label, int) and label >= 0 for label in labels):
+        raise ShardError(f"{path}: entry {shard['url']!r} has labels that are not non-negative integers; {REPAIR}")
 
 
 def offsets_path(shard_path: str | Path) -> Path:
