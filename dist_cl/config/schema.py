@@ -96,7 +96,17 @@ class ModelConfig:
     proj_hidden_dim: int = 256
     """Hidden width of the projection MLP; 0 means a single linear layer."""
     two_towers: bool = False
-    """CLIP mode: separate backbone+head for view_a and view_b."""
+    """Separate backbone+head for view_a and view_b (both images)."""
+    text_tower: str = ""
+    """Image–text pairs: view_b is a caption's token ids, embedded by open_clip's TextTransformer (randomly
+    initialised) built from the text_cfg of this open_clip model config (open_clip.list_models(), e.g. RN50),
+    with model.text_cfg over it; empty: view_b is an image."""
+    text_cfg: dict = field(default_factory=dict)
+    """Overrides of open_clip's CLIPTextCfg fields for model.text_tower, e.g. {width: 128, layers: 2, heads: 4}
+    for a small CPU tower; context_length must be the tokeniser's, vocab_size its vocabulary's (49408)."""
+    text_pretrained: str = ""
+    """A local open_clip CLIP checkpoint (.pt, .bin or .safetensors) whose text weights start model.text_tower;
+    open_clip's pretrained tags and hf-hub: names are refused (runs do not download): download the file first."""
     sync_bn: bool = False
     """BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's slice, as the paper's
     code does: a hard batch split over ranks gives each rank an even more homogeneous slice. CUDA only
@@ -105,15 +115,17 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["infonce", "ntxent", "sogclr", "hcl"] = "infonce"
+    name: Literal["infonce", "ntxent", "sogclr", "hcl", "siglip"] = "infonce"
     """infonce: symmetric, B-1 negatives per direction (the paper's loss); ntxent: SimCLR, 2B-2 negatives;
     sogclr: SogCLR's dynamic contrastive loss, a per-sample moving average u of the negative term standing in
-    for the negatives a batch lacks; hcl: Robinson et al.'s hard-negative loss (docs/DESIGN.md §1)."""
+    for the negatives a batch lacks; hcl: Robinson et al.'s hard-negative loss (docs/DESIGN.md §1); siglip:
+    SigLIP's pairwise sigmoid loss with a learnt logit bias (model.text_tower only)."""
     tau: float = 0.1
-    """Temperature (initial value when learnable)."""
+    """Temperature (initial value when learnable); with model.text_tower, 1/exp of open_clip's logit scale:
+    open_clip initialises CLIP at 0.07 and SigLIP at 0.1."""
     learnable_tau: bool = False
     """Learn tau (as log 1/tau) with the model instead of fixing it at loss.tau (not with sogclr, whose loss has
-    no gradient w.r.t. tau)."""
+    no gradient w.r.t. tau); with model.text_tower clamped at 0.01, as open_clip clamps its logit scale."""
     gamma: float = 0.9
     """sogclr: weight of this step's mean in the moving average u, in (0, 1] (1: no memory); a sample's first
     visit sets its u to that mean."""

@@ -6,6 +6,7 @@ that reports the first mistake a user would fix: a data key another data set ign
 data needs.
 """
 
+import difflib
 import math
 from pathlib import Path
 
@@ -152,6 +153,61 @@ def _check_model(cfg: Config) -> None:
             "embeddings get sparse gradients (a step touches only its batch's rows), which only SGD without "
             "weight decay applies; set train.optimizer=sgd train.weight_decay=0"
         )
+    if model.backbone_kwargs.get("pretrained"):
+        raise ConfigError("model.backbone_kwargs.pretrained would download timm weights from the hub, and runs do "
+                          "not download; download them and set model.backbone_kwargs.checkpoint_path=<local file>")
+    if model.text_tower:
+        _check_text_tower(cfg)
+    elif model.text_cfg or model.text_pretrained or cfg.loss.name == "siglip":
+        raise ConfigError("model.text_cfg, model.text_pretrained and loss.name=siglip are for image–text pairs; "
+                          "set model.text_tower (e.g. RN50) or remove them")
+
+
+def _check_text_tower(cfg: Config) -> None:
+    """``model.text_tower``: an open_clip model config whose text tower open_clip builds itself (not a Hugging
+    Face one, downloaded), ``model.text_cfg`` fields of open_clip's CLIPTextCfg, weights from a local file only,
+    and a loss defined on image–text pairs."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg
+
+    model = cfg.model
+    if model.two_towers:
+        raise ConfigError("model.two_towers=true with model.text_tower: the text tower is the second tower; "
+                          "remove model.two_towers")
+    base = open_clip.get_model_config(model.text_tower)
+    if base is None:
+        close = difflib.get_close_matches(model.text_tower, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"model.text_tower={model.text_tower!r} is not an open_clip model config; {hint}list them "
+                          "with python -c \"import open_clip; print(open_clip.list_models())\"")
+    hf_model = {**base["text_cfg"], **model.text_cfg}.get("hf_model_name")
+    if hf_model:
+        raise ConfigError(f"model.text_tower={model.text_tower!r} is a Hugging Face text model "
+                          f"({hf_model}), downloaded from the hub, and runs do not download; "
+                          "choose an open_clip config with its own TextTransformer, e.g. RN50")
+    unknown = sorted(set(model.text_cfg) - set(CLIPTextCfg.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"model.text_cfg.{unknown[0]} is not a field of open_clip's CLIPTextCfg; known: "
+                          f"{', '.join(sorted(CLIPTextCfg.__dataclass_fields__))}")
+    _check_text_pretrained(model.text_pretrained, model.text_tower)
+    if cfg.loss.name not in ("infonce", "siglip"):
+        raise ConfigError(
+            f"loss.name={cfg.loss.name} with model.text_tower: its negatives include image–image and text–text "
+            "pairs, defined for two views of one image (dist_cl.learn.losses); use loss.name=infonce or siglip")
+
+
+def _check_text_pretrained(pretrained: str, text_tower: str) -> None:
+    """A local file, or nothing: a name open_clip would download is refused with the option to use instead."""
+    import open_clip
+
+    if not pretrained or Path(pretrained).is_file():
+        return
+    tags = {tag for _, tag in open_clip.list_pretrained()}
+    if pretrained.startswith("hf-hub:") or pretrained in tags:
+        raise ConfigError(f"model.text_pretrained={pretrained!r} names weights open_clip downloads, and runs do not "
+                          f"download; download the {text_tower} checkpoint (e.g. open_clip_pytorch_model.bin) and set "
+                          "model.text_pretrained=<its local path>")
+    raise ConfigError(f"model.text_pretrained={pretrained!r} is not a file; give a local open_clip checkpoint")
 
 
 def _check_loss(loss: LossConfig) -> None:
@@ -196,6 +252,10 @@ def _check_selection(cfg: Config) -> None:
     if selection.every_steps and selection.overlap:
         raise ConfigError("selection.every_steps re-selects synchronously inside the epoch, selection.overlap "
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
+    if cfg.loss.name == "siglip" and strategy.reads_embeddings:
+        raise ConfigError(f"selection.strategy={selection.strategy} with loss.name=siglip: batch scoring (the plan's "
+                          "lift, osgd's ranking) would need SigLIP's learnt logit bias, which the bank does not hold; "
+                          "use selection.strategy=random or loss.name=infonce")
     _check_options(selection.strategy, selection.options, cfg.train.global_batch_size)
 
 

@@ -8,6 +8,12 @@ ranks then makes the step that of the global batch's loss.
 The losses of the paper's code (krafton-ai/mini-batch-cl, ``sogclr/builder.py``: ``dynamic_contrastive_loss``
 and ``hcl_loss``; ``sogclr/simclr_utils.py``: NT-Xent) are at their official scale; docs/DESIGN.md §1 says
 which scale each is at and why.
+
+Image–text pairs (u = image, v = caption; ``model.text_tower``) train with ``InfoNCELoss`` or ``SigLIPLoss``,
+whose every logit pairs an image with a caption. NT-Xent, SogCLR and HCL contrast each anchor with the other
+2B-2 views, u-u and v-v pairs among them: for two views of one image those are negatives like any other, for
+image–text they would add image–image and text–text terms that neither CLIP nor SigLIP has, so the config
+refuses them with a text tower (dist_cl.config.validation).
 """
 
 import torch
@@ -87,6 +93,11 @@ class InfoNCELoss(GlobalBatchLoss):
 
     Every rank computes its local rows against the global columns; the mean over ranks of the local
     losses is the global L(S), and DDP's gradient averaging makes the step that of the global loss.
+
+    It is twice ``open_clip.loss.ClipLoss`` at logit_scale = 1/tau (ClipLoss averages the two directions,
+    the paper's L(S) sums them); on each rank, twice ClipLoss(local_loss=True, gather_with_grad=True), whose
+    rows are this rank's against the gathered columns too (local_loss=False gives every rank the whole global
+    batch's loss). tests/test_clip.py checks both, with gradients, on 1 and 2 ranks.
     """
 
     def loss(self, u, v, tau, index=None) -> torch.Tensor:
@@ -117,6 +128,27 @@ class NTXentLoss(GlobalBatchLoss):
         logits[torch.arange(2 * b, device=u.device), self_mask] = float("-inf")
         labels = torch.cat([local + n, local])
         return F.cross_entropy(logits, labels)
+
+
+class SigLIPLoss(GlobalBatchLoss):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) over the gathered global batch of N pairs:
+
+        loss = -1/N sum_ij log sigmoid(z_ij (<u_i, v_j> / tau + b)),   z_ij = 1 if i = j else -1
+
+    with b the model's learnt logit bias: the third argument is (tau, b) (``ImageTextModel``). Each rank sums
+    its rows u_i against all N captions and divides by its b rows, exactly ``open_clip.loss.SigLipLoss`` on that
+    rank (which passes the captions round the ranks instead of gathering them); the mean over ranks, what DDP's
+    gradient average trains, is SigLipLoss of the whole global batch in one process.
+    """
+
+    def loss(self, u, v, tau, index=None) -> torch.Tensor:
+        tau, bias = tau.unbind()
+        v_all = gather_with_grad(v)
+        logits = u @ v_all.T / tau + bias
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(u.shape[0], device=u.device), torch.arange(u.shape[0], device=u.device)
+               + self.rank * u.shape[0]] = 1.0
+        return -F.logsigmoid(labels * logits).sum() / u.shape[0]
 
 
 def _pair_masks(b: int, n: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,13 +274,16 @@ def batch_hcl(u: torch.Tensor, v: torch.Tensor, tau: float, *, tau_plus: float, 
     return _hcl(positives, s[..., negatives].unflatten(-1, (2 * b, 2 * b - 2)), tau, tau_plus, beta).mean(-1)
 
 
-LOSSES = {"infonce": InfoNCELoss, "ntxent": NTXentLoss, "sogclr": SogCLRLoss, "hcl": HCLLoss}
+LOSSES = {"infonce": InfoNCELoss, "ntxent": NTXentLoss, "sogclr": SogCLRLoss, "hcl": HCLLoss, "siglip": SigLIPLoss}
 
 BATCH_LOSSES = {"infonce": batch_infonce, "ntxent": batch_ntxent, "sogclr": batch_infonce, "hcl": batch_hcl}
 """Each training loss (``loss.name``) per batch, as batch selection scores it: OSGD keeps the batches of
 highest training loss, and the lift compares plans under it (docs/DESIGN.md §4). SogCLR's loss of a batch
 depends on its u history, which a bank snapshot does not hold: it is scored with the stateless symmetric
-InfoNCE at the same tau, as ``SogCLRLoss.score`` scores it. Options beyond tau: ``batch_options``."""
+InfoNCE at the same tau, as ``SogCLRLoss.score`` scores it. SigLIP's depends on its learnt logit bias, which
+the bank does not hold either, and which ranks batches (unlike a scale, it is not a common factor): the config
+refuses siglip with a strategy that scores batches (dist_cl.config.validation). Options beyond tau:
+``batch_options``."""
 
 
 def batch_options(loss: LossConfig) -> dict:

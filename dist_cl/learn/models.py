@@ -1,7 +1,8 @@
 """Encoders that map the two views of a pair to L2-normalised embeddings u, v, plus the temperature.
 
 A timm backbone (``pretrained=False``) with a projection MLP, shared by both views (SimCLR) or one per
-side (CLIP, ``two_towers``); and the free-embedding model of the paper's synthetic setting.
+side (``two_towers``); an image tower with open_clip's text tower for image–caption pairs (``ImageTextModel``);
+and the free-embedding model of the paper's synthetic setting.
 """
 
 import difflib
@@ -84,6 +85,100 @@ class ContrastiveModel(nn.Module):
         return z if output == "projection" else features
 
 
+MAX_LOGIT_SCALE = math.log(100)
+"""open_clip's training loop clamps its logit scale log(1/tau) to [0, ln 100] after each step: tau >= 0.01."""
+
+
+class LogitScale(nn.Module):
+    """open_clip's logit scale: ``logit_scale`` = log(1/tau), learned or fixed, initialised at log(1/loss.tau)
+    (open_clip's log(1/0.07) is loss.tau=0.07; SigLIP's log 10 is loss.tau=0.1), read clamped to ln 100.
+
+    open_clip clamps the parameter in place after the update; here its value is clamped where it is read, so
+    the tau every step uses is the same and no training-loop hook is needed (above ln 100 its gradient is 0).
+    """
+
+    def __init__(self, tau: float, learnable: bool):
+        super().__init__()
+        logit_scale = torch.tensor(math.log(1 / tau))
+        if learnable:
+            self.logit_scale = nn.Parameter(logit_scale)
+        else:
+            self.register_buffer("logit_scale", logit_scale)
+
+    def forward(self) -> torch.Tensor:
+        """tau = 1 / exp(clamp(logit_scale, max=ln 100))."""
+        return torch.exp(-self.logit_scale.clamp(max=MAX_LOGIT_SCALE))
+
+
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+"""open_clip's initial logit bias for SigLIP (``init_logit_bias``), from the paper: -10."""
+
+
+def text_tower_config(model_cfg) -> dict:
+    """The open_clip ``CLIPTextCfg`` fields of ``model.text_tower``'s open_clip model config, with ``model.text_cfg``
+    over them (names and fields checked by dist_cl.config.validation)."""
+    import open_clip
+
+    return {**open_clip.get_model_config(model_cfg.text_tower)["text_cfg"], **model_cfg.text_cfg}
+
+
+class ImageTextModel(nn.Module):
+    """CLIP: view_a is an image, embedded by the timm ``Tower``; view_b a caption's open_clip token ids
+    (B, context_length), embedded by open_clip's ``TextTransformer``, randomly initialised (or from
+    ``model.text_pretrained``, a local open_clip checkpoint), projected to ``model.embed_dim``.
+
+    ``forward`` gives (u, v, tau), as ``ContrastiveModel``; under loss.name=siglip the third output is
+    (tau, b), the learnt logit bias b beside tau, so that it goes through the step (DDP, accumulation) as tau does.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+
+        m = cfg.model
+        self.tower_a = Tower(m.backbone, m.backbone_kwargs, m.in_chans, m.proj_hidden_dim, m.embed_dim)
+        self.text_tower = _build_text_tower(m.embed_dim, CLIPTextCfg(**text_tower_config(m)))
+        if m.text_pretrained:
+            self.load_text_weights(m.text_pretrained)
+        self.temperature = LogitScale(cfg.loss.tau, cfg.loss.learnable_tau)
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS)) if cfg.loss.name == "siglip" else None
+
+    def load_text_weights(self, path: str) -> None:
+        """The text tower's weights from an open_clip checkpoint file (a CLIP's, whose text weights sit at its
+        top level under the ``TextTransformer``'s own names)."""
+        from open_clip.factory import load_state_dict
+
+        state = load_state_dict(path)
+        wanted = self.text_tower.state_dict()
+        missing = [key for key in wanted if key not in state]
+        if missing:
+            raise ConfigError(f"model.text_pretrained={path!r} holds no text tower weights {missing[:3]}; give an "
+                              "open_clip CLIP checkpoint of the same model.text_tower")
+        self.text_tower.load_state_dict({key: state[key] for key in wanted})
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        context = self.text_tower.context_length
+        if tokens.shape[-1] != context:
+            raise ValueError(f"captions of {tokens.shape[-1]} tokens for a text tower with context_length {context}; "
+                             "tokenise with the text tower's context length")
+        return self.text_tower(tokens)
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
+        """(u, v, tau): normalised image and caption embeddings and the temperature (with SigLIP's bias)."""
+        u, v = self.tower_a(view_a)[1], F.normalize(self.encode_text(view_b), dim=-1)
+        tau = self.temperature()
+        return u, v, tau if self.logit_bias is None else torch.stack([tau, self.logit_bias])
+
+    def embed(self, x: torch.Tensor, side: str = "a", output: str = "projection") -> torch.Tensor:
+        """Side a: the image tower's backbone features or projection; side b: the caption's projection,
+        unnormalised as ``features``."""
+        if side == "a":
+            features, z = self.tower_a(x)
+            return z if output == "projection" else features
+        features = self.encode_text(x)
+        return F.normalize(features, dim=-1) if output == "projection" else features
+
+
 class _GlobalBatchRows(torch.autograd.Function):
     """``table[index]`` for this rank's slice; backward gives every rank the gradient rows of the whole
     global batch, averaged over ranks as DDP would, as one sparse tensor.
@@ -164,7 +259,7 @@ def check_backbone(name: str) -> None:
 def build_model(cfg: Config, num_samples: int) -> nn.Module:
     if cfg.model.backbone == "free":
         return FreeEmbeddings(num_samples, cfg.model.embed_dim, cfg.loss.tau, cfg.loss.learnable_tau, cfg.seed)
-    return ContrastiveModel(cfg)
+    return ImageTextModel(cfg) if cfg.model.text_tower else ContrastiveModel(cfg)
 
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:
