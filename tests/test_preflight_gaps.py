@@ -1,5 +1,7 @@
-"""The smaller gaps of issue 28, each refused by name before training where it can be, or handled where it
-cannot: a stop during an epoch's last step."""
+"""The smaller gaps of issue 28, each refused by name before training where it can be: a run directory that
+cannot hold a checkpoint, an elastic job on torchrun's shared store, a shard index whose labels do not fit;
+or named or handled where it cannot: a run directory that stops taking writes, a stop during an epoch's last
+step. (Fashion-MNIST files of another shape: tests/test_fashion_mnist.py.)"""
 
 import json
 import math
