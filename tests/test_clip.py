@@ -160,3 +160,38 @@ def test_losses_with_same_modality_negatives_are_refused_with_a_text_tower(loss)
 def test_siglip_is_refused_without_a_text_tower_or_with_batch_scoring(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.fixture
+def process_group(one_torch_thread):
+    from dist_cl.runtime.distributed import close_distributed, init_distributed
+
+    init_distributed(backend="gloo")
+    yield
+    close_distributed()
+
+
+def siglip_step_grads(accum_steps: int) -> dict[str, torch.Tensor]:
+    """The parameters' gradients of one SigLIP TrainStep of an image–text model (float64, eval mode so that
+    BatchNorm reads its running statistics and micro-batches change nothing); the step is not refused for the
+    -inf of the text tower's causal mask, a buffer outside the checkpoint."""
+    from dist_cl.learn.step import TrainStep
+
+    cfg = load_config(None, [*SMALL_TEXT, "loss.name=siglip", "loss.learnable_tau=true", "model.embed_dim=8",
+                             "train.global_batch_size=4", f"train.accum_steps={accum_steps}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 4).double().eval()
+    step = TrainStep(cfg, model, torch.optim.SGD(model.parameters(), lr=0.0), 0, 1, torch.device("cpu"), 4)
+    g = torch.Generator().manual_seed(1)
+    images, tokens = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64), torch.randint(1, 49407, (4, 77))
+    result = step(images, tokens, torch.arange(4), lambda: "a test step")
+    assert not result.skipped
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_siglip_step_trains_scale_and_bias_the_same_with_accumulation(process_group):
+    whole, accumulated = siglip_step_grads(1), siglip_step_grads(2)
+    assert {"logit_bias", "temperature.logit_scale"} <= whole.keys()
+    assert whole.keys() == accumulated.keys()
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=0, atol=1e-10, msg=name)

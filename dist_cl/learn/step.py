@@ -233,8 +233,11 @@ class TrainStep:
         A forward pass can overflow BatchNorm's running variance to inf while the loss it returns stays
         finite (an input of 1e30 does), so the buffers are a flag of their own. Under fp16 the gradient
         flag is GradScaler's overflow test: unscale_ leaves a gradient inf or NaN exactly where it found one.
+        Only the buffers a checkpoint holds are training state: a constant one outside it may hold -inf on
+        purpose (open_clip's causal attention mask).
         """
-        floating = [b.detach() for b in model.buffers() if b.is_floating_point()]
+        saved = model.state_dict().keys()
+        floating = [b.detach() for name, b in model.named_buffers() if b.is_floating_point() and name in saved]
         # x * 0 is 0 for a finite x and NaN for inf or NaN: a norm of the products cannot overflow
         zeros = torch._foreach_norm(torch._foreach_mul(floating, 0.0)) if floating else [loss.new_zeros(())]
         go_on = torch.full((), not stop_requested, dtype=torch.bool, device=loss.device)  # a fill, not a copy
