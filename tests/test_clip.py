@@ -133,6 +133,8 @@ def test_text_pretrained_loads_the_text_weights_of_a_local_open_clip_checkpoint(
     (["model.backbone_kwargs={pretrained: true}"], r"model.backbone_kwargs.checkpoint_path=<local file>"),
     (["model.text_tower=RN50", "model.text_cfg={widht: 8}"], r"model.text_cfg.widht is not a field of open_clip's "),
     (["model.text_tower=RN50", "model.two_towers=true"], r"the text tower is the second tower"),
+    (["model.text_tower=hf-hub:timm/ViT-B-16-SigLIP"], r"open_clip downloads from the hub.*model.text_pretrained="),
+    (["model.text_tower=ViT-B-16-SigLIP"], r"vocab_size=32000, but captions are tokenised with open_clip's BPE"),
 ])
 def test_unknown_text_tower_and_downloaded_weights_are_named_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -195,3 +197,11 @@ def test_siglip_step_trains_scale_and_bias_the_same_with_accumulation(process_gr
     assert whole.keys() == accumulated.keys()
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_the_required_vocabulary_is_that_of_open_clips_bpe_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from dist_cl.config.validation import OPEN_CLIP_BPE_VOCAB_SIZE
+
+    assert len(SimpleTokenizer().encoder) == OPEN_CLIP_BPE_VOCAB_SIZE

@@ -163,6 +163,10 @@ def _check_model(cfg: Config) -> None:
                           "set model.text_tower (e.g. RN50) or remove them")
 
 
+OPEN_CLIP_BPE_VOCAB_SIZE = 49408
+"""Token ids of open_clip's own BPE tokenizer, the only one runs use (dist_cl.data.tokenizer)."""
+
+
 def _check_text_tower(cfg: Config) -> None:
     """``model.text_tower``: an open_clip model config whose text tower open_clip builds itself (not a Hugging
     Face one, downloaded), ``model.text_cfg`` fields of open_clip's CLIPTextCfg, weights from a local file only,
@@ -174,6 +178,10 @@ def _check_text_tower(cfg: Config) -> None:
     if model.two_towers:
         raise ConfigError("model.two_towers=true with model.text_tower: the text tower is the second tower; "
                           "remove model.two_towers")
+    if model.text_tower.startswith("hf-hub:"):
+        raise ConfigError(f"model.text_tower={model.text_tower!r} is a model open_clip downloads from the hub, and "
+                          "runs do not download; name a built-in open_clip config (e.g. RN50) and put its downloaded "
+                          "weights in model.text_pretrained=<local path>")
     base = open_clip.get_model_config(model.text_tower)
     if base is None:
         close = difflib.get_close_matches(model.text_tower, open_clip.list_models(), n=3, cutoff=0.6)
@@ -189,6 +197,11 @@ def _check_text_tower(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"model.text_cfg.{unknown[0]} is not a field of open_clip's CLIPTextCfg; known: "
                           f"{', '.join(sorted(CLIPTextCfg.__dataclass_fields__))}")
+    vocab_size = {**base["text_cfg"], **model.text_cfg}.get("vocab_size", CLIPTextCfg.vocab_size)
+    if vocab_size != OPEN_CLIP_BPE_VOCAB_SIZE:
+        raise ConfigError(f"model.text_tower={model.text_tower!r} has vocab_size={vocab_size}, but captions are "
+                          f"tokenised with open_clip's BPE ({OPEN_CLIP_BPE_VOCAB_SIZE} ids); choose a config with its "
+                          f"vocabulary (e.g. RN50) or set model.text_cfg.vocab_size={OPEN_CLIP_BPE_VOCAB_SIZE}")
     _check_text_pretrained(model.text_pretrained, model.text_tower)
     if cfg.loss.name not in ("infonce", "siglip"):
         raise ConfigError(
