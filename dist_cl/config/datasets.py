@@ -17,6 +17,9 @@ class Dataset:
     under another ``data.name`` such a key must stay at its default."""
     images: bool = True
     """False: it has no images (free embeddings), so no image model and nothing to corrupt."""
+    captions: bool = False
+    """True: its second view is a caption's token ids, not an image: it trains with ``model.text_tower``, and
+    only it does."""
     channels: int | None = None
     """Channels of its images, which ``model.in_chans`` must equal; None: the data says (shards)."""
     samples: int | None = None
@@ -31,6 +34,7 @@ DATASETS = {
     "digits": Dataset(reads=("holdout_fraction",), channels=1, samples=1797, classes=10),
     "synthetic": Dataset(reads=("num_samples",), images=False),
     "shards": Dataset(reads=("path", "image_size")),
+    "captions": Dataset(reads=("path", "image_size"), captions=True),
     "fashion_mnist": Dataset(reads=("path", "image_size", "subset", "heldout_subset"), channels=1, classes=10,
                              image_shape=(28, 28)),
 }

@@ -100,9 +100,9 @@ def _check_data(data: DataConfig) -> None:
             raise ConfigError(f"data.holdout_fraction={data.holdout_fraction} holds out {held_out} of the "
                               f"{declared.samples} {data.name}; each split needs one per class at least: use "
                               f"{low:g} to {1 - low:g}")
-    if data.name == "shards" and not data.path:
-        raise ConfigError("data.name=shards needs data.path=<shard directory> (made by dist-cl-make-shards)")
-    if data.name == "shards" and not Path(data.path).exists():
+    if data.name in ("shards", "captions") and not data.path:
+        raise ConfigError(f"data.name={data.name} needs data.path=<shard directory> (made by dist-cl-make-shards)")
+    if data.name in ("shards", "captions") and not Path(data.path).exists():
         raise ConfigError(f"data.path={data.path!r} does not exist; make shards with dist-cl-make-shards")
     _check_augment(data)
 
@@ -120,9 +120,10 @@ def _check_keys_read(data: DataConfig) -> None:
                           f"data.name={' or '.join(readers)} to read from it")
     for key in ("num_samples", "holdout_fraction", "image_size"):
         if key not in reads and getattr(data, key) != getattr(DataConfig, key):
-            readers = [name for name, declared in DATASETS.items() if key in declared.reads]
-            raise ConfigError(f"data.{key} is read by data.name={' and '.join(readers)} only; data.name={data.name} "
-                              "ignores it: remove it")
+            readers = [name for name, declared in DATASETS.items() if key in declared.reads and name != "captions"]
+            captions = ", and by captions (shards with captions)" if key in DATASETS["captions"].reads else ""
+            raise ConfigError(f"data.{key} is read by data.name={' and '.join(readers)} only{captions}; "
+                              f"data.name={data.name} ignores it: remove it")
 
 
 def _check_augment(data: DataConfig) -> None:
@@ -156,6 +157,9 @@ def _check_model(cfg: Config) -> None:
     if model.backbone_kwargs.get("pretrained"):
         raise ConfigError("model.backbone_kwargs.pretrained would download timm weights from the hub, and runs do "
                           "not download; download them and set model.backbone_kwargs.checkpoint_path=<local file>")
+    if data.captions and not model.text_tower:
+        raise ConfigError(f"data.name={cfg.data.name} pairs images with captions, which need a text tower; set "
+                          "model.text_tower (e.g. RN50, with model.text_cfg to size it)")
     if model.text_tower:
         _check_text_tower(cfg)
     elif model.text_cfg or model.text_pretrained or cfg.loss.name == "siglip":
@@ -316,6 +320,9 @@ def _check_eval(cfg: Config) -> None:
     if e.corruptions and not DATASETS[cfg.data.name].images:
         raise ConfigError(f"eval.corruptions corrupts images; data.name={cfg.data.name} has none: set "
                           "eval.corruptions=false")
+    if e.corruptions and DATASETS[cfg.data.name].captions:
+        raise ConfigError(f"eval.corruptions retrieves a corrupted view of an image by its clean view, and "
+                          f"data.name={cfg.data.name} pairs images with captions: set eval.corruptions=false")
 
 
 def _check_checkpoint(checkpoint: CheckpointConfig) -> None:

@@ -47,6 +47,16 @@ def build_dataset(cfg: Config, split: str) -> PairDataset | None:
 
         directory = split_dir(d.path, split)
         return ShardPairs(directory, d.augment, d.image_size, seed=cfg.seed) if directory else None
+    if d.name == "captions":
+        from dist_cl.data.captions import CaptionPairs
+        from dist_cl.data.shards import split_dir
+        from dist_cl.data.tokenizer import CaptionTokenizer
+
+        # the workers tokenise: open_clip's import (seconds) is made once, by the forkserver
+        multiprocessing.set_forkserver_preload([*WORKER_PRELOAD, "dist_cl.data.captions", "open_clip"])
+        tokenizer = CaptionTokenizer(cfg.model.text_tower, cfg.model.text_cfg.get("context_length"))
+        directory = split_dir(d.path, split)
+        return CaptionPairs(directory, d.augment, d.image_size, cfg.seed, tokenizer) if directory else None
     if d.name == "fashion_mnist":
         from dist_cl.data.fashion_mnist import DEFAULT_PATH, FashionMnistPairs, fashion_mnist_split
 

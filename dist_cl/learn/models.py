@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_cl.config import Config, ConfigError
+from dist_cl.config.datasets import DATASETS
 from dist_cl.runtime.distributed import gather_rows, world_size
 
 log = logging.getLogger("dist_cl")
@@ -275,6 +276,10 @@ def build_training_model(cfg: Config, num_samples: int, channels: int, device: t
     if cfg.train.global_batch_size > num_samples:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
                           f"{num_samples} training samples; lower it or use more data")
+    if cfg.model.text_tower and not DATASETS[cfg.data.name].captions:
+        captioned = " or ".join(name for name, declared in DATASETS.items() if declared.captions)
+        raise ConfigError(f"model.text_tower={cfg.model.text_tower} embeds captions, and data.name={cfg.data.name} "
+                          f"has none; use data.name={captioned} (image–caption shards) or remove model.text_tower")
     if cfg.model.backbone != "free" and channels != cfg.model.in_chans:
         raise ConfigError(f"model.in_chans={cfg.model.in_chans} but the data has {channels}-channel images; "
                           f"set model.in_chans={channels}")
