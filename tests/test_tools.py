@@ -13,7 +13,6 @@ from sklearn.preprocessing import StandardScaler
 
 from dist_cl.cli import evaluate as evaluate_tool
 from dist_cl.cli import extract_embeddings as extract_tool
-from dist_cl.cli import train as cli
 from dist_cl.config import load_config
 from dist_cl.evaluate.offline import compute_metrics
 from dist_cl.learn.models import build_model
@@ -22,23 +21,16 @@ STEMS = ("u", "v", "backbone", "indices", "labels")
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """One digits epoch, evaluated at its end by the trainer (metrics.jsonl), in this process."""
-    run_dir = tmp_path_factory.mktemp("tools") / "run"
-    assert cli.main(["train.epochs=1", "eval.every_epochs=1", f"run.dir={run_dir}"]) == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def single_process_embeddings(trained_run):
-    out = trained_run.parent / "emb-1"
-    assert extract_tool.main(["--checkpoint", str(trained_run / "checkpoints" / "latest"), "--out", str(out)]) == 0
+def single_process_embeddings(one_epoch_run, tmp_path_factory):
+    """The session's 2-rank digits epoch (conftest), extracted in this process: the trainer run is shared."""
+    out = tmp_path_factory.mktemp("tools") / "emb-1"
+    assert extract_tool.main(["--checkpoint", str(one_epoch_run / "checkpoints" / "latest"), "--out", str(out)]) == 0
     return out
 
 
-def test_two_rank_extraction_equals_single_process_row_for_row(trained_run, single_process_embeddings):
-    out = trained_run.parent / "emb-2"
-    checkpoint = next((trained_run / "checkpoints").glob("step-*.pt"))
+def test_two_rank_extraction_equals_single_process_row_for_row(one_epoch_run, single_process_embeddings, tmp_path):
+    out = tmp_path / "emb-2"
+    checkpoint = next((one_epoch_run / "checkpoints").glob("step-*.pt"))
     # the training split only: its 1437 rows do not divide by 2 ranks, so the padding is exercised
     torchrun([str(ROOT / "tools" / "extract_embeddings.py"), "--checkpoint", str(checkpoint), "--out", str(out),
               "--split", "train"])
@@ -59,16 +51,16 @@ def test_two_rank_extraction_equals_single_process_row_for_row(trained_run, sing
         assert (meta["world_size"], meta["num_samples"], meta["shapes"]["u"]) == (2, n, [n, 64])
 
 
-def test_evaluation_of_saved_embeddings_reproduces_the_trainers_metrics(trained_run, single_process_embeddings,
-                                                                        capsys):
-    report = trained_run.parent / "eval.json"
+def test_evaluation_of_saved_embeddings_reproduces_the_trainers_metrics(one_epoch_run, single_process_embeddings,
+                                                                        capsys, tmp_path):
+    report = tmp_path / "eval.json"
     assert evaluate_tool.main(["--embeddings", str(single_process_embeddings), "--json", str(report)]) == 0
     table = capsys.readouterr().out
     metrics = json.loads(report.read_text())["metrics"]
     assert set(metrics) == {"retrieval_top1", "retrieval_recall5", "retrieval_recall10", "knn_top1", "probe_top1"}
     rows = dict(line.split() for line in table.splitlines()[3:])  # after the checkpoint line and the header
     assert rows == {key: f"{value:.4f}" for key, value in metrics.items()}
-    logged = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = json.loads((one_epoch_run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("retrieval_top1", "retrieval_recall5", "knn_top1"):
         assert metrics[key] == pytest.approx(logged[key], abs=1e-12), key
 
@@ -148,13 +140,20 @@ def test_metrics_without_labels_or_backbone_are_left_out(small_embeddings):
     assert set(compute_metrics(None, only_pairs, ks=(1, 3))) == {"retrieval_top1", "retrieval_recall3"}
 
 
-def test_evaluate_from_a_checkpoint_matches_evaluate_from_its_embeddings(trained_run, single_process_embeddings,
-                                                                         tmp_path):
-    from_checkpoint, from_embeddings = tmp_path / "a.json", tmp_path / "b.json"
-    assert evaluate_tool.main(["--checkpoint", str(trained_run), "--no-probe", "--json", str(from_checkpoint)]) == 0
+@pytest.fixture(scope="module")
+def checkpoint_evaluation(one_epoch_run, tmp_path_factory) -> dict:
+    """``dist-cl-evaluate --checkpoint`` of the session's 2-rank epoch without the probe, as its JSON report."""
+    report = tmp_path_factory.mktemp("tools") / "eval.json"
+    assert evaluate_tool.main(["--checkpoint", str(one_epoch_run), "--no-probe", "--json", str(report)]) == 0
+    return json.loads(report.read_text())
+
+
+def test_evaluate_from_a_checkpoint_matches_evaluate_from_its_embeddings(checkpoint_evaluation,
+                                                                         single_process_embeddings, tmp_path):
+    from_embeddings = tmp_path / "b.json"
     assert evaluate_tool.main(["--embeddings", str(single_process_embeddings), "--no-probe",
                                "--json", str(from_embeddings)]) == 0
-    a, b = (json.loads(p.read_text()) for p in (from_checkpoint, from_embeddings))
+    a, b = checkpoint_evaluation, json.loads(from_embeddings.read_text())
     assert a["metrics"] == b["metrics"] and a["step"] == b["step"]
 
 
@@ -184,10 +183,10 @@ def test_bench_selection_ranks_prints_a_row_per_size_with_plans_identical_on_bot
     assert len(rows) == 1 and rows[0][1:4] == ["3000", "16", "32"] and float(rows[0][4]) > 0
 
 
-def test_logged_training_full_batch_loss_equals_a_float64_brute_force(trained_run, single_process_embeddings):
+def test_logged_training_full_batch_loss_equals_a_float64_brute_force(one_epoch_run, single_process_embeddings):
     """train_full_batch_loss / train_retrieval_top1 (the paper's objective and its "original data" metric) are
     over all 1,437 training pairs at the evaluation views; recomputed here from the extracted embeddings."""
-    logged = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    logged = json.loads((one_epoch_run / "metrics.jsonl").read_text().splitlines()[-1])
     u = np.load(single_process_embeddings / "train" / "u.npy").astype(np.float64)
     v = np.load(single_process_embeddings / "train" / "v.npy").astype(np.float64)
     s = u @ v.T / 0.1
@@ -208,13 +207,10 @@ def test_training_metrics_beyond_train_pairs_use_one_fixed_subset():
     np.testing.assert_array_equal(subset, train_pair_indices(1000, 100))
 
 
-def test_two_rank_logged_metrics_equal_the_evaluation_of_the_saved_checkpoint(one_epoch_run, tmp_path):
+def test_two_rank_logged_metrics_equal_the_evaluation_of_the_saved_checkpoint(one_epoch_run, checkpoint_evaluation):
     """Each rank embeds a share of the evaluation; they must all use the checkpoint's (rank 0's) BatchNorm
     statistics, not the ones their last local step left."""
-    run_dir = one_epoch_run
-    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    report = tmp_path / "eval.json"
-    assert evaluate_tool.main(["--checkpoint", str(run_dir), "--no-probe", "--json", str(report)]) == 0
-    metrics = json.loads(report.read_text())["metrics"]
+    logged = json.loads((one_epoch_run / "metrics.jsonl").read_text().splitlines()[-1])
+    metrics = checkpoint_evaluation["metrics"]
     for key in ("retrieval_top1", "retrieval_recall5", "knn_top1"):
         assert logged[key] == metrics[key], key
