@@ -114,6 +114,10 @@ class CaptionPairs(ShardPairs):
     def tokens(self, index: int) -> torch.Tensor:
         return self.tokenizer(self.caption(index))
 
+    def clean_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean image and its caption's tokens."""
+        return self.clean_item(index), self.tokens(index)
+
     def __getitem__(self, index: int):
         path, sample = self._sample(index)
         caption = self._caption(path, sample)

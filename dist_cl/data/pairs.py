@@ -71,3 +71,8 @@ class PairDataset(Dataset):
 
     def clean_item(self, index: int) -> torch.Tensor:
         return self.clean(self.load(index))
+
+    def clean_pair(self, index: int) -> tuple:
+        """Sample i's two views without augmentation: its clean input twice, for tower a and tower b."""
+        x = self.clean_item(index)
+        return x, x

@@ -14,7 +14,7 @@ from dist_cl.runtime.distributed import DistInfo, gather_rows
 
 
 class _EmbeddingInputs(Dataset):
-    """Model inputs for each requested index: its two augmented views, or its clean input twice."""
+    """Model inputs for each requested index: its two augmented views, or its two clean ones."""
 
     def __init__(self, dataset, indices: np.ndarray, augmented: bool):
         self.dataset = dataset
@@ -29,8 +29,7 @@ class _EmbeddingInputs(Dataset):
         if self.augmented:
             view_a, view_b, _ = self.dataset[index]
             return view_a, view_b
-        x = self.dataset.clean_item(index)
-        return x, x
+        return self.dataset.clean_pair(index)
 
 
 @torch.no_grad()
@@ -41,8 +40,8 @@ def embed_indices(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(u, v) rows for ``indices``, in that order, on every rank (CPU float32).
 
-    ``augmented`` embeds the two augmented views of each sample (the pair), else its clean input twice
-    (tower a for u, tower b for v). ``side_b=False`` skips v (returned as None) where only u is needed.
+    ``augmented`` embeds the two augmented views of each sample (the pair), else its two clean views
+    (``clean_pair``: tower a for u, tower b for v). ``side_b=False`` skips v (returned as None) where only u is needed.
     ``model`` must be unwrapped (no DDP) and is run in eval mode.
     """
     indices = np.asarray(indices, dtype=np.int64)

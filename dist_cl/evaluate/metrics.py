@@ -1,4 +1,5 @@
-"""Evaluation metrics: positive-pair retrieval (the paper's metric), recall@k and kNN classification.
+"""Evaluation metrics: positive-pair retrieval (the paper's metric), recall@k (image<->text for image–caption
+pairs) and kNN classification.
 
 The metrics are pure functions of embeddings; ``evaluate`` embeds the data sharded over ranks, one rank
 applies them and every rank returns its numbers.
@@ -9,6 +10,7 @@ import torch
 
 from dist_cl.evaluate.corrupted_retrieval import corrupted_retrieval
 from dist_cl.evaluate.embed import embed_indices
+from dist_cl.learn.models import ImageTextModel
 from dist_cl.runtime.distributed import distributed_map
 
 EVAL_EPOCH = 2**31 - 1
@@ -34,13 +36,30 @@ def _partner_hits(queries: torch.Tensor, keys: torch.Tensor, k: int, block_eleme
     return torch.cat(hits)
 
 
+def partner_recall(queries: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                   block_elements: int = BLOCK_ELEMENTS) -> float:
+    """Fraction of query rows i whose key row i is among their top-k keys by inner product (one direction)."""
+    k = min(k, len(keys))
+    return float(_partner_hits(queries.double(), keys.double(), k, block_elements).double().mean())
+
+
 def retrieval_recall(a: torch.Tensor, b: torch.Tensor, k: int = 1, block_elements: int = BLOCK_ELEMENTS) -> float:
     """Fraction of rows whose partner is among the top-k by inner product, mean of a->b and b->a."""
-    a, b = a.double(), b.double()
-    k = min(k, len(a))
-    hit_ab = _partner_hits(a, b, k, block_elements).double().mean()
-    hit_ba = _partner_hits(b, a, k, block_elements).double().mean()
-    return float((hit_ab + hit_ba) / 2)
+    return (partner_recall(a, b, k, block_elements) + partner_recall(b, a, k, block_elements)) / 2
+
+
+IMAGE_TEXT_RECALLS = (1, 5, 10)
+"""The k of image->text and text->image recall@k, as CLIP's retrieval benchmarks report them."""
+
+
+def image_text_recalls(images: torch.Tensor, texts: torch.Tensor) -> dict:
+    """``image_to_text_r{k}`` and ``text_to_image_r{k}``: each direction on its own, since a caption may fit
+    many images (and their retrieval be asymmetric) where two views of one image are exchangeable."""
+    values = {}
+    for k in IMAGE_TEXT_RECALLS:
+        values[f"image_to_text_r{k}"] = partner_recall(images, texts, k)
+        values[f"text_to_image_r{k}"] = partner_recall(texts, images, k)
+    return values
 
 
 def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, k: int,
@@ -98,7 +117,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
 
     On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
     retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone
-    features. On the training pairs (``train_*``; at most ``train_pairs`` of them, their number logged as
+    features (the image tower's); for image–caption pairs also image->text and text->image recall@1/5/10.
+    On the training pairs (``train_*``; at most ``train_pairs`` of them, their number logged as
     ``train_pairs``): the full-batch loss, the objective the paper's theory is about, and retrieval top-1,
     its "original data" metric. ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of
     the held-out images (dist_cl.evaluate.corrupted_retrieval).
@@ -107,6 +127,7 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
     are computed once, by one rank, and sent to the others.
     """
     common = dict(rank=rank, world_size=world_size, device=device, num_workers=num_workers)
+    image_text = isinstance(model, ImageTextModel)  # u = image, v = caption
     train_idx = train_pair_indices(len(train_set), train_pairs)
     train_set.set_epoch(EVAL_EPOCH)
     train_pair = embed_indices(model, train_set, train_idx, augmented=True, **common)
@@ -126,6 +147,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
         values = {"train_full_batch_loss": train["full_batch_loss"], "train_retrieval_top1": train["retrieval_top1"],
                   "train_pairs": len(train_idx)}
         values.update(pair_metrics(*heldout_pair, tau) if heldout_pair is not None else train)
+        if image_text:
+            values.update(image_text_recalls(*(heldout_pair if heldout_pair is not None else train_pair)))
         if features is not None:
             values["knn_top1"] = knn_top1(features[0], train_set.labels, features[1], heldout_set.labels, knn_k)
         return values
