@@ -1,11 +1,9 @@
 """Training and --dry-run read the shards that dist-cl-make-shards writes."""
 
-import subprocess
-import sys
-
-from conftest import ROOT, torchrun, train_cmd
+from conftest import torchrun, train_cmd
 
 from dist_cl.cli import make_shards
+from dist_cl.cli import train as cli
 
 SHARD_RUN = ["data.name=shards", "data.image_size=8", "model.in_chans=1", "eval.every_epochs=1", "train.epochs=1",
              "train.global_batch_size=32"]
@@ -26,22 +24,19 @@ def test_two_process_training_reads_digits_shards(tmp_path):
     assert "knn_top1" in (run_dir / "metrics.jsonl").read_text()
 
 
-def test_dry_run_names_a_truncated_shard_and_writes_nothing(tmp_path):
+def test_dry_run_names_a_truncated_shard_and_writes_nothing(tmp_path, capsys):
     make_digits_shards(tmp_path / "shards", splits=("train",))
     shard = tmp_path / "shards" / "train" / "shard-000003.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", *SHARD_RUN,
-           f"data.path={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "shard-000003.tar" in proc.stderr and "make_shards.py" in proc.stderr
+    assert cli.main(["--dry-run", *SHARD_RUN, f"data.path={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "shard-000003.tar" in err and "make_shards.py" in err, err[-3000:]
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_refuses_corrupted_view_retrieval_without_held_out_shards(tmp_path):
+def test_dry_run_refuses_corrupted_view_retrieval_without_held_out_shards(tmp_path, capsys):
     make_digits_shards(tmp_path / "shards", splits=("train",))
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", *SHARD_RUN, "eval.corruptions=true",
-           f"data.path={tmp_path / 'shards'}", f"run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "eval.corruptions=true corrupts the held-out images" in proc.stderr and "--split heldout" in proc.stderr
+    assert cli.main(["--dry-run", *SHARD_RUN, "eval.corruptions=true", f"data.path={tmp_path / 'shards'}",
+                     f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.corruptions=true corrupts the held-out images" in err and "--split heldout" in err, err[-3000:]

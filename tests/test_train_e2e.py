@@ -16,6 +16,7 @@ import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 
 from dist_cl.cli import multinode_restarts
+from dist_cl.cli import train as cli
 from dist_cl.runtime.checkpoint import load_checkpoint
 from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE
 
@@ -280,13 +281,12 @@ def test_ranks_given_different_configs_fail_by_name_before_any_collective_the_co
     (("selection.strategy=full",), "selection.strategy=full trains on all N = 1437 samples as one batch, but "
      "train.global_batch_size=64: set train.global_batch_size=1437"),
 ], ids=["osgd-k", "full"])
-def test_selection_that_the_dataset_size_makes_wrong_fails_the_dry_run(overrides, message):
+def test_selection_that_the_dataset_size_makes_wrong_fails_the_dry_run(overrides, message, capsys):
     """The config check does not know N (digits' 1,437 training samples, 22 batches of 64); the planner
     refuses these at start, not after the random warm-up epochs or with another batch than configured."""
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr
+    assert cli.main(["--dry-run", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-3000:]
 
 
 def test_each_checkpoint_is_written_once_when_every_steps_divides_the_epoch(tmp_path):
