@@ -292,8 +292,8 @@ def test_selection_that_the_dataset_size_makes_wrong_fails_the_dry_run(overrides
 def test_each_checkpoint_is_written_once_when_every_steps_divides_the_epoch(tmp_path):
     """Synthetic epochs of 4 steps, a checkpoint every 2: the epoch's last step is saved at the epoch's end
     only (a second write of the same file could be cut between its renames and leave neither)."""
-    torchrun(train_cmd(tmp_path, *SYNTHETIC, "train.epochs=2", "eval.every_epochs=0", "checkpoint.every_steps=2",
-                       "checkpoint.keep=10"), nproc=1)
+    assert cli.main([*SYNTHETIC, f"run.dir={tmp_path}", "train.epochs=2", "eval.every_epochs=0",
+                     "checkpoint.every_steps=2", "checkpoint.keep=10"]) == 0
     saved = re.findall(r"saved checkpoint .*step-(\d+)\.pt", (tmp_path / "train.log").read_text())
     assert saved == ["00000002", "00000004", "00000006", "00000008"]
     state = load_checkpoint(tmp_path / "checkpoints" / "step-00000004.pt")[0]
