@@ -255,6 +255,7 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     usable = rng.permutation(n)[: n - n % batch_size]
     cell_size = max(cell_size, 4 * batch_size)
     map_fn = map_fn or core_map
+    device = resolve_device(device)  # here, since a CUDA thread's current device is its own
     if chunk_batches < 0:
         raise SelectionError(f"chunk_batches={chunk_batches} must be >= 0 (0: one global partition)")
     chunk = chunk_batches * batch_size
