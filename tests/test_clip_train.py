@@ -140,3 +140,11 @@ def test_clean_embeddings_of_caption_pairs_are_the_image_and_the_caption(caption
         images = torch.stack([dataset.clean_item(i) for i in range(3)])
         tokens = torch.stack([dataset.tokens(i) for i in range(3)])
         assert torch.allclose(u, model.embed(images, side="a")) and torch.allclose(v, model.embed(tokens, side="b"))
+
+
+def test_the_emoji_config_reads_caption_shards_at_its_text_towers_context_length(caption_shards):
+    config = Path(__file__).resolve().parent.parent / "configs" / "emoji_clip.yaml"
+    cfg = load_config(config, [f"data.path={caption_shards}"])
+    image, tokens, _ = build_dataset(cfg, "train")[0]
+    assert image.shape == (3, cfg.data.image_size, cfg.data.image_size)
+    assert tokens.shape == (cfg.model.text_cfg["context_length"],) and tokens.dtype == torch.int64

@@ -123,6 +123,8 @@ class RunMetrics:
         classes = getattr(dataset, "classes", None)
         labels = None if dataset.labels is None else [
             classes[dataset.labels[i]] if classes else str(dataset.labels[i]) for i in indices]
+        if hasattr(dataset, "caption"):  # image–caption pairs: the batch's other half is its captions
+            labels = [dataset.caption(int(i)) for i in indices]
         self.board.batch(images, labels, step)
 
     def hparams(self) -> None:
