@@ -1,7 +1,10 @@
 """SC-global: a valid, deterministic partition that finds planted hard batches; its pieces against brute force."""
 
 import hashlib
+import importlib
 import itertools
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +181,20 @@ def test_sc_global_plan_is_the_same_with_cells_on_one_thread():
     side_by_side = select_batches("sc_global", u, v, batch_size, tau=TAU, **options)
     one_thread = select_batches("sc_global", u, v, batch_size, tau=TAU, map_fn=local_map, **options)
     assert np.array_equal(side_by_side, one_thread)
+
+
+
+def test_bench_selection_phases_count_the_cells_run_on_other_threads(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    bench_selection = importlib.import_module("bench_selection")
+    u, v, batch_size, options = digest_case("planted")
+    profiles = bench_selection.profile_threads()
+    try:
+        sc_global_partition(u, v, batch_size, tau=TAU, **options)
+    finally:
+        threading.setprofile(None)
+        for profile in profiles:
+            profile.disable()
+    seconds = bench_selection.phase_seconds(profiles)
+    assert set(seconds) == set(bench_selection.PHASES)
+    assert all(s > 0 for s in seconds.values()), seconds
