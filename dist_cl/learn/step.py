@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_cl.config import Config
 from dist_cl.learn.losses import batch_options, build_loss
+from dist_cl.runtime.distributed import world_size
 
 log = logging.getLogger("dist_cl")
 
@@ -123,6 +124,10 @@ class TrainStep:
         self.train, self.model, self.optimizer, self.device = cfg.train, model, optimizer, device
         self.ddp = model if getattr(model, "averages_own_gradients", False) else DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.train.compile:
+            # the DDP wrapper, not the bare model: dynamo then splits the graph at DDP's buckets, so each
+            # bucket's all-reduce still overlaps the rest of the backward pass
+            self.ddp = torch.compile(self.ddp)
         options = ({"num_samples": num_samples, "gamma": cfg.loss.gamma} if cfg.loss.name == "sogclr"
                    else batch_options(cfg.loss))
         self.loss_fn = build_loss(cfg.loss.name, rank, world_size, **options).to(device)
@@ -141,8 +146,8 @@ class TrainStep:
         ``StepResult.stop`` (dist_cl.runtime.preemption), so a stop costs no collective of its own."""
         view_a, view_b = view_a.to(self.device, non_blocking=True), view_b.to(self.device, non_blocking=True)
         # a skipped step leaves nothing behind: BatchNorm's running statistics and the loss's state included
-        state = [*self.model.buffers(), *self.loss_fn.buffers()]
-        buffers = [b.clone() for b in state] if self.train.nonfinite == "skip" else None
+        state = [*self.model.buffers(), *self.loss_fn.buffers()] if self.train.nonfinite == "skip" else []
+        buffers = [b.clone() for b in state]
         self.optimizer.zero_grad(set_to_none=True)
         if self.train.accum_steps == 1:
             u, v, tau = self.forward(self.ddp, view_a, view_b)
@@ -160,7 +165,7 @@ class TrainStep:
                                                                              stop_requested)
         overflow = not finite_grad and self.amp_dtype is torch.float16
         if not finite_loss or not finite_buffers or (not finite_grad and not overflow):
-            if buffers is not None:
+            if buffers:
                 torch._foreach_copy_(state, buffers)
             if self.scaler.is_enabled():
                 self.scaler.update()  # closes the step unscale_ opened; the non-finite grads lower the scale
@@ -243,7 +248,8 @@ class TrainStep:
         go_on = torch.full((), not stop_requested, dtype=torch.bool, device=loss.device)  # a fill, not a copy
         flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm),
                              torch.isfinite(torch.stack(zeros).sum()), go_on]).to(torch.float32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # MIN: false on any rank is false on all
+        if world_size() > 1:  # a one-rank group's reduction is the identity, at the price of a gloo call
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # MIN: false on any rank is false on all
         finite_loss, finite_grad, finite_buffers, go_on, value = torch.cat(
             [flags, loss.detach().float().reshape(1)]).tolist()
         return bool(finite_loss), bool(finite_grad), bool(finite_buffers), not go_on, value

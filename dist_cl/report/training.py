@@ -51,12 +51,16 @@ class TrainingReport:
         return steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
 
     def step(self, bar: tqdm, losses: list, seconds: float, data_wait: float, lr: float, tau) -> None:
-        """The progress bar after every step, the train/* scalars every run.log_every_steps steps: the step's
-        own data wait, and tau (``tau()``) and the skipped steps only where they can change (no flat cards)."""
+        """The progress bar's count after every step; every run.log_every_steps steps (as open_clip logs) its
+        figures and the train/* scalars: the step's own data wait, and tau (``tau()``) and the skipped steps
+        only where they can change (no flat cards). Nothing is written to the terminal here: tqdm redraws the
+        bar at its own pace."""
+        bar.update()
+        if self.counters.step % self.cfg.run.log_every_steps:
+            return
         samples_s = self.samples_per_s(len(losses), seconds)
         loss = losses[-1] if losses else float("nan")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_s:.0f}")
-        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_s:.0f}", refresh=False)
         scalars = {"loss": loss, "lr": lr, "samples_per_s": samples_s, "data_time_s": data_wait}
         if self.cfg.loss.learnable_tau:
             scalars["tau"] = float(tau())

@@ -39,26 +39,36 @@ class Liveness:
     reads them: a rank whose counter stands still has stopped (a frozen process, a dead host, a hung
     file system it cannot leave); a live rank whose mark is behind is stuck in its own work before the
     collective; where every rank is alive at the same mark, one of them is slow inside it.
+
+    A mark is kept in memory and the heartbeat publishes the newest with its beat: a store round trip a
+    step would cost a training step more than the mark is worth, and the rank that reads the marks waits
+    three intervals first, by when each live rank has published where it is.
     """
 
     def __init__(self, store, rank: int, world_size: int, interval: float = 1.0):
         self.store = dist.PrefixStore("dist_cl/liveness", store)
         self.rank, self.world_size, self.interval = rank, world_size, interval
         self.marks = 0
+        self.latest = "0 none yet"
+        """``"<count> <what>"`` of this rank's newest mark, as the store holds it once published."""
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.beat, name="dist_cl-heartbeat", daemon=True)
         self.thread.start()
 
     def beat(self) -> None:
+        published = None
         while not self.stopped.wait(self.interval):
             try:
+                if self.latest is not published:
+                    published = self.latest
+                    self.store.set(f"mark/{self.rank}", published)
                 self.store.add(f"beat/{self.rank}", 1)
             except RuntimeError:  # the store's host is gone: the job is ending, and the next collective says so
                 return
 
     def mark(self, what: str) -> None:
         self.marks += 1
-        self.store.set(f"mark/{self.rank}", f"{self.marks} {what}")
+        self.latest = f"{self.marks} {what}"  # one assignment: the heartbeat thread reads a whole mark or the last
 
     def last_mark(self, rank: int) -> tuple[int, str]:
         key = f"mark/{rank}"
@@ -73,8 +83,9 @@ class Liveness:
         before = {r: self.store.add(f"beat/{r}", 0) for r in others}
         self.stopped.wait(3 * self.interval)
         silent = [r for r in others if self.store.add(f"beat/{r}", 0) == before[r]]
-        marks = {r: self.last_mark(r) for r in range(self.world_size)}
-        mine = marks[self.rank]
+        marks = {r: self.last_mark(r) for r in others}
+        count, what = self.latest.split(" ", 1)
+        mine = int(count), what
         if silent:
             return "; ".join(f"rank {r} stopped answering (no heartbeat for {3 * self.interval:.0f} s; its last mark: "
                              f"{marks[r][1]})" for r in silent)
