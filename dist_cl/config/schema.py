@@ -172,6 +172,10 @@ class TrainConfig:
     step's loss and gradients are the unaccumulated step's, at the cost of one more forward pass. BatchNorm
     normalises over a micro-batch, not the rank's share, so a model with BatchNorm trains differently
     (docs/DESIGN.md §1). Must divide global_batch_size / world_size."""
+    compile: bool = False
+    """torch.compile the model's training forward and backward passes (the loss and its collectives stay
+    eager); the first steps pay the compilation. Not with model.backbone=free, whose rows are gathered over
+    the ranks inside its own autograd function."""
 
 
 @dataclass

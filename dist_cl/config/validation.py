@@ -154,6 +154,10 @@ def _check_model(cfg: Config) -> None:
             "embeddings get sparse gradients (a step touches only its batch's rows), which only SGD without "
             "weight decay applies; set train.optimizer=sgd train.weight_decay=0"
         )
+    if model.backbone == "free" and t.compile:
+        raise ConfigError("train.compile=true with model.backbone=free: dynamo cannot trace the sparse gradient the "
+                          "free embeddings' autograd function builds (torch.sparse_coo_tensor) and breaks the graph "
+                          "there, and a table lookup has nothing to fuse; set train.compile=false")
     if model.backbone_kwargs.get("pretrained"):
         raise ConfigError("model.backbone_kwargs.pretrained would download timm weights from the hub, and runs do "
                           "not download; download them and set model.backbone_kwargs.checkpoint_path=<local file>")
