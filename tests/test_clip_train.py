@@ -17,6 +17,7 @@ from test_captions import COLOURS, SHAPES, shape_image
 from test_train_e2e import agent_at_checkpoint, assert_same_weights, final_model
 
 from dist_cl.cli import make_shards, multinode_restarts
+from dist_cl.cli.evaluate import main as evaluate_main
 from dist_cl.cli.train import main as train_main
 from dist_cl.config import load_config
 from dist_cl.data import build_dataset
@@ -148,3 +149,13 @@ def test_the_emoji_config_reads_caption_shards_at_its_text_towers_context_length
     image, tokens, _ = build_dataset(cfg, "train")[0]
     assert image.shape == (3, cfg.data.image_size, cfg.data.image_size)
     assert tokens.shape == (cfg.model.text_cfg["context_length"],) and tokens.dtype == torch.int64
+
+
+def test_the_evaluate_command_reports_the_image_text_recalls_the_trainer_logged(reference_clip_runs, tmp_path):
+    run = reference_clip_runs("random")
+    assert evaluate_main(["--checkpoint", str(run / "checkpoints" / "latest"), "--no-probe",
+                          "--json", str(tmp_path / "eval.json")]) == 0
+    reported = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"][-1]
+    for key in ("image_to_text_r1", "text_to_image_r1", "image_to_text_r10", "text_to_image_r10", "knn_top1"):
+        assert reported[key] == pytest.approx(logged[key]), key

@@ -13,6 +13,9 @@ tool; --out also keeps the embeddings). Metrics:
                                           among the k nearest by inner product, mean of u->v and v->u, over
                                           all held-out pairs (the paper's retrieval task; the training pairs
                                           where the data has no held-out split)
+    image_to_text_r{k}, text_to_image_r{k}
+                                          image–caption pairs (model.text_tower): each direction alone,
+                                          k = 1, 5, 10, as the trainer logs them
     knn_top1                              cosine kNN (--knn-k neighbours) on backbone features, train -> held-out
     probe_top1                            logistic regression on standardised frozen backbone features,
                                           fit on the training split, scored on the held-out split
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = json.loads(next((root / s / "meta.json").read_text() for s in SPLITS if splits[s] is not None))
     source = {"embeddings": str(root.resolve()), "checkpoint": meta["checkpoint"], "step": meta["step"]}
-    return report(args, splits, source, args.knn_k or 20)
+    return report(args, splits, source, args.knn_k or 20, image_text=bool(meta.get("text_tower")))
 
 
 def evaluate_checkpoint(args: argparse.Namespace, info: DistInfo) -> int:
@@ -83,13 +86,15 @@ def evaluate_checkpoint(args: argparse.Namespace, info: DistInfo) -> int:
     if not info.is_main:
         return 0
     source = {"checkpoint": state["path"], "step": state["step"]}
-    return report(args, splits, source, args.knn_k or state["config"]["eval"]["knn_k"])
+    return report(args, splits, source, args.knn_k or state["config"]["eval"]["knn_k"],
+                  image_text=bool(state["config"]["model"]["text_tower"]))
 
 
-def report(args: argparse.Namespace, splits: dict, source: dict, knn_k: int) -> int:
+def report(args: argparse.Namespace, splits: dict, source: dict, knn_k: int, image_text: bool) -> int:
     """Print the metrics as a table, and write them to --json if asked."""
     metrics = compute_metrics(splits.get("train"), splits.get("heldout"), ks=tuple(args.ks), knn_k=knn_k,
-                              probe=not args.no_probe, probe_c=args.probe_c, probe_max_iter=args.probe_max_iter)
+                              probe=not args.no_probe, probe_c=args.probe_c, probe_max_iter=args.probe_max_iter,
+                              image_text=image_text)
     print(f"{source['checkpoint']} (step {source['step']})")
     print(format_table(metrics))
     if args.json:

@@ -75,6 +75,7 @@ def extract(
                 "epoch": state["counters"]["epoch"], "split": split,
                 "num_samples": len(dataset), "output": output, "views": views, "augmentation_epoch": epoch,
                 "world_size": info.world_size, "data": cfg.data.name, "backbone": cfg.model.backbone,
+                "text_tower": cfg.model.text_tower,
             }
             write_split(out / split, arrays, dataset.labels, meta)
             log.info("wrote %d rows of %s to %s", len(dataset), split, out / split)

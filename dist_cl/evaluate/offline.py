@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_cl.evaluate.metrics import knn_top1, linear_probe_top1, retrieval_recall
+from dist_cl.evaluate.metrics import image_text_recalls, knn_top1, linear_probe_top1, retrieval_recall
 
 log = logging.getLogger("dist_cl.evaluate")
 
@@ -25,9 +25,10 @@ def load_split(directory: Path) -> dict[str, np.ndarray] | None:
 def compute_metrics(
     train: dict[str, np.ndarray] | None, heldout: dict[str, np.ndarray] | None, *, ks: tuple[int, ...] = (1, 5, 10),
     knn_k: int = 20, probe: bool = True, probe_c: float = 1.0, probe_max_iter: int = 1000, seed: int = 0,
+    image_text: bool = False,
 ) -> dict[str, float]:
-    """Every metric the inputs allow: retrieval needs u and v; kNN and the probe need backbone features
-    and labels in both splits."""
+    """Every metric the inputs allow: retrieval needs u and v (``image_text``: u images and v captions, each
+    direction's recall@1/5/10 too); kNN and the probe need backbone features and labels in both splits."""
     metrics = {}
     pairs = heldout if heldout is not None and "u" in heldout else train
     if pairs is not None and "u" in pairs:
@@ -37,6 +38,8 @@ def compute_metrics(
                         "extract with --views auto or augmented")
         for k in ks:
             metrics["retrieval_top1" if k == 1 else f"retrieval_recall{k}"] = retrieval_recall(u, v, k)
+        if image_text:
+            metrics.update(image_text_recalls(u, v))
     labelled = [s for s in (train, heldout) if s is not None and "backbone" in s and "labels" in s]
     if len(labelled) == 2:
         metrics["knn_top1"] = knn_top1(torch.from_numpy(train["backbone"]), train["labels"],
