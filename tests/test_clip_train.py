@@ -21,8 +21,9 @@ from dist_cl.cli.evaluate import main as evaluate_main
 from dist_cl.cli.train import main as train_main
 from dist_cl.config import load_config
 from dist_cl.data import build_dataset
+from dist_cl.data.shards import INDEX_NAME
 from dist_cl.evaluate.embed import embed_indices
-from dist_cl.evaluate.metrics import image_text_recalls
+from dist_cl.evaluate.metrics import image_text_recalls, zero_shot_top1
 from dist_cl.learn.models import build_model
 
 POSITIONS = {"train": ((0, 0), (3, 0), (0, 3), (3, 3)), "heldout": ((1, 2), (2, 1))}
@@ -49,6 +50,9 @@ def caption_shards(tmp_path_factory) -> Path:
         captioned_shapes(root / "photos" / split, split)
         assert make_shards.main(["--source", "captions", "--input", str(root / "photos" / split),
                                  "--out", str(root / "shards" / split), "--samples-per-shard", "16"]) == 0
+        index = json.loads((root / "shards" / split / INDEX_NAME).read_text())
+        index["dist_cl"]["classes"] = list(SHAPES)  # names for the labels: zero-shot prompts
+        (root / "shards" / split / INDEX_NAME).write_text(json.dumps(index))
     return root / "shards"
 
 
@@ -111,6 +115,13 @@ def test_held_out_image_text_retrieval_rises_above_the_untrained_models(referenc
     assert trained["image_to_text_r1"] > untrained["image_to_text_r1"]
     assert trained["text_to_image_r1"] > untrained["text_to_image_r1"]
     assert 0.0 <= trained["knn_top1"] <= 1.0  # on the image tower's features, by shape
+    assert 0.0 <= trained["zero_shot_top1"] <= 1.0  # "a picture of circle" against the images
+
+
+def test_zero_shot_top1_picks_each_images_nearest_class_prompt():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.1]])
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert zero_shot_top1(images, prompts, np.array([0, 1, 0, 1])) == 0.75  # [0.6, 0.8] is nearer class 1
 
 
 def test_a_text_tower_without_captions_is_refused_before_training(tmp_path, capsys):

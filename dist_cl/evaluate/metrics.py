@@ -79,6 +79,28 @@ def knn_top1(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, t
     return float((np.asarray(predictions) == np.asarray(test_y)).mean())
 
 
+ZERO_SHOT_TEMPLATE = "a picture of {}"
+"""The prompt of each class name for zero-shot classification (CLIP's prompt idea, one generic template)."""
+
+
+def zero_shot_top1(images: torch.Tensor, prompts: torch.Tensor, labels: np.ndarray) -> float:
+    """Fraction of images whose most similar prompt (one row per class, by inner product) is their class's."""
+    predictions = (images.double() @ prompts.double().T).argmax(1).numpy()
+    return float((predictions == np.asarray(labels)).mean())
+
+
+@torch.no_grad()
+def class_prompts(model, dataset, device) -> torch.Tensor:
+    """The text tower's embedding of ZERO_SHOT_TEMPLATE for each of ``dataset.classes``, tokenised as its
+    captions are."""
+    tokens = torch.stack([dataset.tokenizer(ZERO_SHOT_TEMPLATE.format(name.lower())) for name in dataset.classes])
+    was_training = model.training
+    model.eval()
+    prompts = model.embed(tokens.to(device), side="b").float().cpu()
+    model.train(was_training)
+    return prompts
+
+
 def full_batch_loss(u: torch.Tensor, v: torch.Tensor, tau: float, block_elements: int = BLOCK_ELEMENTS) -> float:
     """The symmetric InfoNCE of all pairs as one batch (dist_cl.learn.losses.batch_infonce), over row blocks:
     row log-sum-exps per block, column log-sum-exps accumulated across blocks."""
@@ -117,7 +139,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
 
     On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
     retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone
-    features (the image tower's); for image–caption pairs also image->text and text->image recall@1/5/10.
+    features (the image tower's); for image–caption pairs also image->text and text->image recall@1/5/10,
+    and where the classes have names, zero-shot top-1 (ZERO_SHOT_TEMPLATE).
     On the training pairs (``train_*``; at most ``train_pairs`` of them, their number logged as
     ``train_pairs``): the full-batch loss, the objective the paper's theory is about, and retrieval top-1,
     its "original data" metric. ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of
@@ -131,7 +154,7 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
     train_idx = train_pair_indices(len(train_set), train_pairs)
     train_set.set_epoch(EVAL_EPOCH)
     train_pair = embed_indices(model, train_set, train_idx, augmented=True, **common)
-    heldout_pair, features = None, None
+    heldout_pair, features, prompts = None, None, None
     if heldout_set is not None:
         heldout_set.set_epoch(EVAL_EPOCH)
         idx = np.arange(len(heldout_set))
@@ -141,6 +164,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
                                        side_b=False, **common)
             test_x, _ = embed_indices(model, heldout_set, idx, output="backbone", side_b=False, **common)
             features = train_x, test_x
+        if image_text and heldout_set.labels is not None and heldout_set.classes:
+            prompts = class_prompts(model, heldout_set, device)
 
     def metrics(_) -> dict:
         train = pair_metrics(*train_pair, tau)
@@ -151,6 +176,8 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
             values.update(image_text_recalls(*(heldout_pair if heldout_pair is not None else train_pair)))
         if features is not None:
             values["knn_top1"] = knn_top1(features[0], train_set.labels, features[1], heldout_set.labels, knn_k)
+        if prompts is not None:
+            values["zero_shot_top1"] = zero_shot_top1(heldout_pair[0], prompts, heldout_set.labels)
         return values
 
     [values] = distributed_map(metrics, [None])
