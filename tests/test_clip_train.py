@@ -4,8 +4,6 @@ bitwise equal after a SIGKILL, and evaluated by image<->text retrieval on the he
 
 import itertools
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,9 @@ import torch
 from conftest import torchrun, train_cmd
 from PIL import Image
 from test_captions import COLOURS, SHAPES, shape_image
-from test_train_e2e import agent_at_checkpoint, assert_same_weights, final_model
+from test_train_e2e import agent_at_checkpoint, assert_same_weights, final_model, kill_a_worker_then_finish
 
-from dist_cl.cli import make_shards, multinode_restarts
+from dist_cl.cli import make_shards
 from dist_cl.cli.evaluate import main as evaluate_main
 from dist_cl.cli.train import main as train_main
 from dist_cl.config import load_config
@@ -92,13 +90,7 @@ def test_image_text_training_resumes_bitwise_equal_after_a_sigkill(reference_cli
     sc_global the plan made from it, so the restarted run ends where the uninterrupted one does."""
     reference = reference_clip_runs(strategy)
     overrides = clip_run(caption_shards, "train.epochs=6", "eval.every_epochs=6", *STRATEGIES[strategy])
-    agent = agent_at_checkpoint(tmp_path, 10, *overrides, torchrun_args=("--max-restarts=1",))
-    workers = multinode_restarts.children(agent.pid)
-    assert len(workers) == 2, workers
-    os.kill(max(workers), signal.SIGKILL)
-    output, _ = agent.communicate(timeout=240)
-    assert agent.returncode == 0, output[-5000:]
-    assert "resumed from" in output
+    kill_a_worker_then_finish(agent_at_checkpoint(tmp_path, 10, *overrides, torchrun_args=("--max-restarts=1",)))
     final = final_model(tmp_path)
     assert_same_weights(final, final_model(reference))
     assert torch.equal(final["bank"]["v"], final_model(reference)["bank"]["v"])

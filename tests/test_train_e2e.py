@@ -82,6 +82,18 @@ def agent_at_checkpoint(run_dir, step: int, *args: str, torchrun_args: tuple = (
     return agent
 
 
+def kill_a_worker_then_finish(agent: subprocess.Popen) -> str:
+    """SIGKILL one of a 2-worker agent's workers; the agent's output once torchrun's restart resumed and
+    finished the job."""
+    workers = multinode_restarts.children(agent.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    output, _ = agent.communicate(timeout=240)
+    assert agent.returncode == 0, output[-5000:]
+    assert "resumed from" in output
+    return output
+
+
 @pytest.mark.parametrize("overrides,kill_after_step", [
     (("selection.strategy=sc_global", "selection.overlap=true", "selection.warmup_epochs=0"), 10),
     (("loss.name=sogclr", "selection.strategy=sc_global", "selection.every_steps=8"), 35),
@@ -97,12 +109,7 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_equal(reference_ru
     epochs, must come back too."""
     reference_run = reference_runs(*overrides)
     agent = agent_at_checkpoint(tmp_path, kill_after_step, *FAST, *overrides, torchrun_args=("--max-restarts=1",))
-    workers = multinode_restarts.children(agent.pid)
-    assert len(workers) == 2, workers
-    os.kill(max(workers), signal.SIGKILL)
-    output, _ = agent.communicate(timeout=240)
-    assert agent.returncode == 0, output[-5000:]
-    assert "resumed from" in output
+    output = kill_a_worker_then_finish(agent)
     resumed = [line for line in output.splitlines() if "resumed from" in line][0]
     resumed_step = int(resumed.rsplit(" step ", 1)[1])
     assert resumed_step >= kill_after_step and resumed_step % 22 != 0, "restart should resume mid-epoch"
