@@ -30,7 +30,8 @@ from dist_cl.plan.planner import EpochPlanner
 from dist_cl.plan.realised_lift import RealisedLift
 from dist_cl.plan.sampler import PlanSampler
 from dist_cl.report.training import TrainingReport
-from dist_cl.runtime.checkpoint import CheckpointError, RunCheckpoints, Stateful
+from dist_cl.runtime.checkpoint import RunCheckpoints, Stateful
+from dist_cl.runtime.checkpoint_files import CheckpointError
 from dist_cl.runtime.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, mark_progress
 from dist_cl.runtime.preemption import Preempted, StopRequest
 from dist_cl.runtime.seeding import RankRNG, seed_rank

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cl.runtime.checkpoint import Checkpointer, CheckpointError
+from dist_cl.runtime.checkpoint_files import Checkpointer, CheckpointError
 
 
 def test_saves_atomically_keeps_the_newest_and_points_latest(tmp_path):

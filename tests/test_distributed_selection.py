@@ -9,7 +9,7 @@ from bank_plan import CELL, B, N, embeddings
 from conftest import ROOT, torchrun, train_cmd
 
 from dist_cl.plan.bank import EmbeddingBank
-from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.selection import select_batches
 
 

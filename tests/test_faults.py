@@ -18,7 +18,7 @@ from dist_cl.config import ConfigError
 from dist_cl.data.digits import DigitsPairs
 from dist_cl.data.shards import ShardError
 from dist_cl.learn.step import LossScaler, SkippedStepsError
-from dist_cl.runtime.checkpoint import Checkpointer, CheckpointError, load_checkpoint
+from dist_cl.runtime.checkpoint_files import Checkpointer, CheckpointError, load_checkpoint
 from dist_cl.selection import SelectionError
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=0",

@@ -22,7 +22,8 @@ from dist_cl.cli import multinode_restarts
 from dist_cl.data.shards import INDEX_NAME
 from dist_cl.report.board import RunDirWriteError
 from dist_cl.report.metrics_log import RunMetrics
-from dist_cl.runtime.checkpoint import load_checkpoint, saved_bytes, unborn_optimizer_bytes
+from dist_cl.runtime.checkpoint import saved_bytes, unborn_optimizer_bytes
+from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.runtime.runlock import RunLock
 
 SYNTHETIC = ("--config", str(ROOT / "configs" / "synthetic.yaml"), "selection.strategy=random")

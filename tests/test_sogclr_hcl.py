@@ -14,7 +14,7 @@ from test_losses import unit_rows
 
 from dist_cl.cli import train as cli
 from dist_cl.learn.losses import HCLLoss, InfoNCELoss, NTXentLoss, SogCLRLoss, batch_hcl
-from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.selection import batch_losses, select_batches
 
 

@@ -17,7 +17,7 @@ from conftest import FAST, ROOT, torchrun, train_cmd
 
 from dist_cl.cli import multinode_restarts
 from dist_cl.cli import train as cli
-from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.runtime.preemption import REQUEUE_EXIT_CODE
 
 

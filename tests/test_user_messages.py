@@ -10,7 +10,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from dist_cl.cli.torchrun import run_distributed
 from dist_cl.config import load_config
 from dist_cl.plan.planner import left_out_warning, plan_notes
-from dist_cl.runtime.checkpoint import CheckpointError
+from dist_cl.runtime.checkpoint_files import CheckpointError
 
 
 def test_the_default_configs_first_epoch_prints_no_warning(tmp_path):

@@ -95,7 +95,7 @@ class Outcome:
 
 
 def final_checkpoint(run_dir: Path) -> dict | None:
-    from dist_cl.runtime.checkpoint import load_checkpoint
+    from dist_cl.runtime.checkpoint_files import load_checkpoint
 
     latest = run_dir / "checkpoints" / "latest"
     return load_checkpoint(run_dir)[0] if latest.exists() else None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from dist_cl.config import ConfigError
 from dist_cl.data.shards import ShardError
-from dist_cl.runtime.checkpoint import CheckpointError
+from dist_cl.runtime.checkpoint_files import CheckpointError
 from dist_cl.runtime.distributed import Backend, DistInfo, close_distributed, init_distributed, name_timeout
 from dist_cl.runtime.runlock import RunDirLockedError
 from dist_cl.selection import SelectionError

@@ -17,7 +17,7 @@ from dist_cl.data import build_dataset
 from dist_cl.evaluate.embed import embed_split
 from dist_cl.evaluate.metrics import EVAL_EPOCH
 from dist_cl.learn.models import build_model
-from dist_cl.runtime.checkpoint import load_checkpoint
+from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.runtime.distributed import DistInfo
 
 log = logging.getLogger("dist_cl.extract")
