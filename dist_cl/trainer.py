@@ -187,7 +187,7 @@ class Trainer:
     def train_one(self, view_a, view_b, index) -> tuple[float | None, bool]:
         """One step at the sampler's cursor: its loss (None if skipped), and whether every rank stops after it."""
         counters, sampler = self.counters, self.sampler
-        mark_progress(f"step {counters.step}")
+        mark_progress(f"step {counters.step}", frequent=True)
         reference = self.lift.reference_loss(counters.epoch, counters.step)  # before the update, where due
         set_lr(self.optimizer, self.cfg.train, counters.epoch, sampler.cursor, len(sampler.plan))
         result = self.step_fn(view_a, view_b, index,

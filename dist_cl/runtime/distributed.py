@@ -40,9 +40,10 @@ class Liveness:
     file system it cannot leave); a live rank whose mark is behind is stuck in its own work before the
     collective; where every rank is alive at the same mark, one of them is slow inside it.
 
-    A mark is kept in memory and the heartbeat publishes the newest with its beat: a store round trip a
-    step would cost a training step more than the mark is worth, and the rank that reads the marks waits
-    three intervals first, by when each live rank has published where it is.
+    A frequent mark (one a step) is kept in memory and the heartbeat publishes the newest with its beat: a
+    store round trip a step would cost a training step more than the mark is worth, and the rank that reads
+    the marks waits three intervals first, by when each live rank has published where it is. A frozen rank's
+    published mark may be up to an interval behind it; rare marks (a checkpoint, a plan) are published at once.
     """
 
     def __init__(self, store, rank: int, world_size: int, interval: float = 1.0):
@@ -66,9 +67,11 @@ class Liveness:
             except RuntimeError:  # the store's host is gone: the job is ending, and the next collective says so
                 return
 
-    def mark(self, what: str) -> None:
+    def mark(self, what: str, frequent: bool) -> None:
         self.marks += 1
         self.latest = f"{self.marks} {what}"  # one assignment: the heartbeat thread reads a whole mark or the last
+        if not frequent:
+            self.store.set(f"mark/{self.rank}", self.latest)
 
     def last_mark(self, rank: int) -> tuple[int, str]:
         key = f"mark/{rank}"
@@ -102,10 +105,11 @@ class Liveness:
 _liveness: Liveness | None = None
 
 
-def mark_progress(what: str) -> None:
-    """Record where this rank is (e.g. "step 25"), for the message of a collective that times out."""
+def mark_progress(what: str, frequent: bool = False) -> None:
+    """Record where this rank is (e.g. "step 25"), for the message of a collective that times out;
+    ``frequent`` marks (one a step) reach the store with the next heartbeat, the others at once."""
     if _liveness is not None:
-        _liveness.mark(what)
+        _liveness.mark(what, frequent)
 
 
 def name_timeout(err: RuntimeError, timeout_s: float) -> RankTimeoutError | None:
