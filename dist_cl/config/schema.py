@@ -272,8 +272,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-FREE_FORM = ("options", "backbone_kwargs")
-"""dict-valued fields whose keys belong to another library: merged one level deep, never checked key by key."""
+FREE_FORM = ("options", "backbone_kwargs", "text_cfg")
+"""dict-valued fields whose keys belong to another library: merged one level deep, shown and flattened as one value,
+not as a section of config keys."""
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
