@@ -55,11 +55,14 @@ def _write_tmp(path: Path, data: bytes, written: list[Path]) -> Path:
 
 
 def _remove(written: list[Path]) -> None:
-    """Remove the temporary files of a write, those it created: on a read-only file system, unlinking one that
-    does not exist fails too."""
+    """Remove the temporary files a failed write created, as far as the file system lets it: one it cannot
+    remove (a directory turned read-only or unwritable) is left, hidden and overwritten by the next save, and
+    logged, so that the write's own error is the one raised."""
     for tmp in written:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("cannot remove the temporary file %s: %s", tmp, err.strerror or err)
 
 
 def _free_space(directory: Path) -> str:
