@@ -137,6 +137,10 @@ class TrainStep:
             log.warning("train.amp=%s needs CUDA; training in float32 on %s", cfg.train.amp, device)
             self.amp_dtype = None
         self.scaler = LossScaler("cuda", enabled=self.amp_dtype is torch.float16)
+        saved = model.state_dict().keys()
+        self.state_buffers = [b for name, b in model.named_buffers() if b.is_floating_point() and name in saved]
+        """The floating buffers a checkpoint holds (BatchNorm's statistics), whose finiteness each step checks:
+        a constant one outside it may hold -inf on purpose (open_clip's causal attention mask)."""
 
     def __call__(self, view_a, view_b, index: torch.Tensor, where: Callable[[], str], score: bool = False,
                  stop_requested: bool = False) -> StepResult:
@@ -161,7 +165,7 @@ class TrainStep:
                 scored = self.loss_fn.score(u, v, tau)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or float("inf"))
-        finite_loss, finite_grad, finite_buffers, stop, value = self.outcome(loss, grad_norm, self.model,
+        finite_loss, finite_grad, finite_buffers, stop, value = self.outcome(loss, grad_norm, self.state_buffers,
                                                                              stop_requested)
         overflow = not finite_grad and self.amp_dtype is torch.float16
         if not finite_loss or not finite_buffers or (not finite_grad and not overflow):
@@ -230,19 +234,16 @@ class TrainStep:
         return self.loss_fn.score(*self.features(view_a.to(self.device), view_b.to(self.device))).item()
 
     @staticmethod
-    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor, model: torch.nn.Module,
+    def outcome(loss: torch.Tensor, grad_norm: torch.Tensor, buffers: list[torch.Tensor],
                 stop_requested: bool = False) -> tuple[bool, bool, bool, bool, float]:
-        """(loss finite on every rank, gradients finite, ``model``'s floating buffers finite, a stop requested
-        on some rank, this rank's loss) in one all-reduce and one device-to-host copy.
+        """(loss finite on every rank, gradients finite, ``buffers`` finite, a stop requested on some rank,
+        this rank's loss) in one all-reduce and one device-to-host copy.
 
         A forward pass can overflow BatchNorm's running variance to inf while the loss it returns stays
         finite (an input of 1e30 does), so the buffers are a flag of their own. Under fp16 the gradient
         flag is GradScaler's overflow test: unscale_ leaves a gradient inf or NaN exactly where it found one.
-        Only the buffers a checkpoint holds are training state: a constant one outside it may hold -inf on
-        purpose (open_clip's causal attention mask).
         """
-        saved = model.state_dict().keys()
-        floating = [b.detach() for name, b in model.named_buffers() if b.is_floating_point() and name in saved]
+        floating = [b.detach() for b in buffers]
         # x * 0 is 0 for a finite x and NaN for inf or NaN: a norm of the products cannot overflow
         zeros = torch._foreach_norm(torch._foreach_mul(floating, 0.0)) if floating else [loss.new_zeros(())]
         go_on = torch.full((), not stop_requested, dtype=torch.bool, device=loss.device)  # a fill, not a copy
