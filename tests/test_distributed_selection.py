@@ -26,6 +26,10 @@ def test_plan_from_gathered_bank_is_identical_on_all_ranks_and_to_one_process(tm
     np.testing.assert_array_equal(ranks[0]["plan"], expected)
     rebuilt = [np.concatenate([ranks[0]["slices"][b], ranks[1]["slices"][b]]) for b in range(N // B)]
     np.testing.assert_array_equal(np.stack(rebuilt), ranks[0]["plan"])
+    # the false-negative window's search and swaps run once and are shared: the same plan as one process's
+    np.testing.assert_array_equal(ranks[0]["window_plan"], ranks[1]["window_plan"])
+    np.testing.assert_array_equal(ranks[0]["window_plan"], select_batches("sc_global", u, v, B, seed=3, tau=0.2,
+                                                                          cell_size=CELL, false_negative_window=3))
 
 
 def test_bank_keeps_the_newest_write_and_reports_staleness():

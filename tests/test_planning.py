@@ -1,10 +1,12 @@
 """The plan policy (dist_cl.plan.planner.EpochPlanner) in one process: warm-up, the seed rule, re-selection."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from dist_cl.config import Config, SelectionConfig, TrainConfig
+from dist_cl.config import Config, ConfigError, SelectionConfig, TrainConfig, load_config
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.planner import EpochPlanner, plan_seed
@@ -26,6 +28,9 @@ class Pairs:
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def digest(self):
+        return "pairs-of-this-test"
 
 
 class FixedTemperature(torch.nn.Module):
@@ -55,6 +60,26 @@ def test_warmup_epochs_plan_random_batches_then_the_strategy():
                               seed=derive_seed(SEED, Stream.PLAN, 2), tau=0.2, cell_size=32)
     assert plan.strategy == "sc_global" and figures.lift > 1
     np.testing.assert_array_equal(plan.batches, expected)
+
+
+def test_a_teacher_replaces_the_bank_from_the_first_loss_aware_plan(tmp_path):
+    teacher = torch.nn.functional.normalize(torch.randn(2, N, 16, generator=torch.Generator().manual_seed(9)), dim=-1)
+    np.save(tmp_path / "u.npy", teacher[0].numpy())
+    np.save(tmp_path / "v.npy", teacher[1].numpy())
+    (tmp_path / "meta.json").write_text(json.dumps({"dataset_digest": Pairs().digest(), "split": "train"}))
+    policy = planner(warmup_epochs=0, teacher=str(tmp_path), options={"cell_size": 32, "false_negative_window": 2})
+    bank_before = policy.bank.u.clone()
+    plan, figures = policy.plan(0, step=0)
+    expected = select_batches("sc_global", teacher[0].numpy(), teacher[1].numpy(), B,
+                              seed=derive_seed(SEED, Stream.PLAN, 0), tau=0.2, cell_size=32, false_negative_window=2)
+    np.testing.assert_array_equal(plan.batches, expected)
+    assert figures.lift > 1 and figures.bank_staleness is None
+    assert torch.equal(policy.bank.u, bank_before)
+
+
+def test_a_teacher_is_refused_by_strategies_that_read_no_embeddings():
+    with pytest.raises(ConfigError, match="selection.strategy=random reads none: use a loss-aware strategy"):
+        load_config(None, ["selection.strategy=random", "selection.teacher=runs/teacher"])
 
 
 def test_the_seed_rule_is_per_epoch_per_cursor_or_per_run():

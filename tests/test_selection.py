@@ -172,7 +172,8 @@ def test_declared_options_are_exactly_the_functions_keyword_parameters(name):
     collectives = {"map_fn"} if spec.takes_map_fn else set()
     devices = {"device"} if spec.takes_device else set()
     losses = {"loss", "loss_options"} if spec.takes_loss else set()
-    assert set(parameters) == convention | set(spec.options) | collectives | devices | losses
+    conflicts = {"conflicts"} if spec.takes_conflicts else set()
+    assert set(parameters) == convention | set(spec.options) | collectives | devices | losses | conflicts
     assert all(parameters[option].kind is inspect.Parameter.KEYWORD_ONLY for option in spec.options)
 
 

@@ -13,9 +13,11 @@ from sklearn.preprocessing import StandardScaler
 
 from dist_cl.cli import evaluate as evaluate_tool
 from dist_cl.cli import extract_embeddings as extract_tool
-from dist_cl.config import load_config
+from dist_cl.config import ConfigError, load_config
+from dist_cl.data import build_dataset
 from dist_cl.evaluate.offline import compute_metrics
 from dist_cl.learn.models import build_model
+from dist_cl.plan.teacher import load_teacher
 
 STEMS = ("u", "v", "backbone", "indices", "labels")
 
@@ -49,6 +51,32 @@ def test_two_rank_extraction_equals_single_process_row_for_row(one_epoch_run, si
         np.testing.assert_array_equal(np.load(out / split / "indices.npy"), np.arange(n))
         meta = json.loads((out / split / "meta.json").read_text())
         assert (meta["world_size"], meta["num_samples"], meta["shapes"]["u"]) == (2, n, [n, 64])
+
+
+def test_extracted_embeddings_are_a_teacher_for_their_training_set_and_no_other(one_epoch_run,
+                                                                                single_process_embeddings, tmp_path):
+    cfg = load_config(one_epoch_run / "config.yaml")
+    u, v = load_teacher(str(single_process_embeddings), build_dataset(cfg, "train"))
+    for mine, saved in ((u, "u"), (v, "v")):
+        rows = np.load(single_process_embeddings / "train" / f"{saved}.npy")
+        np.testing.assert_allclose(mine, rows / np.linalg.norm(rows, axis=1, keepdims=True), rtol=1e-6)
+    # the same number of digits, split another way: other samples behind the same indices
+    other = build_dataset(load_config(one_epoch_run / "config.yaml", ["data.split_seed=1"]), "train")
+    assert len(other) == len(u)
+    with pytest.raises(ConfigError, match="was extracted from another data set .*data 'digits', split 'train'"):
+        load_teacher(str(single_process_embeddings), other)
+    with pytest.raises(ConfigError, match="holds embeddings of 360 samples, and this run's training set has 1,437"):
+        load_teacher(str(single_process_embeddings / "heldout"), build_dataset(cfg, "train"))
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for name in ("u.npy", "v.npy", "meta.json"):
+        (shuffled / name).write_bytes((single_process_embeddings / "train" / name).read_bytes())
+    np.save(shuffled / "indices.npy", np.arange(len(u))[::-1])
+    with pytest.raises(ConfigError, match="its rows are not samples 0..N-1 in order"):
+        load_teacher(str(shuffled), build_dataset(cfg, "train"))
+    (shuffled / "v.npy").unlink()
+    with pytest.raises(ConfigError, match="has no v.npy; point it at the output of dist-cl-extract-embeddings"):
+        load_teacher(str(shuffled), build_dataset(cfg, "train"))
 
 
 def test_evaluation_of_saved_embeddings_reproduces_the_trainers_metrics(one_epoch_run, single_process_embeddings,

@@ -195,6 +195,9 @@ class SelectionConfig:
     every_steps: int = 0
     """Also re-partition the rest of the epoch every this many steps, from the bank as it is then (0:
     once per epoch). For epochs so long that a bank from the epoch's start is stale."""
+    teacher: str = ""
+    """Select on these fixed embeddings instead of the bank (B3's teacher; dist_cl.plan.teacher): the output
+    folder of dist-cl-extract-embeddings for a run on the same training set. Empty: the live bank."""
 
 
 @dataclass

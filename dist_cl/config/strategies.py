@@ -24,6 +24,9 @@ class Strategy:
     """True: it deals independent pieces of its work over the ranks itself, through ``map_fn``."""
     takes_device: bool = False
     """True: it computes on a torch ``device``."""
+    takes_conflicts: bool = False
+    """True: it keeps ``conflicts`` out of its loss graph, so the false-negative window applies to it
+    (``selection.options.false_negative_window``, dist_cl.selection.window)."""
     takes_loss: bool = False
     """True: it scores batches with the training loss, named by ``loss`` (``loss.name``), whose settings beyond tau
     are ``loss_options``."""
@@ -35,16 +38,20 @@ STRATEGIES = {
     "full": Strategy(reads_embeddings=False, options=("max_n",), partition=False),
     "ncb": Strategy(reads_embeddings=False, options=("max_batches",), partition=False),
     "osgd": Strategy(reads_embeddings=True, options=("q", "k", "max_batches"), partition=False, takes_loss=True),
-    "sc": Strategy(reads_embeddings=True, options=("chunk_batches",)),
+    "sc": Strategy(reads_embeddings=True, options=("chunk_batches",), takes_conflicts=True),
     "sc_global": Strategy(reads_embeddings=True, options=("knn", "cell_size", "fine_size", "chunk_batches"),
-                          takes_map_fn=True, takes_device=True),
+                          takes_map_fn=True, takes_device=True, takes_conflicts=True),
 }
 
 HARDNESS_CONTROLS = ("random_fraction", "group_size")
 """Options select_batches itself applies to any partition strategy (docs/DESIGN.md §5)."""
 
+WINDOW = "false_negative_window"
+"""The option select_batches applies to a strategy that ``takes_conflicts``: each sample's p nearest are kept
+out of its candidate edges and its batch (dist_cl.selection.window)."""
+
 OPTION_MINIMUMS = {"q": 1, "k": 1, "max_batches": 1, "max_n": 1, "knn": 1, "cell_size": 1, "fine_size": 1,
-                   "chunk_batches": 1, "group_size": 0}
+                   "chunk_batches": 1, "group_size": 0, WINDOW: 0}
 """The least value of each integer option; sc_global's ``chunk_batches`` may also be 0 (one global partition).
 ``random_fraction`` is the one fractional option, in [0, 1]."""
 
@@ -68,3 +75,26 @@ def check_hardness_controls(strategy: str, random_fraction: float, group_size: i
                     f"{', '.join(fitting[:-1])} or {fitting[-1]}")
     if len(controls) == 2:
         raise error(f"{prefix}random_fraction and {prefix}group_size are two hardness controls; set one of them")
+
+
+def accepted_options(strategy: str) -> tuple[str, ...]:
+    """The ``selection.options`` keys ``strategy`` takes: its own, the hardness controls, and the window where
+    it takes conflicts."""
+    declared = STRATEGIES[strategy]
+    return declared.options + HARDNESS_CONTROLS + ((WINDOW,) if declared.takes_conflicts else ())
+
+
+def check_window(strategy: str, window: int, random_fraction: float, group_size: int, *, error: type[Exception],
+                 prefix: str = "") -> None:
+    """The false-negative window's rules: a strategy that keeps conflicts out of its graph, and no hardness
+    control, which would put random samples (and so perhaps a sample's nearest) back into its batches."""
+    if not window:
+        return
+    if not STRATEGIES[strategy].takes_conflicts:
+        takers = sorted(name for name, s in STRATEGIES.items() if s.takes_conflicts)
+        raise error(f"{prefix}{WINDOW} applies to {' and '.join(takers)}; {strategy!r} builds no loss graph to "
+                    "keep a sample's nearest out of")
+    if random_fraction or group_size:
+        control = "random_fraction" if random_fraction else "group_size"
+        raise error(f"{prefix}{WINDOW} keeps each sample's nearest out of its batch, and {prefix}{control} puts "
+                    f"random samples into batches, which can bring them back: set one of them")

@@ -20,7 +20,14 @@ from dist_cl.config.schema import (
     LossConfig,
     TrainConfig,
 )
-from dist_cl.config.strategies import HARDNESS_CONTROLS, OPTION_MINIMUMS, STRATEGIES, check_hardness_controls
+from dist_cl.config.strategies import (
+    OPTION_MINIMUMS,
+    STRATEGIES,
+    WINDOW,
+    accepted_options,
+    check_hardness_controls,
+    check_window,
+)
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -273,6 +280,13 @@ def _check_selection(cfg: Config) -> None:
     if selection.every_steps and selection.overlap:
         raise ConfigError("selection.every_steps re-selects synchronously inside the epoch, selection.overlap "
                           "selects ahead of it: set one of them (selection.overlap=false or selection.every_steps=0)")
+    if selection.teacher and not strategy.reads_embeddings:
+        raise ConfigError(f"selection.teacher gives embeddings to select on, and selection.strategy="
+                          f"{selection.strategy} reads none: use a loss-aware strategy (sc, sc_global, osgd) or "
+                          "selection.teacher=''")
+    if selection.teacher and selection.embeddings == "refresh":
+        raise ConfigError("selection.teacher replaces the bank that selection.embeddings=refresh re-embeds before "
+                          "each selection: set selection.embeddings=training")
     if cfg.loss.name == "siglip" and strategy.reads_embeddings:
         raise ConfigError(f"selection.strategy={selection.strategy} with loss.name=siglip: batch scoring (the plan's "
                           "lift, osgd's ranking) would need SigLIP's learnt logit bias, which the bank does not hold; "
@@ -282,7 +296,7 @@ def _check_selection(cfg: Config) -> None:
 
 def _check_options(strategy: str, options: dict, global_batch_size: int) -> None:
     """``selection.options``: each one accepted by the strategy and of its type, then the rules between them."""
-    accepted = STRATEGIES[strategy].options + HARDNESS_CONTROLS
+    accepted = accepted_options(strategy)
     for key, value in options.items():
         if key in ("seed", "tau"):
             source, setting = (("seed and epoch", "seed") if key == "seed"
@@ -296,6 +310,8 @@ def _check_options(strategy: str, options: dict, global_batch_size: int) -> None
     group_size = options.get("group_size", 0)
     check_hardness_controls(strategy, options.get("random_fraction", 0.0), group_size, loss_aware=True,
                             error=ConfigError, prefix="selection.options.")
+    check_window(strategy, options.get(WINDOW, 0), options.get("random_fraction", 0.0), group_size,
+                 error=ConfigError, prefix="selection.options.")
     if group_size and global_batch_size % group_size:
         raise ConfigError(f"selection.options.group_size={group_size!r} must be a divisor of "
                           f"train.global_batch_size={global_batch_size} (or 0: off)")

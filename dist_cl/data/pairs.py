@@ -6,7 +6,9 @@ are then the same on any rank, in any DataLoader worker and after any resume, wh
 interrupted run end bit-identical.
 """
 
+import hashlib
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -56,6 +58,20 @@ class PairDataset(Dataset):
 
     def clean(self, sample) -> torch.Tensor:
         raise NotImplementedError
+
+    def digest(self) -> str:
+        """sha256 of which sample each index is: per-sample files made from another data set, subset or split
+        (a teacher's embeddings) are told apart from ones made from this one."""
+        digest = hashlib.sha256(f"{type(self).__name__}:{len(self)}".encode())
+        for part in self.identity():
+            digest.update(part)
+        return digest.hexdigest()
+
+    def identity(self) -> Iterator[bytes]:
+        """What tells these samples from another data set's of the same length: the labels, where known;
+        data sets that hold their inputs add them."""
+        if self.labels is not None:
+            yield np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()
 
     def raw(self, index: int) -> torch.Tensor:
         """Sample i as a float (C, H, W) image in [0, 1] that ``augment`` takes like a loaded sample: the

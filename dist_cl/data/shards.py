@@ -245,6 +245,10 @@ class ShardPairs(PairDataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def identity(self):
+        yield from super().identity()
+        yield json.dumps([(shard["url"], shard["nsamples"], shard.get("filesize")) for shard in self.shards]).encode()
+
     def __getstate__(self) -> dict:
         # Open shards (file handles, mmaps) belong to the process that opened them; workers open their own.
         state = self.__dict__.copy()

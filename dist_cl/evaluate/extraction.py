@@ -73,7 +73,8 @@ def extract(
             meta = {
                 "checkpoint": str(path.resolve()), "step": state["counters"]["step"],
                 "epoch": state["counters"]["epoch"], "split": split,
-                "num_samples": len(dataset), "output": output, "views": views, "augmentation_epoch": epoch,
+                "num_samples": len(dataset), "dataset_digest": dataset.digest(), "output": output, "views": views,
+                "augmentation_epoch": epoch,
                 "world_size": info.world_size, "data": cfg.data.name, "backbone": cfg.model.backbone,
                 "text_tower": cfg.model.text_tower,
             }

@@ -25,6 +25,7 @@ from dist_cl.learn.losses import batch_options
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.sampler import BatchPlan
+from dist_cl.plan.teacher import load_teacher
 from dist_cl.runtime.distributed import DistInfo, broadcast_buffers, check_same_on_all_ranks, distributed_map
 from dist_cl.runtime.seeding import Stream, derive_seed
 from dist_cl.selection import STRATEGIES, batches_per_selection, lift, select_batches
@@ -240,6 +241,8 @@ class EpochPlanner:
         self.batch_size, self.num_workers = cfg.train.global_batch_size, cfg.data.num_workers
         self.loss = {"loss": cfg.loss.name, "loss_options": batch_options(cfg.loss)}
         self.dataset, self.model, self.bank, self.info = dataset, model, bank, info
+        self.teacher = load_teacher(cfg.selection.teacher, dataset) if cfg.selection.teacher else None
+        """Fixed (u, v) that loss-aware plans read instead of the bank (selection.teacher), or None."""
         self.background = BackgroundPlanner(info.device) if cfg.selection.overlap else None
         self.ahead: Future | None = None
         """The next epoch's (plan, figures), computed ahead under selection.overlap."""
@@ -251,6 +254,7 @@ class EpochPlanner:
         """What ``epoch``'s plan is computed from, the bank as it is at ``step`` (a collective), and the
         figures known so far.
 
+        With selection.teacher, a loss-aware plan reads the teacher's fixed embeddings, not the bank.
         The plan starts at global step ``first_step``; ``train_epoch`` is the epoch training is in, whose
         augmentations a refresh embeds. ``copy_bank`` for a plan computed while training goes on writing the
         bank (N x d twice: 1 GB at N = 1M, d = 128, so not when computed at once).
@@ -263,13 +267,18 @@ class EpochPlanner:
                               rows=len(self.dataset) // self.batch_size if fills_epoch(name) else 0)
         prepared = SelectionFigures()
         if STRATEGIES[name].reads_embeddings:
-            self.complete_bank(train_epoch, step)
-            u, v = self.bank.u.numpy(), self.bank.v.numpy()
-            request = replace(request, u=u.copy() if copy_bank else u, v=v.copy() if copy_bank else v,
-                              scoring={"tau": float(self.model.temperature()), **self.loss})
-            prepared.bank_staleness = self.bank.staleness(first_step)
+            u, v = self.teacher if self.teacher is not None else self.bank_snapshot(train_epoch, step, copy_bank)
+            request = replace(request, u=u, v=v, scoring={"tau": float(self.model.temperature()), **self.loss})
+            if self.teacher is None:
+                prepared.bank_staleness = self.bank.staleness(first_step)
         prepared.prepare_seconds = time.perf_counter() - started
         return request, prepared
+
+    def bank_snapshot(self, epoch: int, step: int, copy: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The bank's (u, v), completed (``complete_bank``); copies where training goes on writing it."""
+        self.complete_bank(epoch, step)
+        u, v = self.bank.u.numpy(), self.bank.v.numpy()
+        return (u.copy(), v.copy()) if copy else (u, v)
 
     def complete_bank(self, epoch: int, step: int) -> None:
         """Make the bank complete: every row (selection.embeddings=refresh) or only rows never written by

@@ -11,13 +11,14 @@ from math import comb
 
 import numpy as np
 
-from dist_cl.config.strategies import STRATEGIES, check_hardness_controls
+from dist_cl.config.strategies import STRATEGIES, check_hardness_controls, check_window
 from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.n_choose_b import full_batch, ncb_batches, osgd, osgd_batches
 from dist_cl.selection.partitions import random_partition
 from dist_cl.selection.sc_global import sc_global_partition
 from dist_cl.selection.scoring import batch_losses, lift, plan_loss
 from dist_cl.selection.spectral import spectral_clustering
+from dist_cl.selection.window import conflict_graph, honour_window, nearest_partners
 
 STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "random": random_partition,
@@ -53,7 +54,8 @@ GROUP_STREAM = 2
 
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
-                   group_size: int = 0, map_fn: Callable | None = None, device=None, num_samples: int | None = None,
+                   group_size: int = 0, false_negative_window: int = 0, map_fn: Callable | None = None, device=None,
+                   num_samples: int | None = None,
                    loss: str = "infonce", loss_options: dict | None = None, **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
@@ -69,6 +71,10 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
       batch is B / g of those groups drawn at random, afresh every epoch. Every sample keeps its g - 1
       hardest negatives while the rest of its batch, and so which neighbourhoods meet, changes each epoch.
       g = B is the strategy's own plan, g = 1 a random partition; 0 is off.
+
+    ``false_negative_window`` p (sc, sc_global; dist_cl.selection.window): each sample's p nearest are kept
+    out of its candidate edges, and out of its batch wherever another batch has room. 0 is the strategy's
+    own plan.
 
     A loss-aware partition's rows come in a seeded random order: strategies list batches cluster by
     cluster, and consecutive steps on one cluster would make the optimizer's momentum cluster-specific.
@@ -96,6 +102,14 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
     if not 0.0 <= random_fraction <= 1.0:
         raise SelectionError(f"random_fraction={random_fraction} must be in [0, 1]")
     check_hardness_controls(name, random_fraction, group_size, loss_aware=False, error=SelectionError)
+    check_window(name, false_negative_window, random_fraction, group_size, error=SelectionError)
+    if false_negative_window < 0:
+        raise SelectionError(f"false_negative_window={false_negative_window} must be >= 0 (0: off)")
+    # the window's search and swaps run once (on one rank, where map_fn deals work over ranks) and are shared,
+    # so that BLAS differences between nodes cannot give the ranks different plans
+    once = (lambda fn: map_fn(lambda _: fn(), [None])[0]) if map_fn is not None else (lambda fn: fn())
+    if false_negative_window:
+        options["conflicts"] = once(lambda: conflict_graph(nearest_partners(u, v, false_negative_window, device)))
     n_random = round(random_fraction * batch_size)
     if group_size:
         if group_size < 0 or batch_size % group_size:
@@ -105,6 +119,8 @@ def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 
         plan = _own_plan(name, u, v, n, batch_size, seed=seed, tau=tau, **options)
     else:
         plan = _mix_random(name, u, v, n, batch_size, n_random, seed=seed, tau=tau, **options)
+    if false_negative_window:
+        plan = once(lambda: honour_window(plan, options["conflicts"], u + v))
     if STRATEGIES[name].reads_embeddings and STRATEGIES[name].partition:
         plan = plan[np.random.default_rng([seed, ORDER_STREAM]).permutation(len(plan))]
     return np.ascontiguousarray(plan, dtype=np.int64)

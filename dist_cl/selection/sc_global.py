@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from dist_cl.selection.balanced import balanced_spectral_partition
 from dist_cl.selection.errors import SelectionError
 from dist_cl.selection.knn import cross_knn, resolve_device
+from dist_cl.selection.window import without_conflicts
 
 FINE_CLUSTER_SIZE = 128
 """Rows per fine k-means cluster, the unit that cells are built from."""
@@ -67,12 +68,19 @@ def sparse_loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: n
 
 
 def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int,
-                   device: torch.device | None = None) -> sp.csr_matrix:
-    """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's."""
-    u_to_v, v_to_u = cross_knn(u, v, knn, device)
-    rows = np.repeat(np.arange(len(u)), u_to_v.shape[1])
-    return sparse_loss_affinity(u, v, np.concatenate([rows, rows]), np.concatenate([u_to_v.ravel(), v_to_u.ravel()]),
-                         batch_size, tau)
+                   device: torch.device | None = None, conflicts: sp.csr_matrix | None = None) -> sp.csr_matrix:
+    """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's; with
+    ``conflicts`` (dist_cl.selection.window), the ``knn`` nearest that do not conflict with i."""
+    extra = 0 if conflicts is None else int(np.diff(conflicts.indptr).max(initial=0))
+    u_to_v, v_to_u = cross_knn(u, v, knn + extra, device)
+    n = len(u)
+    if conflicts is None:
+        rows = np.repeat(np.arange(n), u_to_v.shape[1])
+        return sparse_loss_affinity(u, v, np.concatenate([rows, rows]),
+                                    np.concatenate([u_to_v.ravel(), v_to_u.ravel()]), batch_size, tau)
+    edges = [without_conflicts(np.arange(n), lists, conflicts, knn) for lists in (u_to_v, v_to_u)]
+    return sparse_loss_affinity(u, v, np.concatenate([edges[0][0], edges[1][0]]),
+                                np.concatenate([edges[0][1], edges[1][1]]), batch_size, tau)
 
 
 def local_map(fn: Callable, items: Sequence) -> list:
@@ -221,19 +229,20 @@ def kmeans_cells(x: np.ndarray, cell_size: int, *, seed: int, fine_size: int = F
     return cells
 
 
-def partition_cell(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, knn: int, *,
-                   seed: int, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+def partition_cell(u: np.ndarray, v: np.ndarray, conflicts: sp.csr_matrix | None, batch_size: int, tau: float,
+                   knn: int, *, seed: int, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Hard batches (n // B, B) of one cell and its n % B rows left over, by spectral bisection of
-    the kNN loss graph."""
+    the kNN loss graph (without the cell's ``conflicts``, if any)."""
     if len(u) < batch_size:
         return np.empty((0, batch_size), dtype=np.int64), np.arange(len(u))
-    return balanced_spectral_partition(knn_loss_graph(u, v, batch_size, tau, knn, device), batch_size, seed=seed)
+    graph = knn_loss_graph(u, v, batch_size, tau, knn, device, conflicts)
+    return balanced_spectral_partition(graph, batch_size, seed=seed)
 
 
 def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, knn: int = 16,
                         cell_size: int = 2048, fine_size: int = FINE_CLUSTER_SIZE, chunk_batches: int = 0,
                         map_fn: Callable[[Callable, Sequence], list] | None = None,
-                        device: torch.device | None = None) -> np.ndarray:
+                        device: torch.device | None = None, conflicts: sp.csr_matrix | None = None) -> np.ndarray:
     """Partition into N // B hard batches over the whole dataset; the N % B dropped are chosen by ``seed``.
 
     ``knn``: candidate negatives per sample and direction. ``cell_size``: samples per cell (at least
@@ -246,7 +255,8 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     in other combinations every epoch (1 is a random partition, k >= N // B the global one).
     ``map_fn(fn, cells)``: how the independent per-cell work is mapped (e.g. dealt over ranks by
     dist_cl.runtime.distributed.distributed_map; by default ``core_map``); the plan does not depend on it.
-    ``device``: where the k-means and the kNN run (``knn.resolve_device``).
+    ``device``: where the k-means and the kNN run (``knn.resolve_device``). ``conflicts``: pairs kept out of
+    the candidate edges (dist_cl.selection.window).
     """
     u = np.ascontiguousarray(u, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
@@ -259,28 +269,32 @@ def sc_global_partition(u, v, batch_size: int, *, seed: int, tau: float = 0.1, k
     if chunk_batches < 0:
         raise SelectionError(f"chunk_batches={chunk_batches} must be >= 0 (0: one global partition)")
     chunk = chunk_batches * batch_size
-    cell = partial(partition_cell, batch_size=batch_size, tau=tau, knn=knn, seed=seed, device=device)
+    partition = partial(partition_cell, batch_size=batch_size, tau=tau, knn=knn, seed=seed, device=device)
+
+    def cell(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return partition(u[rows], v[rows], None if conflicts is None else conflicts[rows][:, rows])
+
     if not chunk_batches or chunk >= len(usable):
         return _partition_pool(u, v, np.sort(usable), cell, cell_size, fine_size, seed, map_fn, device)
     chunks = [np.sort(rows) for rows in np.split(usable, range(chunk, len(usable), chunk))]
     if chunk > cell_size:
         return np.concatenate([_partition_pool(u, v, rows, cell, cell_size, fine_size, seed, map_fn, device)
                                for rows in chunks])
-    results = map_fn(lambda rows: cell(u[rows], v[rows])[0], chunks)
+    results = map_fn(lambda rows: cell(rows)[0], chunks)
     return np.concatenate([rows[groups] for rows, groups in zip(chunks, results)])
 
 
 def _partition_pool(u: np.ndarray, v: np.ndarray, pool: np.ndarray, cell: Callable, cell_size: int, fine_size: int,
                     seed: int, map_fn: Callable, device: torch.device | None) -> np.ndarray:
-    """Full batches of the rows ``pool`` (a multiple of B): cells, ``cell(u, v)`` (partition_cell with the
+    """Full batches of the rows ``pool`` (a multiple of B): cells, ``cell(rows)`` (partition_cell with the
     strategy's options) in each, the fragments pooled again."""
     batches = []
     while len(pool) > cell_size:
         cells = [pool[rows] for rows in kmeans_cells(u[pool] + v[pool], cell_size, seed=seed, fine_size=fine_size,
                                                      map_fn=map_fn, device=device)]
-        results = map_fn(lambda rows: cell(u[rows], v[rows]), cells)
+        results = map_fn(cell, cells)
         batches.extend(rows[groups] for rows, (groups, _) in zip(cells, results))
         pool = np.concatenate([rows[leftover] for rows, (_, leftover) in zip(cells, results)])
-    groups, _ = cell(u[pool], v[pool])
+    groups, _ = cell(pool)
     batches.append(pool[groups])
     return np.concatenate(batches)

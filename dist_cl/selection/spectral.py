@@ -7,6 +7,7 @@ Follows the official code (krafton-ai/mini-batch-cl, utils.py: custom_affinity, 
 """
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.linalg import eigh
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
@@ -82,16 +83,22 @@ def balanced_clusters(x: np.ndarray, batch_size: int, rng: np.random.Generator) 
     return np.argsort(slot_of_row // batch_size, kind="stable").reshape(-1, batch_size)
 
 
-def sc_chunk(u, v, batch_size: int, tau: float, rng: np.random.Generator) -> np.ndarray:
-    """SC on one chunk of n pairs (n a multiple of B): n / B batches of local row indices."""
+def sc_chunk(u, v, batch_size: int, tau: float, rng: np.random.Generator,
+             conflicts: sp.csr_matrix | None = None) -> np.ndarray:
+    """SC on one chunk of n pairs (n a multiple of B): n / B batches of local row indices. Pairs that
+    ``conflicts`` (dist_cl.selection.window) links get no affinity."""
     n_clusters = len(u) // batch_size
     if n_clusters == 1:
         return np.arange(len(u))[None]
-    maps = dense_spectral_embedding(dense_loss_affinity(u, v, batch_size, tau), n_components=n_clusters)
+    log_affinity = dense_loss_affinity(u, v, batch_size, tau)
+    if conflicts is not None:
+        log_affinity[conflicts.toarray()] = -np.inf
+    maps = dense_spectral_embedding(log_affinity, n_components=n_clusters)
     return balanced_clusters(maps, batch_size, rng)
 
 
-def spectral_clustering(u, v, batch_size: int, *, seed: int, tau: float = 0.1, chunk_batches: int = 40) -> np.ndarray:
+def spectral_clustering(u, v, batch_size: int, *, seed: int, tau: float = 0.1, chunk_batches: int = 40,
+                        conflicts: sp.csr_matrix | None = None) -> np.ndarray:
     """The paper's SC plan: a partition of N - N % B indices, SC run per chunk of chunk_batches * B.
 
     Unlike the official code, which drops the N mod (k B) samples past the last full chunk, the last
@@ -104,4 +111,5 @@ def spectral_clustering(u, v, batch_size: int, *, seed: int, tau: float = 0.1, c
     perm = rng.permutation(n)[: n - n % batch_size]
     chunk = chunk_batches * batch_size
     parts = np.split(perm, range(chunk, len(perm), chunk))
-    return np.concatenate([part[sc_chunk(u[part], v[part], batch_size, tau, rng)] for part in parts])
+    return np.concatenate([part[sc_chunk(u[part], v[part], batch_size, tau, rng,
+                                         None if conflicts is None else conflicts[part][:, part])] for part in parts])

@@ -1,5 +1,6 @@
 """Under torchrun: fill the bank from each rank's slices of a random plan (as training does), sync it,
-select with sc_global, and save (bank, plan, this rank's slices) per rank. Usage: bank_plan.py OUT_DIR."""
+select with sc_global (and with its false-negative window), and save (bank, plan, this rank's slices, the
+window's plan) per rank. Usage: bank_plan.py OUT_DIR."""
 
 import sys
 
@@ -39,7 +40,10 @@ def main():
                              map_fn=distributed_map)
     plan = BatchPlan(batches, 1, "sc_global")
     slices = list(PlanSampler(plan, info.rank, info.world_size))
-    torch.save({"bank": bank.state_dict(), "plan": plan.batches, "slices": slices}, f"{out}/rank{info.rank}.pt")
+    window = select_batches("sc_global", bank.u.numpy(), bank.v.numpy(), B, seed=3, tau=0.2, cell_size=CELL,
+                            false_negative_window=3, map_fn=distributed_map)
+    torch.save({"bank": bank.state_dict(), "plan": plan.batches, "slices": slices, "window_plan": window},
+               f"{out}/rank{info.rank}.pt")
     close_distributed()
 
 
