@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ import dist_cl
 from dist_cl.config import Config, ConfigError, config_differences, resume_warnings
 from dist_cl.data import build_dataset, loader_options
 from dist_cl.evaluate.metrics import evaluate
-from dist_cl.learn.models import build_training_model
+from dist_cl.learn.models import build_training_model, current_tau
 from dist_cl.learn.optim import build_optimizer, set_lr
 from dist_cl.learn.step import TrainCounters, TrainStep, check_finite_weights
 from dist_cl.plan.bank import EmbeddingBank
@@ -168,7 +169,7 @@ class Trainer:
                 if loss is not None:
                     losses.append(loss)
                 self.report.step(bar, losses, time.perf_counter() - started, waited,
-                                 self.optimizer.param_groups[0]["lr"], self.model.temperature)
+                                 self.optimizer.param_groups[0]["lr"], partial(current_tau, self.model))
                 # before the checkpoint, so that one taken here already holds the re-selected rest
                 reselected = self.planner.reselect(sampler.plan, sampler.cursor, counters.step, figures)
                 if reselected is not None:
@@ -223,7 +224,7 @@ class Trainer:
         cfg = self.cfg
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=cfg.eval.knn_k,
-                           tau=float(self.model.temperature()), train_pairs=cfg.eval.train_pairs,
+                           tau=current_tau(self.model), train_pairs=cfg.eval.train_pairs,
                            corruptions=cfg.eval.corruptions, corruption_samples=cfg.eval.corruption_samples,
                            num_workers=cfg.data.num_workers)
         self.report.evaluation(loss, metrics, figures)

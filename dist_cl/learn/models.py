@@ -290,3 +290,8 @@ def build_training_model(cfg: Config, num_samples: int, channels: int, device: t
         log.warning("model.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on %s each "
                     "rank's BatchNorm keeps normalising over its own slice of the batch", device)
     return model
+
+
+def current_tau(model: nn.Module) -> float:
+    """The model's temperature now, as a number (a learnt one read without its graph)."""
+    return float(model.temperature().detach())

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from dist_cl.config import Config, ConfigError, SelectionConfig
 from dist_cl.evaluate.embed import embed_indices
 from dist_cl.learn.losses import batch_options
+from dist_cl.learn.models import current_tau
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.sampler import BatchPlan
@@ -268,7 +269,7 @@ class EpochPlanner:
         prepared = SelectionFigures()
         if STRATEGIES[name].reads_embeddings:
             u, v = self.teacher if self.teacher is not None else self.bank_snapshot(train_epoch, step, copy_bank)
-            request = replace(request, u=u, v=v, scoring={"tau": float(self.model.temperature()), **self.loss})
+            request = replace(request, u=u, v=v, scoring={"tau": current_tau(self.model), **self.loss})
             if self.teacher is None:
                 prepared.bank_staleness = self.bank.staleness(first_step)
         prepared.prepare_seconds = time.perf_counter() - started

@@ -52,7 +52,7 @@ class TrainingReport:
 
     def step(self, bar: tqdm, losses: list, seconds: float, data_wait: float, lr: float, tau) -> None:
         """The progress bar's count after every step; every run.log_every_steps steps (as open_clip logs) its
-        figures and the train/* scalars: the step's own data wait, and tau (``tau()``) and the skipped steps
+        figures and the train/* scalars: the step's own data wait, and tau (``tau()``, a number) and the skipped steps
         only where they can change (no flat cards). Nothing is written to the terminal here: tqdm redraws the
         bar at its own pace."""
         bar.update()
@@ -63,7 +63,7 @@ class TrainingReport:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_s:.0f}", refresh=False)
         scalars = {"loss": loss, "lr": lr, "samples_per_s": samples_s, "data_time_s": data_wait}
         if self.cfg.loss.learnable_tau:
-            scalars["tau"] = float(tau())
+            scalars["tau"] = tau()
         if self.cfg.train.nonfinite == "skip":
             scalars["skipped_steps"] = self.counters.skipped_steps
         self.metrics.step(self.counters.step, scalars)
