@@ -168,7 +168,7 @@ def test_make_shards_names_a_missing_fashion_mnist_file(tmp_path, capsys):
 
 def test_config_file_builds_its_data_and_model(idx_dir):
     cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [f"data.path={idx_dir}", "data.subset=30"])
-    assert (cfg.train.global_batch_size, cfg.data.image_size, cfg.eval.corruptions) == (32, 28, True)
+    assert (cfg.train.global_batch_size, cfg.data.image_size, cfg.eval.corruptions) == (32, 28, False)
     dataset = build_dataset(cfg, "train")
     assert dataset.channels == cfg.model.in_chans and len(dataset) == 30
     views = torch.stack([dataset[i][0] for i in range(2)])
