@@ -160,7 +160,7 @@ class Trainer:
         started = tick = time.perf_counter()
         self.step_fn.ddp.train()
         while not sampler.done:
-            loader = DataLoader(self.train_set, batch_sampler=sampler,
+            loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.train_set.collate,
                                 **loader_options(self.cfg.data.num_workers, self.info.device))
             for view_a, view_b, index in loader:
                 waited = time.perf_counter() - tick

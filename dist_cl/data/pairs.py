@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from dist_cl.runtime.seeding import Stream, derive_seed
 
@@ -84,6 +84,12 @@ class PairDataset(Dataset):
             view_a = self.augment(sample)
             view_b = self.augment(sample)
         return view_a, view_b, index
+
+    @staticmethod
+    def collate(samples):
+        """The training loader's ``collate_fn``: joins the samples ``__getitem__`` gave into a batch. A data set
+        that fetches a whole batch at once (``__getitems__``) returns it as it is instead."""
+        return default_collate(samples)
 
     def clean_item(self, index: int) -> torch.Tensor:
         return self.clean(self.load(index))

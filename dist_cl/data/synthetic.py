@@ -29,3 +29,13 @@ class SyntheticPairs(PairDataset):
         # nothing random to seed, and seeding the per-sample RNGs was most of an epoch (docs/BENCHMARKS.md)
         sample = self.load(index)
         return sample, sample, index
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole batch in one call, as the DataLoader asks where this exists: a sample is its index, so a
+        call and a collation per sample were most of what the loader cost a step (docs/BENCHMARKS.md)."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return index, index, index
+
+    @staticmethod
+    def collate(batch):
+        return batch
