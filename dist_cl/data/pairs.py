@@ -91,6 +91,10 @@ class PairDataset(Dataset):
         that fetches a whole batch at once (``__getitems__``) returns it as it is instead."""
         return default_collate(samples)
 
+    def batch(self, indices: list[int]) -> tuple:
+        """Samples ``indices`` joined into a batch, as the training loader gives them."""
+        return self.collate([self[i] for i in indices])
+
     def clean_item(self, index: int) -> torch.Tensor:
         return self.clean(self.load(index))
 

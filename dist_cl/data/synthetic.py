@@ -39,3 +39,6 @@ class SyntheticPairs(PairDataset):
     @staticmethod
     def collate(batch):
         return batch
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.__getitems__(indices)

@@ -39,8 +39,7 @@ class RealisedLift:
         before the update (a collective); else None."""
         if (step + 1) % self.every_steps:
             return None
-        samples = [self.dataset[int(i)] for i in self.sampler.local_slice(self.reference_batch(epoch, step))]
-        view_a, view_b = (torch.stack(views) for views in list(zip(*samples))[:2])
+        view_a, view_b, _ = self.dataset.batch(self.sampler.local_slice(self.reference_batch(epoch, step)).tolist())
         return self.score(view_a, view_b)
 
     def add(self, trained: float | None, reference: float | None) -> None:
