@@ -102,12 +102,13 @@ def test_a_relative_config_is_the_one_beside_where_the_tool_was_started(tmp_path
     assert command[command.index("--config") + 1] == str(tmp_path / "my.yaml")
 
 
-def fake_run(directory, commit: str | None) -> None:
-    """A finished two-epoch run's records: metrics.jsonl and run_info.json with the trainer's code record
-    (none where ``commit`` is None: a record from before run_info.json named one)."""
+def fake_run(directory, commit: str | None, **extra: float) -> None:
+    """A finished two-epoch run's records: metrics.jsonl (with the metrics ``extra`` at every evaluation) and
+    run_info.json with the trainer's code record (none where ``commit`` is None: a record from before
+    run_info.json named one)."""
     directory.mkdir(parents=True)
     lines = [{"kind": "eval", "epoch": e, "step": 10 * e, "train_full_batch_loss": 9.0 - e, "retrieval_top1": 0.1 * e,
-              "knn_top1": 0.2 * e} for e in (0, 1, 2)]
+              "knn_top1": 0.2 * e, **extra} for e in (0, 1, 2)]
     (directory / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     code = {"version": "0.1.0", "commit": commit, "dirty": False, "diff_sha256": None}
     (directory / "run_info.json").write_text(json.dumps({"code": code, "resumes": []} if commit else {"wall_s": 1.0}))
@@ -135,6 +136,19 @@ def test_runs_of_one_commit_are_aggregated_and_the_table_names_it(tmp_path):
     compare.check_one_code_state(comparison)
     table = compare.results_table(comparison, "random", table_every=1, table_epochs=set())
     assert table.startswith(f"Code: {A[:12]} for all 2 runs")
+
+
+def test_tables_show_the_metrics_their_runs_measured_and_no_other(tmp_path):
+    fake_run(tmp_path / "images" / "random-s0", A)
+    fake_run(tmp_path / "captions" / "random-s0", A, image_to_text_r1=0.25, text_to_image_r1=0.5, zero_shot_top1=0.125)
+    tables = {name: compare.results_table(compare.collect(tmp_path / name, compare.parse_entries("random"), [0],
+                                                          epochs=2, batch_size=8), "random", 1, set())
+              for name in ("images", "captions")}
+    for name in ("held-out image→text R@1", "held-out text→image R@1", "zero-shot top-1"):
+        assert name not in tables["images"] and f"{name} per evaluated epoch" in tables["captions"]
+    assert "corrupted R@1" not in tables["images"] + tables["captions"]
+    header, _, row = tables["captions"].split("| strategy | seeds |")[1].splitlines()[:3]
+    assert row.split("|")[-8:-3] == [" 0.200 ", " 0.400 ", " 0.250 ", " 0.500 ", " 0.125 "]  # held-out R@1 .. zero-shot
 
 
 def test_a_run_that_recorded_no_commit_is_an_unknown_state_refused_beside_a_known_one(tmp_path):

@@ -74,7 +74,11 @@ METRICS = (  # (key in a run summary, metrics.jsonl field, table heading)
     ("fbl", "full_batch_loss", "held-out full-batch loss"),
     ("corrupted_s1", "corrupted_r1/s1", "corrupted R@1, severity 1"),
     ("corrupted_s5", "corrupted_r1/s5", "corrupted R@1, severity 5"),
+    ("i2t_r1", "image_to_text_r1", "held-out image→text R@1"),
+    ("t2i_r1", "text_to_image_r1", "held-out text→image R@1"),
+    ("zero_shot", "zero_shot_top1", "zero-shot top-1"),
 )
+"""Every metric a table may show; a table shows those its runs measured (``measured_metrics``)."""
 DIAGNOSTICS = (  # epoch-line figures averaged over the loss-aware epochs (all epochs for random)
     ("lift", "selection/lift"), ("realised_lift", "selection/realised_lift"),
     ("pair_repeat", "selection/pair_repeat"), ("purity", "selection/label_purity"),
@@ -250,10 +254,8 @@ def results_table(comparison: Comparison, reference_label: str, table_every: int
     lines = code_lines(comparison) + final_metrics(comparison) + [""] + verdicts(comparison, reference_label)
     epochs = sorted(set().union(*[set(r["epochs"]) for rs in runs.values() for r in rs])) if runs else []
     epochs = [e for e in epochs if e % table_every == 0 or e == final or e in table_epochs]
-    for key, _, name in METRICS:
-        if any(value == value for rs in runs.values() for r in rs for value in r[key].values()):
-            lines += [""] + per_epoch(comparison, key, name, epochs)
-        # else not measured in these runs (e.g. corrupted views without eval.corruptions)
+    for key, _, name in measured_metrics(comparison):
+        lines += [""] + per_epoch(comparison, key, name, epochs)
     lines += ["", "Per seed at the final epoch (train full-batch loss / held-out R@1 / kNN top-1):", ""]
     for label, rs in finished_entries(comparison):
         lines.append(f"- {label}: " + ", ".join(
@@ -261,6 +263,13 @@ def results_table(comparison: Comparison, reference_label: str, table_every: int
     if comparison.missing:
         lines += ["", f"Missing or unfinished runs: {', '.join(comparison.missing)}"]
     return "\n".join(lines) + "\n"
+
+
+def measured_metrics(comparison: Comparison) -> list[tuple[str, str, str]]:
+    """The METRICS some run of ``comparison`` measured (corrupted views only with eval.corruptions, the
+    image-text recalls and zero-shot only on image-caption pairs)."""
+    runs = [r for rs in comparison.runs.values() for r in rs]
+    return [m for m in METRICS if any(value == value for r in runs for value in r[m[0]].values())]
 
 
 def finished_entries(comparison: Comparison) -> list[tuple[str, list[dict]]]:
@@ -275,13 +284,14 @@ def final_metrics(comparison: Comparison) -> list[str]:
              "pairs at fixed evaluation views (the paper's objective); train R@1: positive-pair retrieval among "
              "them; held-out R@1 / full-batch loss: the same on the held-out pairs; probe: linear probe on frozen "
              "backbone features (tools/evaluate.py on the final checkpoint).", ""]
+    metrics = measured_metrics(comparison)
     lines += [
-        "| strategy | seeds | " + " | ".join(name for _, _, name in METRICS) + " | probe top-1 | steps |",
-        "|---|---|" + "---|" * (len(METRICS) + 2),
+        "| strategy | seeds | " + " | ".join(name for _, _, name in metrics) + " | probe top-1 | steps |",
+        "|---|---|" + "---|" * (len(metrics) + 2),
     ]
     for label, rs in finished_entries(comparison):
         lines.append(f"| {label} | {len(rs)} | "
-                     + " | ".join(mean_std(r[key][final] for r in rs) for key, _, _ in METRICS)
+                     + " | ".join(mean_std(r[key][final] for r in rs) for key, _, _ in metrics)
                      + f" | {mean_std(r['probe'] for r in rs)} | {np.mean([r['final_step'] for r in rs]):.0f} |")
     return lines
 
