@@ -224,7 +224,7 @@ class Trainer:
         cfg = self.cfg
         metrics = evaluate(self.model, self.train_set, self.heldout_set, rank=self.info.rank,
                            world_size=self.info.world_size, device=self.info.device, knn_k=cfg.eval.knn_k,
-                           tau=current_tau(self.model), train_pairs=cfg.eval.train_pairs,
+                           tau=current_tau(self.model), train_pairs=cfg.eval.train_pairs, probe=cfg.eval.probe,
                            corruptions=cfg.eval.corruptions, corruption_samples=cfg.eval.corruption_samples,
                            num_workers=cfg.data.num_workers)
         self.report.evaluation(loss, metrics, figures)

@@ -61,7 +61,7 @@ def clip_run(shards: Path, *overrides: str) -> list[str]:
             "loss.tau=0.07", "loss.learnable_tau=true", "train.global_batch_size=8", "train.lr=0.003",
             "train.warmup_epochs=0",
             "data.augment.crop_scale_min=0.8", "data.augment.color_jitter_prob=0", "data.augment.grayscale_prob=0",
-            "checkpoint.every_steps=2", "checkpoint.keep=40", *overrides]
+            "checkpoint.every_steps=2", "checkpoint.keep=40", "eval.probe=true", *overrides]
 
 
 STRATEGIES = {"random": ("selection.strategy=random",),
@@ -156,9 +156,10 @@ def test_the_emoji_config_reads_caption_shards_at_its_text_towers_context_length
 
 def test_the_evaluate_command_reports_the_image_text_recalls_the_trainer_logged(reference_clip_runs, tmp_path):
     run = reference_clip_runs("random")
-    assert evaluate_main(["--checkpoint", str(run / "checkpoints" / "latest"), "--no-probe",
+    assert evaluate_main(["--checkpoint", str(run / "checkpoints" / "latest"),
                           "--json", str(tmp_path / "eval.json")]) == 0
     reported = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"][-1]
-    for key in ("image_to_text_r1", "text_to_image_r1", "image_to_text_r10", "text_to_image_r10", "knn_top1"):
+    for key in ("image_to_text_r1", "text_to_image_r1", "image_to_text_r10", "text_to_image_r10", "knn_top1",
+                "probe_top1"):
         assert reported[key] == pytest.approx(logged[key]), key

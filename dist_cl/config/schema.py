@@ -209,6 +209,9 @@ class EvalConfig:
     train_pairs: int = 100_000
     """Training pairs of the training-set metrics (train/full_batch_loss, train/retrieval_top1): all of them
     up to this many, a fixed random subset of this many beyond (N^2 similarities are computed in blocks)."""
+    probe: bool = False
+    """Also fit a linear probe on the image tower's features at each evaluation (``probe_top1``, the probe of
+    dist-cl-evaluate): seconds on a few thousand images, minutes at ImageNet scale, so off by default."""
     corruptions: bool = False
     """Also score corrupted-view retrieval on the held-out images (dist_cl.evaluate.corruptions), as the paper does."""
     corruption_samples: int = 1000

@@ -133,14 +133,15 @@ def pair_metrics(u: torch.Tensor, v: torch.Tensor, tau: float) -> dict:
 
 
 def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, device, knn_k: int, tau: float,
-             train_pairs: int = 100_000, corruptions: bool = False, corruption_samples: int = 0,
+             train_pairs: int = 100_000, probe: bool = False, corruptions: bool = False, corruption_samples: int = 0,
              num_workers: int = 0) -> dict:
     """The paper's metrics on fixed-seed views (augmentation epoch EVAL_EPOCH).
 
     On the held-out pairs (the training pairs where there are none, as in the synthetic setting):
     retrieval top-1 / recall@5, the full-batch loss L(all pairs), and with labels kNN top-1 on backbone
-    features (the image tower's); for image–caption pairs also image->text and text->image recall@1/5/10,
-    and where the classes have names, zero-shot top-1 (ZERO_SHOT_TEMPLATE).
+    features (the image tower's), and with ``probe`` a linear probe on them; for image–caption pairs also
+    image->text and text->image recall@1/5/10, and where the classes have names, zero-shot top-1
+    (ZERO_SHOT_TEMPLATE).
     On the training pairs (``train_*``; at most ``train_pairs`` of them, their number logged as
     ``train_pairs``): the full-batch loss, the objective the paper's theory is about, and retrieval top-1,
     its "original data" metric. ``corruptions`` adds corrupted-view retrieval over ``corruption_samples`` of
@@ -176,6 +177,9 @@ def evaluate(model, train_set, heldout_set, *, rank: int, world_size: int, devic
             values.update(image_text_recalls(*(heldout_pair if heldout_pair is not None else train_pair)))
         if features is not None:
             values["knn_top1"] = knn_top1(features[0], train_set.labels, features[1], heldout_set.labels, knn_k)
+            if probe:
+                values["probe_top1"] = linear_probe_top1(features[0].cpu().numpy(), train_set.labels,
+                                                         features[1].cpu().numpy(), heldout_set.labels)
         if prompts is not None:
             values["zero_shot_top1"] = zero_shot_top1(heldout_pair[0], prompts, heldout_set.labels)
         return values
@@ -196,7 +200,7 @@ def linear_probe_top1(
     Features are standardised with the training split's mean and standard deviation (lbfgs converges
     poorly on raw ReLU features of very different scales); the test split only ever sees those statistics.
     """
-    # scikit-learn is imported here so the trainer, which never probes, does not pay for the import
+    # scikit-learn is imported here so a trainer that does not probe does not pay for the import
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
