@@ -55,8 +55,8 @@ GROUP_STREAM = 2
 
 def select_batches(name: str, u, v, batch_size: int, *, seed: int, tau: float = 0.1, random_fraction: float = 0.0,
                    group_size: int = 0, false_negative_window: int = 0, map_fn: Callable | None = None, device=None,
-                   num_samples: int | None = None,
-                   loss: str = "infonce", loss_options: dict | None = None, **options) -> np.ndarray:
+                   num_samples: int | None = None, loss: str = "infonce", loss_options: dict | None = None,
+                   **options) -> np.ndarray:
     """Run strategy ``name`` on the L2-normalised pair embeddings ``u, v`` (N, d); returns the plan.
 
     A strategy that ignores the embeddings (dist_cl.config.strategies: ``reads_embeddings`` False) may be given
