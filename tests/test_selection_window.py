@@ -9,7 +9,7 @@ from test_selection_hardness import assert_partition
 from dist_cl.config import ConfigError, load_config
 from dist_cl.selection import SelectionError, select_batches
 from dist_cl.selection.sc_global import knn_loss_graph
-from dist_cl.selection.window import conflict_graph, honour_window, nearest_partners
+from dist_cl.selection.window import _swap_out, conflict_graph, conflicts_within, honour_window, nearest_partners
 
 N, B = 320, 16
 
@@ -75,6 +75,25 @@ def test_the_candidate_edges_leave_out_every_conflicting_pair_and_keep_k_others(
     for i in range(0, N, 37):
         ranked = [j for j in np.argsort(-s[i]) if not conflicts[i, j]][:6]
         assert all((i, j) in edges for j in ranked), i
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_repair_stops_only_where_no_swap_frees_a_sample_and_counts_what_is_left(seed, caplog):
+    rng = np.random.default_rng(seed)
+    u, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 52, 6)))
+    plan = rng.permutation(52)[:48].reshape(6, 8)  # 4 samples left out, as N % B are
+    conflicts = conflict_graph(nearest_partners(u, v, 5))
+    with caplog.at_level(logging.WARNING, logger="dist_cl"):
+        kept = honour_window(plan, conflicts, u + v)
+    assert sorted(kept.ravel()) == sorted(plan.ravel())
+    left = conflicts_within(kept, conflicts)
+    assert left <= conflicts_within(plan, conflicts)
+    batch_of = np.full(52, -1)
+    batch_of[kept.ravel()] = np.repeat(np.arange(6), 8)
+    x = (u + v) / np.linalg.norm(u + v, axis=1, keepdims=True)
+    sums = x[kept].sum(axis=1)
+    assert not any(_swap_out(i, kept.copy(), batch_of.copy(), sums.copy(), x, conflicts) for i in kept.ravel())
+    assert (f"{left} samples still share a batch" in caplog.text) == (left > 0)
 
 
 def test_a_window_that_cannot_be_honoured_is_reported(caplog):

@@ -74,6 +74,9 @@ def test_extracted_embeddings_are_a_teacher_for_their_training_set_and_no_other(
     np.save(shuffled / "indices.npy", np.arange(len(u))[::-1])
     with pytest.raises(ConfigError, match="its rows are not samples 0..N-1 in order"):
         load_teacher(str(shuffled), build_dataset(cfg, "train"))
+    (shuffled / "meta.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="its files cannot be read"):
+        load_teacher(str(shuffled), build_dataset(cfg, "train"))
     (shuffled / "v.npy").unlink()
     with pytest.raises(ConfigError, match="has no v.npy; point it at the output of dist-cl-extract-embeddings"):
         load_teacher(str(shuffled), build_dataset(cfg, "train"))

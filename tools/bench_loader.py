@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for workers in args.workers:
         loaders = {
             name: DataLoader(data, batch_sampler=batches(order, args.batch_size), num_workers=workers,
-                             persistent_workers=workers > 0, collate_fn=list if args.decode_only else None)
+                             persistent_workers=workers > 0, collate_fn=list if args.decode_only else ds.collate)
             for name, order in orders.items()
         }
         runs = {name: [] for name in loaders}

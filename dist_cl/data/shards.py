@@ -247,7 +247,8 @@ class ShardPairs(PairDataset):
 
     def identity(self):
         yield from super().identity()
-        yield json.dumps([(shard["url"], shard["nsamples"], shard.get("filesize")) for shard in self.shards]).encode()
+        yield json.dumps([(shard["url"], shard["nsamples"], shard.get("filesize"), shard.get("md5sum"))
+                          for shard in self.shards]).encode()
 
     def __getstate__(self) -> dict:
         # Open shards (file handles, mmaps) belong to the process that opened them; workers open their own.

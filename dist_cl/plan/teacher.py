@@ -31,8 +31,11 @@ def load_teacher(path: str, dataset) -> tuple[np.ndarray, np.ndarray]:
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"selection.teacher={path}: {folder} has no {', '.join(missing)}; {fix}")
-    meta = json.loads((folder / "meta.json").read_text())
-    u, v = np.load(folder / "u.npy"), np.load(folder / "v.npy")
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        u, v = np.load(folder / "u.npy"), np.load(folder / "v.npy")
+    except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError, as is a pickled or truncated .npy
+        raise ConfigError(f"selection.teacher={path}: its files cannot be read ({err}); {fix}") from err
     if u.ndim != 2 or u.shape != v.shape:
         raise ConfigError(f"selection.teacher={path}: u.npy {u.shape} and v.npy {v.shape} must be (N, d) arrays of "
                           f"one shape; {fix}")

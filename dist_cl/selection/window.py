@@ -72,46 +72,49 @@ def conflicts_within(plan: np.ndarray, conflicts: sp.csr_matrix) -> int:
 def honour_window(plan: np.ndarray, conflicts: sp.csr_matrix, x: np.ndarray) -> np.ndarray:
     """``plan`` with samples swapped between batches until no batch holds two samples that conflict.
 
-    One pass over the plan's samples: one that shares its batch with a conflicting sample moves to the
-    batch nearest it (cosine to the batch's mean of ``x``, the pair locations) that holds nothing it
-    conflicts with, in exchange for the member of that batch nearest its old batch that conflicts with
-    nothing there. A swap frees the sample and adds no conflict, so one pass leaves only the samples for
-    which no batch has room; they are counted in a warning.
+    A sample that shares its batch with a conflicting sample moves to the batch nearest it (cosine to the
+    batch's mean of ``x``, the pair locations) where it would conflict with nothing, in exchange for the member
+    of that batch nearest its old batch that conflicts with nothing there. A swap frees the sample and adds no
+    conflict, so the conflicts only fall; passes over the plan repeat until one swaps nothing (a sample stuck
+    in one pass may find room after later swaps). The samples left sharing a batch, for which no batch had
+    room, are counted in a warning.
     """
     plan = plan.copy()
-    n_batches = len(plan)
     batch_of = _batch_of(plan, conflicts.shape[0])
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
     sums = x[plan].sum(axis=1)
-    indptr, indices = conflicts.indptr, conflicts.indices
-
-    def clashes(i: int, batch: int, leaving: int) -> bool:
-        """Whether ``i`` conflicts with a member of ``batch`` other than ``leaving``."""
-        partners = indices[indptr[i]:indptr[i + 1]]
-        return bool(np.any(partners[batch_of[partners] == batch] != leaving))
-
-    stuck = 0
-    for i in plan.ravel().copy():
-        home = batch_of[i]
-        if not clashes(i, home, i):
-            continue
-        for target in _batches_nearest(sums, x[i], home, n_batches):
-            members = plan[target]
-            if np.count_nonzero(batch_of[indices[indptr[i]:indptr[i + 1]]] == target) > 1:
-                continue  # i conflicts with two members: no single swap frees it there
-            for partner in members[np.argsort(-(x[members] @ sums[home]), kind="stable")]:
-                if not clashes(i, target, partner) and not clashes(partner, home, i):
-                    _swap(plan, batch_of, sums, x, i, partner)
-                    break
-            else:
-                continue
-            break
-        else:
-            stuck += 1
-    if stuck:
+    while any([_swap_out(i, plan, batch_of, sums, x, conflicts) for i in plan.ravel().copy()]):
+        pass
+    left = conflicts_within(plan, conflicts)
+    if left:
         log.warning("false-negative window: %d samples still share a batch with one of their nearest: no batch "
-                    "had room for them; lower selection.options.false_negative_window", stuck)
+                    "had room for them; lower selection.options.false_negative_window", left)
     return plan
+
+
+def _swap_out(i: int, plan: np.ndarray, batch_of: np.ndarray, sums: np.ndarray, x: np.ndarray,
+              conflicts: sp.csr_matrix) -> bool:
+    """Swap ``i`` out of its batch if it conflicts with a member there and some batch has room (see
+    ``honour_window``); whether it was swapped."""
+    partners = conflicts.indices[conflicts.indptr[i]:conflicts.indptr[i + 1]]
+    home, where = batch_of[i], batch_of[partners]
+    if not (where == home).any():
+        return False
+    met = np.bincount(where[where >= 0], minlength=len(plan))  # i's conflicts in each batch
+    for target in _batches_nearest(sums, x[i], home, len(plan)):
+        if met[target] > 1:
+            continue  # no single swap frees i there
+        members = plan[target]
+        if met[target]:  # i conflicts with one member: only that one can make room
+            members = members[np.isin(members, partners)]
+        # a candidate must conflict with nobody in i's batch but i itself, who leaves it
+        clashes = np.asarray(conflicts[members][:, plan[home]].sum(axis=1)).ravel()
+        clashes -= np.asarray(conflicts[members, i].todense()).ravel()
+        fitting = members[clashes == 0]
+        if len(fitting):
+            _swap(plan, batch_of, sums, x, i, fitting[np.argmax(x[fitting] @ sums[home])])
+            return True
+    return False
 
 
 def _batch_of(plan: np.ndarray, n: int) -> np.ndarray:
@@ -128,8 +131,7 @@ def _batches_nearest(sums: np.ndarray, x_i: np.ndarray, home: int, n_batches: in
     near = np.argpartition(-scores, min(NEAREST_BATCHES, n_batches - 1))[:NEAREST_BATCHES]
     near = near[np.argsort(-scores[near], kind="stable")]
     yield from (b for b in near if b != home)
-    rest = np.setdiff1d(np.arange(n_batches), near, assume_unique=True)
-    yield from (b for b in rest if b != home)
+    yield from (b for b in np.setdiff1d(np.arange(n_batches), near, assume_unique=True) if b != home)
 
 
 def _swap(plan: np.ndarray, batch_of: np.ndarray, sums: np.ndarray, x: np.ndarray, i: int, j: int) -> None:
