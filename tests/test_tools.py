@@ -82,6 +82,23 @@ def test_extracted_embeddings_are_a_teacher_for_their_training_set_and_no_other(
         load_teacher(str(shuffled), build_dataset(cfg, "train"))
 
 
+def test_a_run_selects_its_first_epoch_on_the_teacher_and_says_so(one_epoch_run, single_process_embeddings, tmp_path,
+                                                                    capsys):
+    """End to end in one process (test_planning checks the plan itself against select_batches)."""
+    from dist_cl.cli import train as train_tool
+
+    run = tmp_path / "student"
+    assert train_tool.main(["--config", str(one_epoch_run / "config.yaml"), f"run.dir={run}", "train.epochs=1",
+                            "eval.every_epochs=0", "selection.strategy=sc_global", "selection.warmup_epochs=0",
+                            "selection.options.false_negative_window=2",
+                            f"selection.teacher={single_process_embeddings}"]) == 0
+    assert (f"selection sc_global {{'false_negative_window': 2}} on the teacher's embeddings in "
+            f"{single_process_embeddings} |") in capsys.readouterr().err
+    epoch = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "epoch"]
+    assert len(epoch) == 1 and epoch[0]["selection/lift"] > 1.0 and "selection/bank_staleness" not in epoch[0]
+
+
 def test_evaluation_of_saved_embeddings_reproduces_the_trainers_metrics(one_epoch_run, single_process_embeddings,
                                                                         capsys, tmp_path):
     report = tmp_path / "eval.json"

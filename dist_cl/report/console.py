@@ -84,11 +84,12 @@ def banner(cfg, world_size: int, device, backend: str, n_train: int, n_heldout: 
     selection = cfg.selection
     options = f" {selection.options}" if selection.options else ""
     warmup = f" (random for the first {random_epochs} epoch(s))" if random_epochs else ""
+    teacher = f" on the teacher's embeddings in {selection.teacher}" if selection.teacher else ""
     return [
         f"run {cfg.run.name} in {cfg.run_dir} | seed {cfg.seed} | {world_size} rank(s) on {device.type} ({backend})",
         f"data {cfg.data.name}: {n_train} training pairs, {n_heldout} held out | model {cfg.model.backbone} "
         f"({n_params / 1e6:.2f}M parameters) | loss {cfg.loss.name}, tau {cfg.loss.tau}",
-        f"selection {selection.strategy}{options}{warmup} | global batch {cfg.train.global_batch_size} "
+        f"selection {selection.strategy}{options}{teacher}{warmup} | global batch {cfg.train.global_batch_size} "
         f"({cfg.train.global_batch_size // world_size} a rank) | {cfg.train.epochs} epochs, {cfg.train.optimizer} "
         f"lr {cfg.train.lr:g}",
         f"watch: tensorboard --logdir {cfg.run_dir / 'tb'}",
