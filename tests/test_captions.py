@@ -221,6 +221,18 @@ def test_bad_caption_in_img2dataset_shard_is_named_at_indexing(tmp_path, capsys,
         index_captions(root)
 
 
+def test_an_image_that_is_no_image_in_img2dataset_shard_is_named_at_indexing(tmp_path, capsys):
+    root = tmp_path / "laion"
+    root.mkdir()
+    key, members = img2dataset_sample("000000001", "square", "green")
+    members["jpg"] = b"<html>404 not found</html>"
+    img2dataset_tar(root / "00000.tar", [img2dataset_sample("000000000", "circle", "red"), (key, members)])
+    assert make_shards.main(["--index-captions", str(root)]) == 2
+    assert (f"shard {root / '00000.tar'} key 000000001: its image is not one Pillow can identify"
+            in capsys.readouterr().err)
+    assert not (root / INDEX_NAME).exists()
+
+
 @pytest.mark.parametrize("caption, problem", [(None, "no caption"), (b"\n", "empty"), (b"\xc3(", "not UTF-8")])
 def test_bad_caption_beside_an_image_is_named_by_the_writer(tmp_path, capsys, caption, problem):
     captioned_folder(tmp_path / "photos")

@@ -255,12 +255,23 @@ def describe_shard(path: Path) -> dict:
     return entry
 
 
+def identify_image(data: bytes, where: str) -> None:
+    """Pillow identifies the image from its header, without decoding it: bytes that are no image (a failed
+    download saved as one) stop indexing, not training. Damage past the header is named when the sample is read."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ShardError(f"{where}: its image is not one Pillow can identify ({exc}); delete the sample's members "
+                         "from the tar or download it again, then index again") from exc
+
+
 def describe_caption_shard(path: Path) -> dict:
     """A caption shard's wids index entry (no md5sum: it would read every byte of every tar of a web-scale
     set, and the reader checks sizes); writes its offsets table (dist_cl.data.captions) on the way.
 
     Members are grouped by key, samples kept in tar order. Every caption is read and checked here, so a
-    missing, empty or undecodable one stops indexing rather than training. Members other than the image,
+    missing, empty or undecodable one stops indexing rather than training; so is every image's header. Members other than the image,
     .txt, .json and .cls are left where they are, unread.
     """
     samples: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -296,6 +307,7 @@ def describe_caption_shard(path: Path) -> dict:
                 raise ShardError(f"{where}: no image member (one of {', '.join(IMAGE_EXTENSIONS)}); every caption "
                                  "needs its image")
             caption_text(read(members.get("txt")), where)
+            identify_image(read(members["image"][:2]), where)
             if "cls" in members:
                 try:
                     labels.append(int(read(members["cls"])))
