@@ -271,8 +271,8 @@ def describe_caption_shard(path: Path) -> dict:
     set, and the reader checks sizes); writes its offsets table (dist_cl.data.captions) on the way.
 
     Members are grouped by key, samples kept in tar order. Every caption is read and checked here, so a
-    missing, empty or undecodable one stops indexing rather than training; so is every image's header. Members other than the image,
-    .txt, .json and .cls are left where they are, unread.
+    missing, empty or undecodable one stops indexing rather than training; so does an image whose header Pillow
+    cannot identify. Members other than the image, .txt, .json and .cls are left where they are, unread.
     """
     samples: dict[str, dict[str, tuple[int, ...]]] = {}
     with tarfile.open(path) as tar:
