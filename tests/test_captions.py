@@ -8,6 +8,7 @@ import json
 import pickle
 import socket
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -221,16 +222,48 @@ def test_bad_caption_in_img2dataset_shard_is_named_at_indexing(tmp_path, capsys,
         index_captions(root)
 
 
-def test_an_image_that_is_no_image_in_img2dataset_shard_is_named_at_indexing(tmp_path, capsys):
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of that size with no pixel data: its signature, header chunk and end chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("image, problem", [(b"<html>404 not found</html>", "cannot identify"),
+                                            (None, "decompression bomb")])
+def test_an_image_that_is_no_image_in_img2dataset_shard_is_named_at_indexing(tmp_path, capsys, image, problem):
     root = tmp_path / "laion"
     root.mkdir()
     key, members = img2dataset_sample("000000001", "square", "green")
-    members["jpg"] = b"<html>404 not found</html>"
+    del members["jpg"]
+    members["png"] = image or png_claiming(20000, 20000)
     img2dataset_tar(root / "00000.tar", [img2dataset_sample("000000000", "circle", "red"), (key, members)])
     assert make_shards.main(["--index-captions", str(root)]) == 2
-    assert (f"shard {root / '00000.tar'} key 000000001: its image is not one Pillow can identify"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert f"shard {root / '00000.tar'} key 000000001: its image is not one Pillow can identify" in err
+    assert problem in err
     assert not (root / INDEX_NAME).exists()
+
+
+def test_indexing_reads_an_image_only_as_far_as_its_header(tmp_path, monkeypatch):
+    """A large valid image: the first IMAGE_HEADER_BYTES identify it, the rest is never read."""
+    from dist_cl.data import shard_writer
+
+    reads = []
+    real_open = shard_writer.Image.open
+    monkeypatch.setattr(shard_writer.Image, "open", lambda fp: reads.append(len(fp.getvalue())) or real_open(fp))
+    big = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    root = tmp_path / "laion"
+    root.mkdir()
+    key, members = img2dataset_sample("000000000", "circle", "red")
+    members["jpg"] = encoded(Image.fromarray(big), "PNG")
+    img2dataset_tar(root / "00000.tar", [(key, members)])
+    assert len(members["jpg"]) > shard_writer.IMAGE_HEADER_BYTES
+    shard_writer.index_captions(root)
+    assert reads == [shard_writer.IMAGE_HEADER_BYTES]
 
 
 @pytest.mark.parametrize("caption, problem", [(None, "no caption"), (b"\n", "empty"), (b"\xc3(", "not UTF-8")])

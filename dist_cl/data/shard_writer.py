@@ -255,20 +255,29 @@ def describe_shard(path: Path) -> dict:
     return entry
 
 
-def identify_image(data: bytes, where: str) -> None:
-    """Pillow identifies the image from its header, without decoding it: bytes that are no image (a failed
-    download saved as one) stop indexing, not training. Damage past the header is named when the sample is read."""
-    try:
-        with Image.open(io.BytesIO(data)):
-            pass
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ShardError(f"{where}: its image is not one Pillow can identify ({exc}); delete the sample's members "
-                         "from the tar or download it again, then index again") from exc
+IMAGE_HEADER_BYTES = 1 << 16
+"""What indexing reads of an image to identify it; the whole member only where its header runs on (JPEG's
+EXIF segments may)."""
+
+
+def identify_image(read: Callable[[tuple[int, int]], bytes], offset: int, size: int, where: str) -> None:
+    """Pillow identifies the image member at ``offset`` from its header, without decoding it: bytes that are
+    no image (a failed download saved as one) or claim a decompression bomb stop indexing, not training.
+    Damage past the header is named when the sample is read."""
+    for length in dict.fromkeys((min(size, IMAGE_HEADER_BYTES), size)):
+        try:
+            with Image.open(io.BytesIO(read((offset, length)))):
+                return
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            error = exc
+    raise ShardError(f"{where}: its image is not one Pillow can identify ({error}); delete the sample's members "
+                     "from the tar or download it again, then index again") from error
 
 
 def describe_caption_shard(path: Path) -> dict:
     """A caption shard's wids index entry (no md5sum: it would read every byte of every tar of a web-scale
-    set, and the reader checks sizes); writes its offsets table (dist_cl.data.captions) on the way.
+    set, and the reader checks sizes; images are read only as far as their headers); writes its offsets table
+    (dist_cl.data.captions) on the way.
 
     Members are grouped by key, samples kept in tar order. Every caption is read and checked here, so a
     missing, empty or undecodable one stops indexing rather than training; so does an image whose header Pillow
@@ -307,7 +316,7 @@ def describe_caption_shard(path: Path) -> dict:
                 raise ShardError(f"{where}: no image member (one of {', '.join(IMAGE_EXTENSIONS)}); every caption "
                                  "needs its image")
             caption_text(read(members.get("txt")), where)
-            identify_image(read(members["image"][:2]), where)
+            identify_image(read, *members["image"][:2], where)
             if "cls" in members:
                 try:
                     labels.append(int(read(members["cls"])))
