@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from dist_cl.cli import evaluate as evaluate_tool
 from dist_cl.cli import extract_embeddings as extract_tool
+from dist_cl.cli import train as train_tool
 from dist_cl.config import ConfigError, load_config
 from dist_cl.data import build_dataset
 from dist_cl.evaluate.offline import compute_metrics
@@ -85,8 +86,6 @@ def test_extracted_embeddings_are_a_teacher_for_their_training_set_and_no_other(
 def test_a_run_selects_its_first_epoch_on_the_teacher_and_says_so(one_epoch_run, single_process_embeddings, tmp_path,
                                                                     capsys):
     """End to end in one process (test_planning checks the plan itself against select_batches)."""
-    from dist_cl.cli import train as train_tool
-
     run = tmp_path / "student"
     assert train_tool.main(["--config", str(one_epoch_run / "config.yaml"), f"run.dir={run}", "train.epochs=1",
                             "eval.every_epochs=0", "selection.strategy=sc_global", "selection.warmup_epochs=0",
