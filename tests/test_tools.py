@@ -93,8 +93,7 @@ def test_a_run_selects_its_first_epoch_on_the_teacher_and_says_so(one_epoch_run,
                             f"selection.teacher={single_process_embeddings}"]) == 0
     assert (f"selection sc_global {{'false_negative_window': 2}} on the teacher's embeddings in "
             f"{single_process_embeddings} |") in capsys.readouterr().err
-    epoch = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "epoch"]
+    epoch = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
     assert len(epoch) == 1 and epoch[0]["selection/lift"] > 1.0 and "selection/bank_staleness" not in epoch[0]
 
 

@@ -31,6 +31,7 @@ from dist_cl.data.shards import (
     INDEX_KIND,
     INDEX_NAME,
     OFFSETS_COLUMNS,
+    UNREADABLE_IMAGE,
     ShardError,
     offsets_path,
     read_index,
@@ -268,7 +269,7 @@ def identify_image(read: Callable[[tuple[int, int]], bytes], offset: int, size: 
         try:
             with Image.open(io.BytesIO(read((offset, length)))):
                 return
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (*UNREADABLE_IMAGE, ValueError) as exc:
             error = exc
     raise ShardError(f"{where}: its image is not one Pillow can identify ({error}); delete the sample's members "
                      "from the tar or download it again, then index again") from error

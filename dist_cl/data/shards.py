@@ -39,6 +39,9 @@ INDEX_NAME = "shardindex.json"
 INDEX_KIND = "wids-shard-index-v1"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
 MODES = {"L": 1, "RGB": 3}
+UNREADABLE_IMAGE = (OSError, SyntaxError, Image.DecompressionBombError)
+"""What Pillow raises for bytes it cannot read as an image: unidentified or truncated data (OSError, of which
+UnidentifiedImageError is one), a broken header (SyntaxError), or more pixels than its bomb limit."""
 REPAIR = "delete it and shardindex.json, then rerun tools/make_shards.py with the same arguments to rewrite it"
 OFFSETS_SUFFIX = ".offsets.npy"
 OFFSETS_COLUMNS = ("image_offset", "image_size", "image_extension", "cls_offset", "cls_size", "idx_offset", "idx_size")
@@ -315,7 +318,7 @@ class ShardPairs(PairDataset):
         try:
             image = Image.open(sample[f".{ext}"])
             image.load()
-        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        except UNREADABLE_IMAGE as exc:
             raise ShardError(f"shard {path} member {key}.{ext} cannot be decoded ({exc}); {self.repair}") from exc
         return image if image.mode == self.mode else image.convert(self.mode)
 
