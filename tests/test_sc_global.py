@@ -72,12 +72,15 @@ def test_sparse_loss_affinity_keeps_only_candidate_edges():
     assert set(zip(*np.nonzero(graph))) == {(0, 5), (5, 0), (3, 2), (2, 3)}
 
 
-@pytest.mark.parametrize("n, k", [(50, 5), (7, 6), (7, 20)])
+@pytest.mark.parametrize("n, k", [(50, 5), (7, 6), (7, 20), (700, 8), (1100, 16)])
 def test_cross_knn_matches_brute_force_numpy(n, k):
+    """Small blocks take one top-k of every line; from 64 k GROUPS rows the two-stage top-k (1100 rows:
+    padded to a multiple of GROUPS)."""
     u, v = random_pairs(n, 16, seed=n + k)
     u, v = u.astype(np.float32), v.astype(np.float32)
-    u_to_v, v_to_u = cross_knn(u, v, k)
+    block, u_to_v, v_to_u = cross_knn(u, v, k)
     s = u.astype(np.float64) @ v.T.astype(np.float64)
+    np.testing.assert_allclose(block, s, rtol=1e-5, atol=1e-5)
     np.fill_diagonal(s, -np.inf)
     k = min(k, n - 1)
     assert u_to_v.shape == v_to_u.shape == (n, k)

@@ -72,7 +72,7 @@ def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
     """Loss affinity restricted to each u_i's ``knn`` nearest v's and each v_i's nearest u's; with
     ``conflicts`` (dist_cl.selection.window), the ``knn`` nearest that do not conflict with i."""
     extra = 0 if conflicts is None else int(np.diff(conflicts.indptr).max(initial=0))
-    u_to_v, v_to_u = cross_knn(u, v, knn + extra, device)
+    similarities, u_to_v, v_to_u = cross_knn(u, v, knn + extra, device)
     n = len(u)
     if conflicts is None:
         rows = np.repeat(np.arange(n), u_to_v.shape[1])
