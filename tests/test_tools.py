@@ -1,5 +1,6 @@
 """The tools around training: embedding extraction, offline evaluation, and the cluster configs."""
 
+import importlib
 import json
 import math
 
@@ -260,3 +261,18 @@ def test_two_rank_logged_metrics_equal_the_evaluation_of_the_saved_checkpoint(on
     metrics = checkpoint_evaluation["metrics"]
     for key in ("retrieval_top1", "retrieval_recall5", "knn_top1"):
         assert logged[key] == metrics[key], key
+
+
+def test_the_minimal_loop_draws_distinct_rows_afresh_for_a_lookup_and_one_batch_for_images(monkeypatch):
+    """The throughput check's minimal loop pays the trainer's memory traffic: a free-embedding batch of
+    distinct rows per step (one batch again and again would sit in cache); images one batch."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    gpu_check = importlib.import_module("gpu_check")
+    lookup = build_dataset(load_config(ROOT / "configs" / "synthetic.yaml", ["data.num_samples=1000"]), "train")
+    rows = gpu_check._minimal_batches(lookup, 64, 5, torch.device("cpu"))
+    assert len(rows) == 5 and all(len(set(b.tolist())) == 64 and b.max() < 1000 for b in rows)
+    assert len({tuple(b.tolist()) for b in rows}) == 5
+    digits = build_dataset(load_config(ROOT / "configs" / "digits.yaml"), "train")
+    images = gpu_check._minimal_batches(digits, 8, 3, torch.device("cpu"))
+    assert images[0].shape == (8, *digits[0][0].shape) and images[0].is_floating_point()
+    assert all(b is images[0] for b in images)

@@ -111,13 +111,10 @@ def throughput(device: torch.device, config: str, overrides: list[str], steps: i
         middle = epochs[-2]  # this run's epoch 1 of 0, 1, 2 (the file may hold earlier runs' too)
         total, waited = middle["train_seconds"], middle.get("selection/wait_seconds", 0.0)
         trained = middle["samples_per_s"] * total / (total + waited)
-        view = trainer.train_set[0][0]
-        shape = (cfg.train.global_batch_size, *view.shape)
-        x = (torch.rand(shape, device=info.device) if view.is_floating_point()  # images, or sample indices
-             else torch.randint(len(trainer.train_set), shape, device=info.device))
+        batches = _minimal_batches(trainer.train_set, cfg.train.global_batch_size, steps + 5, info.device)
         numerics = trainer.step_fn
-        index = torch.arange(len(x), device=info.device) % len(trainer.train_set)  # rows SogCLR's u table reads
-        for step in range(steps + 5):  # 5 warm-up steps
+        index = torch.arange(cfg.train.global_batch_size, device=info.device) % len(trainer.train_set)  # SogCLR's rows
+        for step, x in enumerate(batches):  # 5 warm-up steps
             if step == 5:
                 _synchronize(info.device)
                 started = time.perf_counter()
@@ -134,6 +131,17 @@ def throughput(device: torch.device, config: str, overrides: list[str], steps: i
         close_distributed()
     return report("throughput" + "".join(f" {o}" for o in overrides), trained > 0,
                   trainer_samples_s=round(trained), minimal_samples_s=round(minimal), ratio=round(trained / minimal, 3))
+
+
+def _minimal_batches(dataset, batch_size: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """The minimal loop's ``count`` batches, made before it is timed. Images: one random batch, since a network's
+    cost does not depend on the pixels. Sample indices (the free-embedding model): distinct random rows drawn
+    afresh for every step, as the trainer's batches are, since a lookup's cost does: one batch trained again and
+    again would keep its 256 rows in cache while the trainer's rows are spread over the whole table."""
+    view = dataset[0][0]
+    if view.is_floating_point():
+        return [torch.rand((batch_size, *view.shape), device=device)] * count
+    return [torch.randperm(len(dataset))[:batch_size].to(device) for _ in range(count)]
 
 
 def _synchronize(device: torch.device) -> None:
