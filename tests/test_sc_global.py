@@ -62,13 +62,13 @@ def test_sparse_loss_affinity_matches_dense_formula_on_8_points():
     np.fill_diagonal(expected, 0.0)
     rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
     # every pair named twice (i,j and j,i) plus the diagonal: each must count once, the diagonal never
-    graph = sparse_loss_affinity(u, v, rows.ravel(), cols.ravel(), batch_size, TAU)
+    graph = sparse_loss_affinity(u @ v.T, rows.ravel(), cols.ravel(), batch_size, TAU)
     np.testing.assert_allclose(graph.toarray(), expected, rtol=1e-9)  # the naive log(1 + x) loses digits
 
 
 def test_sparse_loss_affinity_keeps_only_candidate_edges():
     u, v = random_pairs(8, 5, seed=1)
-    graph = sparse_loss_affinity(u, v, np.array([0, 3]), np.array([5, 2]), 4, TAU).toarray()
+    graph = sparse_loss_affinity(u @ v.T, np.array([0, 3]), np.array([5, 2]), 4, TAU).toarray()
     assert set(zip(*np.nonzero(graph))) == {(0, 5), (5, 0), (3, 2), (2, 3)}
 
 

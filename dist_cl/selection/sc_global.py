@@ -39,15 +39,16 @@ ASSIGN_CHUNKS = 64
 """Row chunks of the k-means assignment, dealt over the ranks (fixed, so results do not depend on W)."""
 
 
-def sparse_loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
-                  tau: float) -> sp.csr_matrix:
+def sparse_loss_affinity(similarities: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch_size: int,
+                         tau: float) -> sp.csr_matrix:
     """Sparse symmetric W: W_ij = w_ij + w_ji on the candidate edges (rows, cols), i != j; 0 elsewhere.
 
-    w_ij = log(1 + (B-1) e^{s_ij - s_ii}) + log(1 + (B-1) e^{s_ji - s_ii}), s_ij = <u_i, v_j> / tau: the
-    paper's pairwise approximation of the batch loss (then W <- W + W^T). Each unordered candidate pair
-    counts once however many kNN lists name it. Computed in the dtype of ``u`` and ``v``.
+    w_ij = log(1 + (B-1) e^{s_ij - s_ii}) + log(1 + (B-1) e^{s_ji - s_ii}), s_ij = <u_i, v_j> / tau, read from
+    ``similarities`` = U V^T (the kNN's block): the paper's pairwise approximation of the batch loss (then
+    W <- W + W^T). Each unordered candidate pair counts once however many kNN lists name it. Computed in the
+    dtype of ``similarities``.
     """
-    n = len(u)
+    n = len(similarities)
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     off_diagonal = rows != cols
     # a sparse pattern of the upper triangle merges duplicates in O(E), where np.unique sorts
@@ -55,9 +56,9 @@ def sparse_loss_affinity(u: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: n
     pattern = sp.csr_matrix((np.ones(len(lo), dtype=np.float32), (lo, hi)), shape=(n, n))
     pattern.sum_duplicates()
     i, j = np.repeat(np.arange(n), np.diff(pattern.indptr)), pattern.indices.astype(np.int64)
-    s_ii = np.einsum("nd,nd->n", u, v) / tau
-    s_ij = np.einsum("ed,ed->e", u[i], v[j]) / tau
-    s_ji = np.einsum("ed,ed->e", u[j], v[i]) / tau
+    s_ii = np.diagonal(similarities) / tau
+    s_ij = similarities[i, j] / tau
+    s_ji = similarities[j, i] / tau
     log_negatives = np.log(batch_size - 1)
 
     def term(margin):
@@ -76,10 +77,10 @@ def knn_loss_graph(u: np.ndarray, v: np.ndarray, batch_size: int, tau: float, kn
     n = len(u)
     if conflicts is None:
         rows = np.repeat(np.arange(n), u_to_v.shape[1])
-        return sparse_loss_affinity(u, v, np.concatenate([rows, rows]),
+        return sparse_loss_affinity(similarities, np.concatenate([rows, rows]),
                                     np.concatenate([u_to_v.ravel(), v_to_u.ravel()]), batch_size, tau)
     edges = [without_conflicts(np.arange(n), lists, conflicts, knn) for lists in (u_to_v, v_to_u)]
-    return sparse_loss_affinity(u, v, np.concatenate([edges[0][0], edges[1][0]]),
+    return sparse_loss_affinity(similarities, np.concatenate([edges[0][0], edges[1][0]]),
                                 np.concatenate([edges[0][1], edges[1][1]]), batch_size, tau)
 
 
