@@ -118,7 +118,8 @@ def test_faiss_goes_to_the_gpu_only_with_a_cuda_device_and_a_gpu_faiss(device, g
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_kmeans_builds_a_gpu_index_exactly_when_faiss_has_gpus(monkeypatch, gpus):
     """Where FAISS has GPUs every k-means index is the GPU one (faked by a flat CPU index here), on the
-    rank's device; with faiss-cpu the indexes are the CPU ones, HNSW from HNSW_ASSIGN_MIN centroids."""
+    rank's device; with faiss-cpu the indexes are the CPU ones: training searches exactly, and the fine level's
+    assignment (from HNSW_ASSIGN_MIN centroids) an HNSW graph."""
     import faiss
 
     from dist_cl.selection import sc_global
@@ -135,7 +136,9 @@ def test_kmeans_builds_a_gpu_index_exactly_when_faiss_has_gpus(monkeypatch, gpus
     if gpus:
         assert set(built) == {faiss.IndexFlatIP} and {str(d) for d in gpu_indexes} == {"cuda:1"}
     else:
-        assert set(built) == {faiss.IndexHNSWFlat, faiss.IndexFlatIP} and not gpu_indexes
+        # fine level: training, assignment; then the cells' level: training, assignment
+        assert built == [faiss.IndexFlatIP, faiss.IndexHNSWFlat, faiss.IndexFlatIP, faiss.IndexFlatIP]
+        assert not gpu_indexes
 
 
 @pytest.mark.parametrize("options,digest", [

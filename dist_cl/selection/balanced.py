@@ -23,8 +23,8 @@ OVERSAMPLE = 8
 """Extra vectors in the subspace iteration block: they absorb the slowest-converging directions."""
 SUBSPACE_ITERATIONS = 10
 """Block power steps; the eigenvalues that matter (near 1) dominate the rest within a few."""
-ORTHONORMALISE_EVERY = 2
-"""Power steps per QR: the span does not depend on it, and two steps of a spectrum in [0, 1] leave the block
+ORTHONORMALISE_EVERY = 5
+"""Power steps per QR: the span does not depend on it, and five steps of a spectrum in [0, 1] leave the block
 well conditioned."""
 DENSE_EIGH_MAX = 64
 """Subgraphs up to this size use a dense eigensolver; above it the block iteration is faster."""
