@@ -118,8 +118,7 @@ def test_faiss_goes_to_the_gpu_only_with_a_cuda_device_and_a_gpu_faiss(device, g
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_kmeans_builds_a_gpu_index_exactly_when_faiss_has_gpus(monkeypatch, gpus):
     """Where FAISS has GPUs every k-means index is the GPU one (faked by a flat CPU index here), on the
-    rank's device; with faiss-cpu the indexes are the CPU ones: training searches exactly, and the fine level's
-    assignment (from HNSW_ASSIGN_MIN centroids) an HNSW graph."""
+    rank's device; with faiss-cpu the indexes are the CPU ones, HNSW from HNSW_ASSIGN_MIN centroids."""
     import faiss
 
     from dist_cl.selection import sc_global
@@ -137,7 +136,7 @@ def test_kmeans_builds_a_gpu_index_exactly_when_faiss_has_gpus(monkeypatch, gpus
         assert set(built) == {faiss.IndexFlatIP} and {str(d) for d in gpu_indexes} == {"cuda:1"}
     else:
         # fine level: training, assignment; then the cells' level: training, assignment
-        assert built == [faiss.IndexFlatIP, faiss.IndexHNSWFlat, faiss.IndexFlatIP, faiss.IndexFlatIP]
+        assert built == [faiss.IndexHNSWFlat, faiss.IndexHNSWFlat, faiss.IndexFlatIP, faiss.IndexFlatIP]
         assert not gpu_indexes
 
 

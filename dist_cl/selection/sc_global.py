@@ -151,17 +151,17 @@ def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int, weights: np.
                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """FAISS spherical k-means of the unit rows of ``x``: (label of each row, centroids).
 
-    Trained on at most 64 rows per centroid (16 beyond HNSW_ASSIGN_MIN centroids) for 10 iterations of exact
-    search, then every row is assigned: cells need coherent groups, not converged centroids, which cost much
-    more (docs/BENCHMARKS.md). Beyond HNSW_ASSIGN_MIN centroids the assignment searches an HNSW graph of the
-    centroids instead of all of them, which keeps the fine level of N = 1M (7,800 centroids) cheap.
+    Trained on at most 64 rows per centroid for 10 iterations, then every row is assigned: cells need
+    coherent groups, not converged centroids, which cost much more (docs/BENCHMARKS.md).
+    Beyond HNSW_ASSIGN_MIN centroids the assignment searches an HNSW graph of the centroids instead of
+    all of them (FAISS's large-k k-means), which keeps the fine level of N = 1M (7,800 centroids) cheap.
 
-    Through ``map_fn`` one rank trains and every rank receives its centroids (FAISS's threaded search need
-    not be reproducible across processes; one set of centroids is consistent by construction), then
+    Through ``map_fn`` one rank trains and every rank receives its centroids (FAISS's threaded HNSW build
+    need not be reproducible across processes; one set of centroids is consistent by construction), then
     the assignment, a large share of the k-means time at N = 1M (docs/BENCHMARKS.md, "sc_global over
     ranks"), is split over the ranks in ASSIGN_CHUNKS row chunks.
 
-    With FAISS on a GPU (``faiss_on_gpu``) the assignment searches all centroids exactly too: the same
+    With FAISS on a GPU (``faiss_on_gpu``) training and assignment search all centroids exactly: the same
     k-means up to ties below HNSW_ASSIGN_MIN centroids, the exact assignment that HNSW approximates above.
     """
     [centroids] = map_fn(lambda _: _train_centroids(x, n_centroids, seed, weights, device), [None])
@@ -173,8 +173,6 @@ def spherical_kmeans(x: np.ndarray, n_centroids: int, *, seed: int, weights: np.
 
 
 def _centroid_index(d: int, n_centroids: int, device: torch.device | None):
-    """The index the final assignment searches: exact, or an HNSW graph beyond HNSW_ASSIGN_MIN centroids
-    on the CPU. Training searches exactly (``_train_centroids``)."""
     faiss = _faiss()
     device = resolve_device(device)
     if faiss_on_gpu(device, faiss_gpus()):
@@ -196,9 +194,7 @@ def _train_centroids(x: np.ndarray, n_centroids: int, seed: int, weights: np.nda
     if n_centroids >= HNSW_ASSIGN_MIN:
         # 64 rows per centroid made the fine level of N = 1M far too slow (docs/BENCHMARKS.md)
         clustering.max_points_per_centroid = 16
-    # exact search: a training sample of 16 rows per centroid costs less than rebuilding the HNSW graph of
-    # the moving centroids every iteration (docs/BENCHMARKS.md, "sc_global at 1M by phase")
-    clustering.train(x, _centroid_index(d, 0, device), weights)
+    clustering.train(x, _centroid_index(d, n_centroids, device), weights)
     return faiss.vector_to_array(clustering.centroids).reshape(n_centroids, d)
 
 
