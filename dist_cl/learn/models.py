@@ -203,6 +203,28 @@ class _GlobalBatchRows(torch.autograd.Function):
         return sparse.coalesce(), None
 
 
+def keep_coalesced(table: nn.Parameter) -> None:
+    """Keep the coalesced flag of ``table``'s first gradient of a step.
+
+    ``_GlobalBatchRows.backward`` returns a coalesced gradient, but AccumulateGrad stores it rebuilt without
+    the flag, and the gradient norm would then sort it again every step. A second gradient added to the first
+    (an accumulated step) makes a concatenation that is not coalesced, and the flag stays off.
+    """
+    first = [False]
+
+    def before(grad: torch.Tensor) -> None:
+        first[0] = table.grad is None and grad.is_coalesced()
+
+    def after(param: nn.Parameter) -> None:
+        if first[0]:
+            grad = param.grad
+            param.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                                 check_invariants=False, is_coalesced=True)
+
+    table.register_hook(before)
+    table.register_post_accumulate_grad_hook(after)
+
+
 class _AverageGradient(torch.autograd.Function):
     """Identity whose gradient is averaged over ranks (what DDP does for a dense parameter)."""
 
@@ -232,6 +254,8 @@ class FreeEmbeddings(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.u = nn.Parameter(torch.randn(num_samples, embed_dim, generator=g))
         self.v = nn.Parameter(torch.randn(num_samples, embed_dim, generator=g))
+        keep_coalesced(self.u)
+        keep_coalesced(self.v)
         self.temperature = Temperature(tau, learnable_tau)
 
     def forward(self, index_a: torch.Tensor, index_b: torch.Tensor):
