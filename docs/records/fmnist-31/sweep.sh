@@ -15,4 +15,10 @@ for seed in 0 1 2; do
   python tools/compare_strategies.py --config configs/fashion_mnist.yaml --strategies "sc-half:sc:selection.options.group_size=16" \
     --seeds $seed --epochs 20 --eval-every 2 --out $OUT -- dist.timeout_s=3600
 done
+# Then the older table's other two rows on the same commit: group 4 (sc_global in groups of 4 batches) and sc_global.
+for seed in 0 1 2; do
+  python tools/compare_strategies.py --config configs/fashion_mnist.yaml \
+    --strategies "g4:sc_global:selection.options.group_size=4,sc_global" --seeds $seed --epochs 20 --eval-every 2 \
+    --out $OUT -- dist.timeout_s=3600
+done
 echo SWEEP DONE
