@@ -207,8 +207,8 @@ def keep_coalesced(table: nn.Parameter) -> None:
     """Keep the coalesced flag of ``table``'s first gradient of a step.
 
     ``_GlobalBatchRows.backward`` returns a coalesced gradient, but AccumulateGrad stores it rebuilt without
-    the flag, and the gradient norm would then sort it again every step. A second gradient added to the first
-    (an accumulated step) makes a concatenation that is not coalesced, and the flag stays off.
+    the flag, and the gradient norm would then sort it again every step. A gradient added to the first (an
+    accumulated step) is left as torch's sparse sum makes it, with the flag that sum sets.
     """
     first = [False]
 
