@@ -65,9 +65,11 @@ def reference_runs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def one_epoch_run(tmp_path_factory) -> Path:
-    """A 2-rank digits epoch of the default config, evaluated before and after it, made once per session."""
+    """A 2-rank digits epoch of the default config, evaluated before and after it, made once per session; what
+    every rank printed is in ``output.txt`` beside the run directory."""
     run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
-    torchrun(train_cmd(run_dir, "train.epochs=1", "eval.every_epochs=1"))
+    proc = torchrun(train_cmd(run_dir, "train.epochs=1", "eval.every_epochs=1"))
+    (run_dir.parent / "output.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
 

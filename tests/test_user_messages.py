@@ -13,9 +13,8 @@ from dist_cl.plan.planner import left_out_warning, plan_notes
 from dist_cl.runtime.checkpoint_files import CheckpointError
 
 
-def test_the_default_configs_first_epoch_prints_no_warning(tmp_path):
-    proc = torchrun(train_cmd(tmp_path / "run", "train.epochs=1", "eval.every_epochs=0"))
-    output = proc.stdout + proc.stderr
+def test_the_default_configs_first_epoch_and_its_evaluations_print_no_warning(one_epoch_run):
+    output = (one_epoch_run.parent / "output.txt").read_text()
     assert "WARNING" not in output, output[-4000:]
     assert "INFO 29 of the 1437 training samples (2.0%) are left out of every epoch (different ones" in output
 
