@@ -63,9 +63,8 @@ def test_config_text_and_hparams_are_in_the_event_files(tmp_path):
     assert "train/tau" not in events.Tags()["scalars"] and "train/skipped_steps" not in events.Tags()["scalars"]
 
 
-def test_an_evaluation_shows_a_selected_batch_as_a_grid_of_its_size_with_labels(tmp_path):
-    run_dir = tmp_path / "run"
-    assert cli.main([f"run.dir={run_dir}", "train.epochs=1", "eval.every_epochs=1"]) == 0  # digits, B = 64
+def test_an_evaluation_shows_a_selected_batch_as_a_grid_of_its_size_with_labels(one_epoch_run):
+    run_dir = one_epoch_run  # the default digits config, B = 64 over 2 ranks, evaluated after its epoch
     events = board(run_dir / "tb")
     [image] = events.Images("selection/batch")
     assert (image.width, image.height) == (8 * (8 + 2) + 2, 8 * (8 + 2) + 2)  # 64 8x8 digits, 8 a row, padding 2
