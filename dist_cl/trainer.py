@@ -27,7 +27,7 @@ from dist_cl.learn.optim import build_optimizer, set_lr
 from dist_cl.learn.step import TrainCounters, TrainStep, check_finite_weights
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
-from dist_cl.plan.planner import EpochPlanner
+from dist_cl.plan.planner import EpochPlanner, bank_use
 from dist_cl.plan.realised_lift import RealisedLift
 from dist_cl.plan.sampler import PlanSampler
 from dist_cl.report.training import TrainingReport
@@ -61,7 +61,8 @@ class Trainer:
         self.step_fn = TrainStep(cfg, self.model, self.optimizer, info.rank, info.world_size, info.device,
                                  len(self.train_set))
         seed_rank(cfg.seed, info.rank)  # the per-rank streams, here and nowhere else (dist_cl.runtime.seeding)
-        self.bank = EmbeddingBank(len(self.train_set), cfg.model.embed_dim, info.device)
+        reads_bank, self.writes_bank = bank_use(cfg.selection)
+        self.bank = EmbeddingBank(len(self.train_set) if reads_bank else 0, cfg.model.embed_dim, info.device)
         self.planner = EpochPlanner(cfg, self.train_set, self.model, self.bank, info)
         self.sampler = PlanSampler(None, info.rank, info.world_size)
         self.lift = RealisedLift(self.train_set, self.sampler, self.step_fn.score, cfg.seed,
@@ -196,10 +197,10 @@ class Trainer:
                               score=reference is not None, stop_requested=self.stop.requested)
         self.lift.add(result.score, reference)
         counters.skipped_steps += result.skipped
-        if result.loss is not None:
-            self.bank.update(index, result.u, result.v, counters.step)
-        else:
+        if result.loss is None:
             counters.count_nonfinite(len(sampler.plan), self.cfg.train.max_skipped_fraction)
+        elif self.writes_bank:
+            self.bank.update(index, result.u, result.v, counters.step)
         sampler.advance()
         counters.step += 1
         return result.loss, result.stop

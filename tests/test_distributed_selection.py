@@ -8,7 +8,9 @@ import torch
 from bank_plan import CELL, B, N, embeddings
 from conftest import ROOT, torchrun, train_cmd
 
+from dist_cl.config import SelectionConfig
 from dist_cl.plan.bank import EmbeddingBank
+from dist_cl.plan.planner import bank_use
 from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.selection import select_batches
 
@@ -42,6 +44,25 @@ def test_bank_keeps_the_newest_write_and_reports_staleness():
     assert bank.u[:, 0].tolist() == [1.0, 2.0, 2.0, 0.0]
     assert bank.missing().tolist() == [3]
     assert bank.staleness(7) == pytest.approx(((7 - 3) + (7 - 5) * 2) / 3)
+
+
+@pytest.mark.parametrize("strategy, teacher, embeddings, rows, written", [
+    ("random", "", "training", 0, False), ("full", "", "training", 0, False), ("sc", "", "training", 4, True),
+    ("sc", "", "refresh", 4, False), ("sc_global", "teacher", "training", 0, False)])
+def test_only_plans_that_read_the_bank_keep_one_and_only_training_mode_writes_it(strategy, teacher, embeddings, rows,
+                                                                                  written):
+    assert bank_use(SelectionConfig(strategy=strategy, teacher=teacher, embeddings=embeddings)) == (rows > 0, written)
+
+
+def test_a_bank_of_no_rows_resumes_from_a_checkpoint_that_kept_one():
+    """A random run resumed from a checkpoint written when every run kept an N-row bank."""
+    full = EmbeddingBank(4, 2)
+    full.update(torch.tensor([0, 1]), torch.ones(2, 2), torch.ones(2, 2), step=3)
+    full.sync()
+    empty = EmbeddingBank(0, 2)
+    empty.load_state_dict(full.state_dict())
+    empty.sync()
+    assert [t.shape[0] for t in empty.state_dict().values()] == [0, 0, 0]
 
 
 def test_sc_global_training_writes_every_selection_scalar_with_lift_above_one(tmp_path):
@@ -121,5 +142,7 @@ def test_warmup_epochs_are_random_under_refresh_too(tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("selection/bank_staleness")] == [66]  # written by loss-aware plans only
     assert [e.value for e in events.Scalars("selection/lift")][:2] == [1.0, 1.0]  # random's, by definition
+    bank = load_checkpoint(tmp_path / "checkpoints" / "step-00000066.pt")[0]["bank"]
+    assert (bank["written_at"] == 44).all()  # the refresh before epoch 2's plan; the steps since write none
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["strategy"] for r in epochs if r["kind"] == "epoch"] == ["random", "random", "sc_global"]

@@ -48,6 +48,8 @@ def test_one_epoch_leaves_tensorboard_checkpoint_metrics_and_config(one_epoch_ru
     assert (epoch["epoch"], epoch["step"], epoch["steps"]) == (1, 22, 22)
     assert epoch["train_seconds"] > 0 and epoch["samples_per_s"] > 0 and "selection/seconds" in epoch
     assert "global_batch_size: 64" in (one_epoch_run / "config.yaml").read_text()
+    bank = load_checkpoint(one_epoch_run / "checkpoints" / "step-00000022.pt")[0]["bank"]
+    assert bank["u"].shape[0] == 0  # random plans read no bank: the checkpoint keeps no rows
 
 
 @pytest.mark.parametrize("overrides,step,epoch", [

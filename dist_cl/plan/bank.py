@@ -5,6 +5,8 @@ them, so a step never waits for a copy to the host. ``sync`` all-gathers only th
 last sync (each rank has written the same number: its slice of the same global batches) on that device,
 then copies them to the host bank once; one epoch costs one gather of N rows in total, not W copies of
 the whole bank. The bank itself lives on the host, where the strategies read it.
+
+A run whose plans read no bank (``dist_cl.plan.planner.bank_use``) keeps one of no rows.
 """
 
 import torch
@@ -36,6 +38,8 @@ class EmbeddingBank:
 
     def sync(self) -> None:
         """Exchange pending rows so every rank holds the same bank. A collective: call on all ranks."""
+        if not len(self.u):  # a bank of no rows, the same on every rank: nothing to exchange
+            return
         dim = self.u.shape[1]
         rows = {"device": self.device}
         if self._pending:
@@ -75,6 +79,8 @@ class EmbeddingBank:
         return {"u": self.u.clone(), "v": self.v.clone(), "written_at": self.written_at.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        if not len(self.u):  # a run that reads no bank; checkpoints written before it kept none still hold one
+            return
         self.u.copy_(state["u"])
         self.v.copy_(state["v"])
         self.written_at.copy_(state["written_at"])

@@ -170,6 +170,14 @@ def warmup_warning(selection: SelectionConfig, epochs: int) -> str | None:
             f"epoch trains on random batches and {selection.strategy} never selects; lower selection.warmup_epochs")
 
 
+def bank_use(selection: SelectionConfig) -> tuple[bool, bool]:
+    """(some plan of the run reads the bank, training steps write it). Only a loss-aware strategy without a
+    teacher reads the bank, and one under selection.embeddings=refresh overwrites every row before it reads
+    them. A run whose plans read no bank keeps none: no step holds its rows, no checkpoint saves them."""
+    reads = STRATEGIES[selection.strategy].reads_embeddings and not selection.teacher
+    return reads, reads and selection.embeddings == "training"
+
+
 def plan_strategy(selection: SelectionConfig, bank_epoch: int) -> str:
     """The strategy of a plan selected from the bank as it is in epoch ``bank_epoch``: random during
     warm-up (the bank is not filled yet, or the embeddings not yet worth selecting on), then the
