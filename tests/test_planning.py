@@ -10,6 +10,8 @@ from dist_cl.config import Config, ConfigError, SelectionConfig, TrainConfig, lo
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.planner import EpochPlanner, plan_seed
+from dist_cl.plan.realised_lift import RealisedLift, scoring_interval
+from dist_cl.plan.sampler import PlanSampler
 from dist_cl.runtime.distributed import DistInfo
 from dist_cl.runtime.seeding import Stream, derive_seed
 from dist_cl.selection import select_batches
@@ -136,3 +138,25 @@ def test_osgd_is_selected_again_after_each_selection_until_an_epoch_of_steps():
     np.testing.assert_array_equal(new.batches[:3], plan.batches[:3])
     again = select_batches("osgd", v, u, B, seed=plan_seed(SEED, 0, "osgd", cursor=3), tau=0.2, k=4, q=1)
     np.testing.assert_array_equal(new.batches[3:6], again)
+
+
+class Views(Pairs):
+    """Pairs whose views are their indices, for a scoring loss that only counts its calls."""
+
+    def batch(self, indices):
+        index = torch.tensor(indices)
+        return index, index, index
+
+
+@pytest.mark.parametrize("log_every, steps_per_epoch, scored", [
+    (10, 22, 2), (10, 312, 31), (4, 390, 32), (10, 1875, 32)],
+    ids=["digits", "fashion-mnist", "issue-30-throughput", "fashion-mnist-60k"])
+def test_the_realised_lift_scores_at_the_logging_cadence_but_about_32_steps_of_a_long_epoch(
+        log_every, steps_per_epoch, scored):
+    """Each scored step costs a reference batch's forward pass: an epoch pays for at most about 32."""
+    calls = []
+    lift = RealisedLift(Views(), PlanSampler(None, 0, 1), lambda a, b: calls.append(len(a)) or 1.0, SEED, B,
+                        scoring_interval(log_every, steps_per_epoch))
+    referenced = [step for step in range(steps_per_epoch) if lift.reference_loss(0, step) is not None]
+    assert len(referenced) == len(calls) == scored
+    assert calls == [B] * scored

@@ -2,8 +2,10 @@
 that trained them (docs/DESIGN.md §4).
 
 Where ``selection/lift`` scores a plan on the bank it was made from, the realised lift scores each
-trained batch and a random global batch with the model as it is before the same step's update, every
-``run.log_every_steps`` steps, and reports the ratio of their means for the epoch.
+trained batch and a random global batch with the model as it is before the same step's update, and
+reports the ratio of their means for the epoch. A reference batch costs a forward pass of its own, so an
+epoch scores steps every ``run.log_every_steps``, or more sparsely where that would score more than
+``SCORED_STEPS_PER_EPOCH`` of them: the figure's cost stays bounded however long an epoch is.
 """
 
 from collections.abc import Callable
@@ -14,12 +16,22 @@ import torch
 from dist_cl.plan.sampler import PlanSampler
 from dist_cl.runtime.seeding import Stream, derive_seed
 
+SCORED_STEPS_PER_EPOCH = 32
+"""About the most steps of an epoch the realised lift scores."""
+
+
+def scoring_interval(log_every_steps: int, steps_per_epoch: int) -> int:
+    """Steps between two scored steps: the logging cadence, widened so an epoch scores about
+    ``SCORED_STEPS_PER_EPOCH`` of its steps where it has more than that many logging steps."""
+    return max(log_every_steps, steps_per_epoch // SCORED_STEPS_PER_EPOCH)
+
 
 class RealisedLift:
     """The reference batches and the epoch's (trained, reference) scoring losses.
 
     ``score`` is this rank's scoring loss of its slice of a global batch (``TrainStep.score``, a
-    collective), ``sampler`` says which slice is this rank's.
+    collective), ``sampler`` says which slice is this rank's; a step is scored every ``every_steps``
+    (``scoring_interval``).
     """
 
     def __init__(self, dataset, sampler: PlanSampler, score: Callable[[torch.Tensor, torch.Tensor], float],
@@ -35,7 +47,7 @@ class RealisedLift:
 
     @torch.no_grad()
     def reference_loss(self, epoch: int, step: int) -> float | None:
-        """At a step that logs the realised lift, this rank's scoring loss of the step's reference batch,
+        """At a step that scores the realised lift, this rank's scoring loss of the step's reference batch,
         before the update (a collective); else None."""
         if (step + 1) % self.every_steps:
             return None
