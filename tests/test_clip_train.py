@@ -86,8 +86,8 @@ def reference_clip_runs(tmp_path_factory, caption_shards):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_image_text_training_resumes_bitwise_equal_after_a_sigkill(reference_clip_runs, caption_shards, tmp_path,
                                                                    strategy):
-    """The bank holds both towers' outputs (u = image, v = caption): it comes back with the weights, and with
-    sc_global the plan made from it, so the restarted run ends where the uninterrupted one does."""
+    """The restarted run ends where the uninterrupted one does. With sc_global the bank holds both towers' outputs
+    (u = image, v = caption) and comes back with the weights and the plan made from it; a random run keeps none."""
     reference = reference_clip_runs(strategy)
     overrides = clip_run(caption_shards, "train.epochs=6", "eval.every_epochs=6", *STRATEGIES[strategy])
     kill_a_worker_then_finish(agent_at_checkpoint(tmp_path, 10, *overrides, torchrun_args=("--max-restarts=1",)))
