@@ -46,12 +46,13 @@ def test_bank_keeps_the_newest_write_and_reports_staleness():
     assert bank.staleness(7) == pytest.approx(((7 - 3) + (7 - 5) * 2) / 3)
 
 
-@pytest.mark.parametrize("strategy, teacher, embeddings, rows, written", [
-    ("random", "", "training", 0, False), ("full", "", "training", 0, False), ("sc", "", "training", 4, True),
-    ("sc", "", "refresh", 4, False), ("sc_global", "teacher", "training", 0, False)])
-def test_only_plans_that_read_the_bank_keep_one_and_only_training_mode_writes_it(strategy, teacher, embeddings, rows,
+@pytest.mark.parametrize("strategy, teacher, embeddings, reads, written", [
+    ("random", "", "training", False, False), ("full", "", "training", False, False),
+    ("sc", "", "training", True, True), ("sc", "", "refresh", True, False),
+    ("sc_global", "teacher", "training", False, False)])
+def test_only_plans_that_read_the_bank_keep_one_and_only_training_mode_writes_it(strategy, teacher, embeddings, reads,
                                                                                   written):
-    assert bank_use(SelectionConfig(strategy=strategy, teacher=teacher, embeddings=embeddings)) == (rows > 0, written)
+    assert bank_use(SelectionConfig(strategy=strategy, teacher=teacher, embeddings=embeddings)) == (reads, written)
 
 
 def test_a_bank_of_no_rows_resumes_from_a_checkpoint_that_kept_one():
