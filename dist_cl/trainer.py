@@ -28,7 +28,7 @@ from dist_cl.learn.step import TrainCounters, TrainStep, check_finite_weights
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.figures import SelectionFigures
 from dist_cl.plan.planner import EpochPlanner, bank_use
-from dist_cl.plan.realised_lift import RealisedLift, scoring_interval
+from dist_cl.plan.realised_lift import RealisedLift
 from dist_cl.plan.sampler import PlanSampler
 from dist_cl.report.training import TrainingReport
 from dist_cl.runtime.checkpoint import RunCheckpoints, Stateful
@@ -66,8 +66,7 @@ class Trainer:
         self.planner = EpochPlanner(cfg, self.train_set, self.model, self.bank, info)
         self.sampler = PlanSampler(None, info.rank, info.world_size)
         self.lift = RealisedLift(self.train_set, self.sampler, self.step_fn.score, cfg.seed,
-                                 cfg.train.global_batch_size, scoring_interval(
-                                     cfg.run.log_every_steps, len(self.train_set) // cfg.train.global_batch_size))
+                                 cfg.train.global_batch_size, cfg.run.log_every_steps)
         self.counters = TrainCounters()
         self.report: TrainingReport | None = None
         self.stop = StopRequest()

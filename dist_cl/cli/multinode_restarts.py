@@ -7,7 +7,8 @@ scenario waits for a checkpoint mid-epoch, then:
   node_replacement  SIGKILLs the second agent with its worker (the node is lost) and starts a new agent in
                     its place, which joins the surviving one.
 It has recovered when both agents exit 0, after a new round of workers resumed from a checkpoint, with a final
-checkpoint bit-identical (weights, buffers, bank, counters) to an uninterrupted 2-rank run.
+checkpoint bit-identical (weights, buffers, bank, counters) to an uninterrupted 2-rank run. (The digits
+default plans at random, so its bank has no rows: the single-node SIGKILL tests restore a bank with rows.)
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is set in the agents' environment unless ``share_store``: multi-node
 restarts need it (docs/DESIGN.md, "Restarts on several nodes"), and without it and with restarts allowed
 the workers refuse to start. tools/multinode_restarts.py repeats the scenarios; the tests run each once.

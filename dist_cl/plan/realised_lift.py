@@ -5,7 +5,7 @@ Where ``selection/lift`` scores a plan on the bank it was made from, the realise
 trained batch and a random global batch with the model as it is before the same step's update, and
 reports the ratio of their means for the epoch. A reference batch costs a forward pass of its own, so an
 epoch scores steps every ``run.log_every_steps``, or more sparsely where that would score more than
-``SCORED_STEPS_PER_EPOCH`` of them: the figure's cost stays bounded however long an epoch is.
+``SCORED_STEPS_PER_EPOCH`` of its plan's steps: the figure's cost stays bounded however long an epoch is.
 """
 
 from collections.abc import Callable
@@ -17,27 +17,27 @@ from dist_cl.plan.sampler import PlanSampler
 from dist_cl.runtime.seeding import Stream, derive_seed
 
 SCORED_STEPS_PER_EPOCH = 32
-"""About the most steps of an epoch the realised lift scores."""
+"""The most steps of an epoch the realised lift scores."""
 
 
 def scoring_interval(log_every_steps: int, steps_per_epoch: int) -> int:
-    """Steps between two scored steps: the logging cadence, widened so an epoch scores about
-    ``SCORED_STEPS_PER_EPOCH`` of its steps where it has more than that many logging steps."""
-    return max(log_every_steps, steps_per_epoch // SCORED_STEPS_PER_EPOCH)
+    """Steps between two scored steps: the logging cadence, widened so that an epoch of ``steps_per_epoch``
+    scores at most ``SCORED_STEPS_PER_EPOCH`` of them."""
+    return max(log_every_steps, -(-steps_per_epoch // SCORED_STEPS_PER_EPOCH))
 
 
 class RealisedLift:
     """The reference batches and the epoch's (trained, reference) scoring losses.
 
     ``score`` is this rank's scoring loss of its slice of a global batch (``TrainStep.score``, a
-    collective), ``sampler`` says which slice is this rank's; a step is scored every ``every_steps``
-    (``scoring_interval``).
+    collective), ``sampler`` says which slice is this rank's and how long the epoch's plan is; a step is
+    scored every ``log_every_steps``, or sparser in a long plan (``scoring_interval``).
     """
 
     def __init__(self, dataset, sampler: PlanSampler, score: Callable[[torch.Tensor, torch.Tensor], float],
-                 seed: int, batch_size: int, every_steps: int):
+                 seed: int, batch_size: int, log_every_steps: int):
         self.dataset, self.sampler, self.score = dataset, sampler, score
-        self.seed, self.batch_size, self.every_steps = seed, batch_size, every_steps
+        self.seed, self.batch_size, self.log_every_steps = seed, batch_size, log_every_steps
         self.pairs: list[tuple[float, float]] = []
 
     def reference_batch(self, epoch: int, step: int) -> np.ndarray:
@@ -49,7 +49,7 @@ class RealisedLift:
     def reference_loss(self, epoch: int, step: int) -> float | None:
         """At a step that scores the realised lift, this rank's scoring loss of the step's reference batch,
         before the update (a collective); else None."""
-        if (step + 1) % self.every_steps:
+        if (step + 1) % scoring_interval(self.log_every_steps, len(self.sampler.plan)):
             return None
         view_a, view_b, _ = self.dataset.batch(self.sampler.local_slice(self.reference_batch(epoch, step)).tolist())
         return self.score(view_a, view_b)
