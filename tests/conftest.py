@@ -28,6 +28,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+SESSION_RUNS = {"reference_runs", "one_epoch_run"}
+"""The session fixtures below: each trains once per pytest process."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """The scopes of ``--dist loadgroup`` (pytest-xdist): a test runs on the worker of its module, so a module
+    fixture's torchrun job runs once, and every test that reads a session run goes to one worker, so that run
+    is made once."""
+    for item in items:
+        group = "session_runs" if SESSION_RUNS & set(item.fixturenames) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def torchrun(script_args: list[str], nproc: int = 2, extra: list[str] | None = None, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc_per_node=nproc`` with the given script and arguments."""
