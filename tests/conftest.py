@@ -28,18 +28,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-SESSION_RUNS = {"reference_runs", "one_epoch_run"}
-"""The session fixtures below: each trains once per pytest process."""
+SHARED = {"reference_runs": "session_runs", "one_epoch_run": "session_runs", "collectives": "collectives"}
+"""The session fixtures below, each made once per pytest process, and the xdist scope of the tests using them."""
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """The scopes of ``--dist loadgroup`` (pytest-xdist): a test runs on the worker of its module, so a module
-    fixture's torchrun job runs once, and every test that reads a session run goes to one worker, so that run
-    is made once."""
+    fixture's torchrun job runs once, and every test that reads a session fixture goes to that fixture's
+    worker, so it is made once."""
     for item in items:
-        group = "session_runs" if SESSION_RUNS & set(item.fixturenames) else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
+        groups = [SHARED[name] for name in item.fixturenames if name in SHARED]
+        item.add_marker(pytest.mark.xdist_group(groups[0] if groups else item.path.stem))
 
 
 def torchrun(script_args: list[str], nproc: int = 2, extra: list[str] | None = None, timeout: float = 300,
@@ -87,8 +87,10 @@ def one_epoch_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def torchrun_script(tmp_path_factory, script: str, *cases: str) -> Path:
-    """One launch of ``tests/scripts/<script> OUT_DIR CASE...`` for every case; OUT_DIR, where it wrote."""
-    out = tmp_path_factory.mktemp(Path(script).stem)
-    torchrun([str(ROOT / "tests" / "scripts" / script), str(out), *cases])
+@pytest.fixture(scope="session")
+def collectives(tmp_path_factory) -> Path:
+    """One 2-rank launch of ``tests/scripts/collectives.py``: what each recorder wrote, in a folder named after
+    its module."""
+    out = tmp_path_factory.mktemp("collectives")
+    torchrun([str(ROOT / "tests" / "scripts" / "collectives.py"), str(out)])
     return out

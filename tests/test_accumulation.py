@@ -3,7 +3,7 @@
 import pytest
 import torch
 from accumulation_steps import ACCUM_STEPS, BATCHES, CASES, steps, train_step, views
-from conftest import ROOT, torchrun_script
+from conftest import ROOT
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,8 +23,8 @@ def one_process(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = torchrun_script(tmp_path_factory, "accumulation_steps.py", *CASES)
+def two_ranks(collectives):
+    out = collectives / "accumulation_steps"
     return {(case, k): torch.load(out / f"{case}-k{k}-rank0.pt", weights_only=False)
             for case in CASES for k in ACCUM_STEPS}
 

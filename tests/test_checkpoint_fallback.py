@@ -48,23 +48,33 @@ def replace_with_matching_sidecar(path, data: bytes) -> None:
     path.with_name(path.name + ".sha256").write_text(hashlib.sha256(data).hexdigest())
 
 
+@pytest.fixture(scope="module")
+def resumed_past_bad_checkpoints(reference_runs, tmp_path_factory):
+    """One launch for every bad content: step 4 of the reference run, then steps 5, 6 and 7, each one of
+    BAD_CONTENTS under a matching checksum, ``latest`` naming step 7. The run directory and what the ranks
+    printed."""
+    reference_run = reference_runs(*SYNTHETIC)
+    run_dir = tmp_path_factory.mktemp("fallback")
+    (run_dir / "checkpoints").mkdir()
+    for path in (reference_run / "checkpoints").glob("step-00000004.pt*"):
+        shutil.copy(path, run_dir / "checkpoints" / path.name)
+    checkpoint = (reference_run / "checkpoints" / "step-00000005.pt").read_bytes()
+    for step, (make, _) in enumerate(BAD_CONTENTS.values(), start=5):
+        replace_with_matching_sidecar(run_dir / "checkpoints" / f"step-{step:08d}.pt", make(checkpoint))
+    (run_dir / "checkpoints" / "latest").write_text(f"step-{step:08d}.pt")
+    return run_dir, torchrun(train_cmd(run_dir, *FAST, *SYNTHETIC)).stderr
+
+
 @pytest.mark.parametrize("case", BAD_CONTENTS)
 def test_a_newest_checkpoint_that_is_no_checkpoint_is_skipped_and_the_run_ends_as_an_uninterrupted_one(
-        reference_runs, tmp_path, case):
-    """Steps 4 and 5 of the reference run, the newest replaced by what is no checkpoint under a matching
-    checksum: the run resumes from step 4, naming step 5 and what it holds, and ends bit-identical."""
-    make, what = BAD_CONTENTS[case]
-    reference_run = reference_runs(*SYNTHETIC)
-    (tmp_path / "checkpoints").mkdir()
-    for path in (reference_run / "checkpoints").glob("step-0000000[45].pt*"):
-        shutil.copy(path, tmp_path / "checkpoints" / path.name)
-    (tmp_path / "checkpoints" / "latest").write_text("step-00000005.pt")
-    newest = tmp_path / "checkpoints" / "step-00000005.pt"
-    replace_with_matching_sidecar(newest, make(newest.read_bytes()))
-    proc = torchrun(train_cmd(tmp_path, *FAST, *SYNTHETIC))
-    assert f"skipped checkpoint step-00000005.pt: {what}" in proc.stderr
-    assert "at epoch 1 step 4" in proc.stderr
-    assert_same_weights(final_model(tmp_path), final_model(reference_run))
+        reference_runs, resumed_past_bad_checkpoints, case):
+    """Each bad checkpoint newer than step 4 is skipped, naming what it holds; the run resumes from step 4 and
+    ends bit-identical to the uninterrupted one."""
+    run_dir, output = resumed_past_bad_checkpoints
+    step = 5 + list(BAD_CONTENTS).index(case)
+    assert f"skipped checkpoint step-{step:08d}.pt: {BAD_CONTENTS[case][1]}" in output
+    assert "at epoch 1 step 4" in output
+    assert_same_weights(final_model(run_dir), final_model(reference_runs(*SYNTHETIC)))
 
 
 def run(run_dir, *args) -> int:

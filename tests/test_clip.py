@@ -8,7 +8,6 @@ import open_clip
 import pytest
 import torch
 from clip_losses import BIAS, TAU, make_features
-from conftest import torchrun_script
 from open_clip.transformer import TextTransformer
 
 from dist_cl.cli.train import main as train_main
@@ -56,8 +55,8 @@ def test_siglip_is_the_pairwise_sigmoid_loss_written_out():
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return torch.load(torchrun_script(tmp_path_factory, "clip_losses.py") / "losses.pt")
+def two_ranks(collectives):
+    return torch.load(collectives / "clip_losses" / "losses.pt")
 
 
 @pytest.mark.parametrize("ours, theirs, factor", [("dist_infonce", "open_clip_clip", 2.0),

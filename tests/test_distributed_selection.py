@@ -15,9 +15,8 @@ from dist_cl.runtime.checkpoint_files import load_checkpoint
 from dist_cl.selection import select_batches
 
 
-def test_plan_from_gathered_bank_is_identical_on_all_ranks_and_to_one_process(tmp_path):
-    torchrun([str(ROOT / "tests" / "scripts" / "bank_plan.py"), str(tmp_path)])
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def test_plan_from_gathered_bank_is_identical_on_all_ranks_and_to_one_process(collectives):
+    ranks = [torch.load(collectives / "bank_plan" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     u, v = embeddings()
     for state in ranks:
         np.testing.assert_array_equal(state["bank"]["u"].numpy(), u)

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import torchrun_script
-from ddp_loss_grads import make_problem
+from ddp_loss_grads import LOSSES, make_problem
 
 from dist_cl.learn.losses import InfoNCELoss, NTXentLoss, batch_infonce, batch_ntxent
 
@@ -59,15 +58,10 @@ def test_loss_module_equals_its_batch_loss_on_one_batch(loss_cls, batch_loss):
 GATHERED = {"infonce": InfoNCELoss, "ntxent": NTXentLoss}
 
 
-@pytest.fixture(scope="module")
-def two_rank_grads(tmp_path_factory):
-    """Each loss's DDP gradients on 2 torchrun ranks, from one launch."""
-    return torchrun_script(tmp_path_factory, "ddp_loss_grads.py", *GATHERED)
-
-
-@pytest.mark.parametrize("loss_name", list(GATHERED))
-def test_gathered_loss_gradients_match_single_process(two_rank_grads, loss_name):
-    distributed = torch.load(two_rank_grads / f"{loss_name}.pt")
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_gathered_loss_gradients_match_single_process(collectives, loss_name):
+    """Each loss's DDP gradients on 2 torchrun ranks (``ddp_loss_grads``) against one process."""
+    distributed = torch.load(collectives / "ddp_loss_grads" / f"{loss_name}.pt")
     x_a, x_b, model = make_problem()
     loss = GATHERED[loss_name]()(F.normalize(model(x_a), dim=-1), F.normalize(model(x_b), dim=-1), 0.5)
     loss.backward()

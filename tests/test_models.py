@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ROOT, torchrun
+from conftest import ROOT
 
 from dist_cl.config import load_config
 from dist_cl.learn.losses import InfoNCELoss
@@ -71,18 +71,17 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 
 
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants because weights_only=True")
-def test_free_embeddings_average_sparse_row_gradients_over_ranks_like_one_process(tmp_path):
+def test_free_embeddings_average_sparse_row_gradients_over_ranks_like_one_process(collectives):
     """2 ranks, no DDP: each rank ends with the full-batch gradient, as sparse rows of the batch only."""
     from free_grads import BATCH, make_model
 
-    torchrun([str(ROOT / "tests" / "scripts" / "free_grads.py"), str(tmp_path)])
     reference = make_model()
     u, v, tau = reference(BATCH, BATCH)
     InfoNCELoss()(u, v, tau).backward()
     outside = torch.ones(len(reference.u), dtype=torch.bool)
     outside[BATCH] = False
     for rank in range(2):
-        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        grads = torch.load(collectives / "free_grads" / f"rank{rank}.pt")
         for side in ("u", "v"):
             assert grads[side].layout == torch.sparse_coo
             dense = grads[side].to_dense()

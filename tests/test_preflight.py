@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from dist_cl.cli import train as cli
 from dist_cl.config import Config, ConfigError, config_from_dict, field_docs, load_config
 from dist_cl.config.resume import epochs_change_warning
 from dist_cl.config.schedule import lr_factor
@@ -19,20 +20,19 @@ def launch(*args: str, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
-def test_unknown_backbone_is_a_named_config_error_under_dry_run(tmp_path):
-    proc = launch("--dry-run", "model.backbone=resnet10x", tmp_path=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
+def test_unknown_backbone_is_a_named_config_error_under_dry_run(tmp_path, capsys):
+    assert cli.main(["--dry-run", "model.backbone=resnet10x", f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("config error: model.backbone='resnet10x' is not a timm model; did you mean resnet10t")
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_warns_of_the_samples_each_epoch_leaves_out(tmp_path):
-    proc = launch("--dry-run", tmp_path=tmp_path)  # digits: 1,437 training images at B = 64
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_dry_run_warns_of_the_samples_each_epoch_leaves_out(tmp_path, capsys):
+    assert cli.main(["--dry-run", f"run.dir={tmp_path / 'run'}"]) == 0  # digits: 1,437 training images at B = 64
     assert ("29 of the 1437 training samples (2.0%) are left out of every epoch (different ones each epoch): "
-            "N is not a multiple of train.global_batch_size=64") in proc.stderr
+            "N is not a multiple of train.global_batch_size=64") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n,b,strategy,left_out", [(1437, 64, "random", 29), (1437, 64, "sc_global", 29),

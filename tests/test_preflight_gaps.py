@@ -19,6 +19,7 @@ import torch
 from conftest import FAST, ROOT, torchrun, train_cmd
 from test_shards import shards_from_npz
 
+from dist_cl.cli import train as cli
 from dist_cl.data.shards import INDEX_NAME
 from dist_cl.report.board import RunDirWriteError
 from dist_cl.report.metrics_log import RunMetrics
@@ -176,16 +177,14 @@ def test_an_epoch_record_that_cannot_be_written_and_a_lock_that_cannot_be_remove
     assert f"cannot remove the run directory's lock {lock.path}: [Errno 13] Permission denied" in caplog.text
 
 
-def test_a_shard_index_whose_labels_do_not_fit_its_samples_fails_the_dry_run_by_name(tmp_path):
+def test_a_shard_index_whose_labels_do_not_fit_its_samples_fails_the_dry_run_by_name(tmp_path, capsys):
     """Not the kNN evaluation's IndexError after the first epoch."""
     out, _ = shards_from_npz(tmp_path)
     index = json.loads((out / INDEX_NAME).read_text())
     index["shardlist"][2]["labels"].pop()
     (out / INDEX_NAME).write_text(json.dumps(index))
-    cmd = [sys.executable, *train_cmd(tmp_path / "run", "data.name=shards", f"data.path={out}", "data.image_size=8",
-                                      "model.in_chans=3", "train.global_batch_size=4"), "--dry-run"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.splitlines()[-1] == (f"error: {out / INDEX_NAME}: entry 'shard-000002.tar' has 4 labels for "
-                                            "its 5 samples; delete it and shardindex.json, then rerun "
-                                            "tools/make_shards.py with the same arguments to rewrite it")
+    assert cli.main(["--dry-run", f"run.dir={tmp_path / 'run'}", "data.name=shards", f"data.path={out}",
+                     "data.image_size=8", "model.in_chans=3", "train.global_batch_size=4"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {out / INDEX_NAME}: entry 'shard-000002.tar' has 4 labels for its 5 samples; delete it and "
+        "shardindex.json, then rerun tools/make_shards.py with the same arguments to rewrite it")

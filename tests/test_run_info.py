@@ -3,13 +3,13 @@ and at each resume."""
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, train_cmd
+from conftest import ROOT
 
+from dist_cl.cli import train as cli
 from dist_cl.report import run_info
 
 
@@ -86,14 +86,13 @@ def test_a_record_without_code_is_unknown():
     assert run_info.code_labels(resumed_by_a_newer_trainer) == [run_info.UNKNOWN, "ab" * 6]
 
 
-def test_a_training_run_records_its_commit_versions_and_machine_at_its_start_and_at_a_resume(tmp_path):
-    """One plain process of the synthetic config (4 steps an epoch), then a resume to a third epoch."""
+def test_a_training_run_records_its_commit_versions_and_machine_at_its_start_and_at_a_resume(tmp_path,
+                                                                                             one_torch_thread):
+    """A run of the synthetic config (4 steps an epoch) in this process, then a resume to a third epoch."""
     synthetic = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "eval.every_epochs=0",
-                 "selection.strategy=random"]
+                 "selection.strategy=random", f"run.dir={tmp_path}"]
     for epochs in (2, 3):
-        proc = subprocess.run([sys.executable, *train_cmd(tmp_path, *synthetic, f"train.epochs={epochs}")], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert cli.main([*synthetic, f"train.epochs={epochs}"]) == 0
     info = json.loads((tmp_path / "run_info.json").read_text())
     commit = info["code"]["commit"]
     # others may commit to this checkout meanwhile: the recorded commit is HEAD or one of its ancestors

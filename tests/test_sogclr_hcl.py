@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, torchrun_script
+from conftest import ROOT
 from loss_steps import BATCHES, CASES, TAU, N, embeddings, steps
 from test_losses import unit_rows
 
@@ -107,9 +107,9 @@ def test_one_process_matches_the_float64_reference(case):
 
 
 @pytest.fixture(scope="module")
-def two_rank_steps(tmp_path_factory):
-    """Every case's steps on 2 torchrun ranks, from one launch."""
-    return torchrun_script(tmp_path_factory, "loss_steps.py", *CASES)
+def two_rank_steps(collectives):
+    """Every case's steps on 2 torchrun ranks."""
+    return collectives / "loss_steps"
 
 
 @pytest.mark.parametrize("case", list(CASES))

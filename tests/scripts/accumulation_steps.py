@@ -2,12 +2,12 @@
 global loss (float64), every parameter's gradient (as DDP or the free-embedding model averages it), the
 features the bank is given, the batch's score and (SogCLR) the u table, after each step.
 
-Usage under torchrun: accumulation_steps.py OUT_DIR CASE... (one launch for every case); every rank saves the
-steps of each case at each k of ACCUM_STEPS as OUT_DIR/<case>-k<k>-rank<r>.pt.
+``record`` (under torchrun, by collectives.py): every rank saves the steps of each case at each k of
+ACCUM_STEPS as OUT_DIR/<case>-k<k>-rank<r>.pt.
 ``steps`` runs the same in one process (in a process group of one).
 """
 
-import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from torch import nn
 from dist_cl.config import Config
 from dist_cl.learn.models import FreeEmbeddings, Temperature
 from dist_cl.learn.step import TrainStep
-from dist_cl.runtime.distributed import close_distributed, exit_process, gather_rows, init_distributed
+from dist_cl.runtime.distributed import DistInfo, gather_rows
 
 N, IN, D, TAU = 12, 6, 4, 0.5
 BATCHES = [[3, 0, 7, 11, 5, 2, 9, 8], [7, 1, 3, 10, 2, 6, 0, 4]]
@@ -81,15 +81,7 @@ def steps(case: str, accum_steps: int, rank: int = 0, world_size: int = 1) -> li
     return out
 
 
-def main():
-    out, cases = sys.argv[1], sys.argv[2:]
-    info = init_distributed(60)
-    for case in cases:
+def record(out: Path, info: DistInfo) -> None:
+    for case in CASES:
         for k in ACCUM_STEPS:
-            torch.save(steps(case, k, info.rank, info.world_size), f"{out}/{case}-k{k}-rank{info.rank}.pt")
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main()
-    exit_process(0)
+            torch.save(steps(case, k, info.rank, info.world_size), out / f"{case}-k{k}-rank{info.rank}.pt")

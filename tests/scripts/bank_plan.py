@@ -1,15 +1,15 @@
 """Under torchrun: fill the bank from each rank's slices of a random plan (as training does), sync it,
 select with sc_global (and with its false-negative window), and save (bank, plan, this rank's slices, the
-window's plan) per rank. Usage: bank_plan.py OUT_DIR."""
+window's plan) per rank as OUT_DIR/rank<r>.pt (``record``, by collectives.py)."""
 
-import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dist_cl.plan.bank import EmbeddingBank
 from dist_cl.plan.sampler import BatchPlan, PlanSampler
-from dist_cl.runtime.distributed import close_distributed, distributed_map, exit_process, init_distributed
+from dist_cl.runtime.distributed import DistInfo, distributed_map
 from dist_cl.selection import select_batches
 
 N, D, B, CELL = 960, 16, 24, 96
@@ -25,9 +25,7 @@ def embeddings() -> tuple[np.ndarray, np.ndarray]:
     return u.astype(np.float32), v.astype(np.float32)
 
 
-def main():
-    out = sys.argv[1]
-    info = init_distributed(60)
+def record(out: Path, info: DistInfo) -> None:
     u, v = embeddings()
     bank = EmbeddingBank(N, D)
     warmup = PlanSampler(BatchPlan(select_batches("random", u, v, B, seed=1), 0, "random"), info.rank, info.world_size)
@@ -43,10 +41,4 @@ def main():
     window = select_batches("sc_global", bank.u.numpy(), bank.v.numpy(), B, seed=3, tau=0.2, cell_size=CELL,
                             false_negative_window=3, map_fn=distributed_map)
     torch.save({"bank": bank.state_dict(), "plan": plan.batches, "slices": slices, "window_plan": window},
-               f"{out}/rank{info.rank}.pt")
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main()
-    exit_process(0)
+               out / f"rank{info.rank}.pt")

@@ -1,18 +1,18 @@
 """Under torchrun: dist_cl's InfoNCE and SigLIP losses beside open_clip's ClipLoss and SigLipLoss on each rank's
 slice of one float64 global batch, with the gradients every rank's features get; saved by rank 0.
 
-Usage: clip_losses.py OUT_DIR. Writes OUT_DIR/losses.pt: for each of dist_infonce, open_clip_clip,
+``record`` (by collectives.py) writes OUT_DIR/losses.pt: for each of dist_infonce, open_clip_clip,
 dist_siglip, open_clip_siglip, the per-rank losses and the gradients of the summed losses w.r.t. u and v (rows
 of all ranks, in global order).
 """
 
-import sys
+from pathlib import Path
 
 import open_clip
 import torch
 
 from dist_cl.learn.losses import build_loss
-from dist_cl.runtime.distributed import DistInfo, close_distributed, exit_process, gather_rows, init_distributed
+from dist_cl.runtime.distributed import DistInfo, gather_rows
 
 TAU, BIAS = 0.3, -2.0
 
@@ -39,9 +39,7 @@ def losses(info: DistInfo) -> dict:
     }
 
 
-def main():
-    out = sys.argv[1]
-    info = init_distributed(60)
+def record(out: Path, info: DistInfo) -> None:
     u_all, v_all = make_features()
     b = u_all.shape[0] // info.world_size
     rows = slice(info.rank * b, (info.rank + 1) * b)
@@ -53,10 +51,4 @@ def main():
         results[name] = {"loss": gather_rows(loss.detach().reshape(1)), "grad_u": gather_rows(u.grad),
                          "grad_v": gather_rows(v.grad)}
     if info.rank == 0:
-        torch.save(results, f"{out}/losses.pt")
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main()
-    exit_process(0)
+        torch.save(results, out / "losses.pt")

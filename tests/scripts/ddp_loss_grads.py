@@ -1,17 +1,20 @@
 """Under torchrun: DDP-averaged gradients of a gathered contrastive loss, saved by rank 0.
 
-Usage: ddp_loss_grads.py OUT_DIR LOSS_NAME... (one launch for every loss: OUT_DIR/LOSS_NAME.pt each). The
-global batch is fixed by seed; each rank feeds its slice.
+``record`` (by collectives.py) writes OUT_DIR/<loss>.pt for each of LOSSES. The global batch is fixed by seed;
+each rank feeds its slice.
 """
 
-import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cl.learn.losses import build_loss
-from dist_cl.runtime.distributed import DistInfo, close_distributed, exit_process, init_distributed
+from dist_cl.runtime.distributed import DistInfo
+
+LOSSES = ("infonce", "ntxent")
+"""The losses that gather the global batch."""
 
 
 def make_problem():
@@ -25,7 +28,7 @@ def make_problem():
     return x_a, x_b, model
 
 
-def save_grads(loss_name: str, out: str, info: DistInfo) -> None:
+def save_grads(loss_name: str, out: Path, info: DistInfo) -> None:
     x_a, x_b, model = make_problem()
     ddp = DistributedDataParallel(model)
     rows = slice(info.rank * 8 // info.world_size, (info.rank + 1) * 8 // info.world_size)
@@ -38,17 +41,9 @@ def save_grads(loss_name: str, out: str, info: DistInfo) -> None:
     torch.distributed.all_gather_object(losses, loss.item())
     if info.rank == 0:
         torch.save({"weight": model.weight.grad, "bias": model.bias.grad, "loss": sum(losses) / len(losses)},
-                   f"{out}/{loss_name}.pt")
+                   out / f"{loss_name}.pt")
 
 
-def main():
-    out, loss_names = sys.argv[1], sys.argv[2:]
-    info = init_distributed(60)
-    for loss_name in loss_names:
+def record(out: Path, info: DistInfo) -> None:
+    for loss_name in LOSSES:
         save_grads(loss_name, out, info)
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main()
-    exit_process(0)

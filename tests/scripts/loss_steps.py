@@ -1,19 +1,19 @@
 """Consecutive steps of a loss over fixed float64 global batches, each rank feeding its slice of each: the loss
 of the global batch, its gradients w.r.t. every row of u and v, and (SogCLR) the u table this rank holds.
 
-Usage under torchrun: loss_steps.py OUT_DIR CASE... (one launch for every case); every rank saves the steps
-of each case as OUT_DIR/<case>-rank<r>.pt.
+``record`` (under torchrun, by collectives.py): every rank saves the steps of each case as
+OUT_DIR/<case>-rank<r>.pt.
 ``steps`` runs the same in one process (world size 1, no process group).
 """
 
-import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_cl.learn.losses import build_loss
-from dist_cl.runtime.distributed import close_distributed, exit_process, gather_rows, init_distributed
+from dist_cl.runtime.distributed import DistInfo, gather_rows
 
 N, D, TAU = 10, 4, 0.5
 BATCHES = [[0, 1, 2, 3], [2, 5, 3, 7], [7, 0, 9, 2]]
@@ -55,14 +55,6 @@ def steps(case: str, rank: int = 0, world_size: int = 1) -> list[dict]:
     return out
 
 
-def main():
-    out, cases = sys.argv[1], sys.argv[2:]
-    info = init_distributed(60)
-    for case in cases:
-        torch.save(steps(case, info.rank, info.world_size), f"{out}/{case}-rank{info.rank}.pt")
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main()
-    exit_process(0)
+def record(out: Path, info: DistInfo) -> None:
+    for case in CASES:
+        torch.save(steps(case, info.rank, info.world_size), out / f"{case}-rank{info.rank}.pt")
