@@ -28,18 +28,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-SHARED = {"reference_runs": "session_runs", "one_epoch_run": "session_runs", "collectives": "collectives"}
-"""The session fixtures below, each made once per pytest process, and the xdist scope of the tests using them."""
+SHARED = ("reference_runs", "one_epoch_run", "collectives")
+"""The session fixtures below: each is made once per pytest process."""
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """The scopes of ``--dist loadgroup`` (pytest-xdist): a test runs on the worker of its module, so a module
-    fixture's torchrun job runs once, and every test that reads a session fixture goes to that fixture's
-    worker, so it is made once."""
+    fixture's torchrun job runs once, and the tests that read one of the session fixtures go to one worker
+    together, so that fixture is made once."""
     for item in items:
-        groups = [SHARED[name] for name in item.fixturenames if name in SHARED]
-        item.add_marker(pytest.mark.xdist_group(groups[0] if groups else item.path.stem))
+        shared = [name for name in SHARED if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.stem))
 
 
 def torchrun(script_args: list[str], nproc: int = 2, extra: list[str] | None = None, timeout: float = 300,
