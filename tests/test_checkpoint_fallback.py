@@ -40,6 +40,8 @@ BAD_CONTENTS = {
     "bare-state-dict": (bare_state_dict, "a bare state_dict (3 tensors: 'u', "),
     "pickle-of-a-list": (pickle_of_a_list, "a pickle of a list, not a dist_cl checkpoint"),
 }
+BAD_STEPS = {case: step for step, case in enumerate(BAD_CONTENTS, start=5)}
+"""The step each bad content stands in for, newer than the good step 4."""
 
 
 def replace_with_matching_sidecar(path, data: bytes) -> None:
@@ -59,9 +61,9 @@ def resumed_past_bad_checkpoints(reference_runs, tmp_path_factory):
     for path in (reference_run / "checkpoints").glob("step-00000004.pt*"):
         shutil.copy(path, run_dir / "checkpoints" / path.name)
     checkpoint = (reference_run / "checkpoints" / "step-00000005.pt").read_bytes()
-    for step, (make, _) in enumerate(BAD_CONTENTS.values(), start=5):
-        replace_with_matching_sidecar(run_dir / "checkpoints" / f"step-{step:08d}.pt", make(checkpoint))
-    (run_dir / "checkpoints" / "latest").write_text(f"step-{step:08d}.pt")
+    for case, (make, _) in BAD_CONTENTS.items():
+        replace_with_matching_sidecar(run_dir / "checkpoints" / f"step-{BAD_STEPS[case]:08d}.pt", make(checkpoint))
+    (run_dir / "checkpoints" / "latest").write_text(f"step-{max(BAD_STEPS.values()):08d}.pt")
     return run_dir, torchrun(train_cmd(run_dir, *FAST, *SYNTHETIC)).stderr
 
 
@@ -71,8 +73,7 @@ def test_a_newest_checkpoint_that_is_no_checkpoint_is_skipped_and_the_run_ends_a
     """Each bad checkpoint newer than step 4 is skipped, naming what it holds; the run resumes from step 4 and
     ends bit-identical to the uninterrupted one."""
     run_dir, output = resumed_past_bad_checkpoints
-    step = 5 + list(BAD_CONTENTS).index(case)
-    assert f"skipped checkpoint step-{step:08d}.pt: {BAD_CONTENTS[case][1]}" in output
+    assert f"skipped checkpoint step-{BAD_STEPS[case]:08d}.pt: {BAD_CONTENTS[case][1]}" in output
     assert "at epoch 1 step 4" in output
     assert_same_weights(final_model(run_dir), final_model(reference_runs(*SYNTHETIC)))
 
