@@ -5,9 +5,11 @@ import json
 
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from dist_cl.cli import train as cli
+from dist_cl.report.board import Board
 
 SYNTHETIC = ["--config", str(ROOT / "configs" / "synthetic.yaml"), "train.epochs=3", "eval.every_epochs=1",
              "selection.strategy=random", "run.log_every_steps=1", "checkpoint.keep=5"]
@@ -42,6 +44,24 @@ def test_a_resumed_run_shows_each_step_once_on_every_axis(tmp_path):
     assert uninterrupted[""]["train/loss"] == list(range(1, 13))
     assert uninterrupted["by_epoch"]["by_epoch/eval/retrieval_top1"] == [0, 1, 2, 3]
     assert uninterrupted["by_samples"]["by_samples/eval/retrieval_top1"] == [0, 8, 16, 24]  # B = 2
+
+
+def test_the_scalars_of_a_call_are_one_event_per_axis_that_tensorboard_reads_tag_by_tag(tmp_path):
+    """One event holds every scalar of a step (one record for TensorBoard's writer thread to checksum, not one
+    a scalar); TensorBoard still shows each tag on its own, at the step, epoch and samples seen."""
+    writer = Board(tmp_path, 0, 0, batch_size=4)
+    writer.scalars({"train/loss": 1.5, "train/lr": 0.25}, step=3)
+    writer.scalars({"eval/retrieval_top1": 0.75}, step=6, epoch=2)
+    writer.close()
+    events = board(tmp_path)
+    assert {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} == {
+        "train/loss": [(3, 1.5)], "train/lr": [(3, 0.25)], "eval/retrieval_top1": [(6, 0.75)]}
+    for axis, x in (("by_epoch", 2), ("by_samples", 24)):
+        assert [(e.step, e.value) for e in board(tmp_path / axis).Scalars(f"{axis}/eval/retrieval_top1")] == [(x, 0.75)]
+    [path] = tmp_path.glob("events.*")
+    loaded = LegacyEventFileLoader(str(path)).Load()
+    summaries = [[value.tag for value in e.summary.value] for e in loaded if e.HasField("summary")]
+    assert summaries == [["train/loss", "train/lr"], ["eval/retrieval_top1"]]
 
 
 def test_config_text_and_hparams_are_in_the_event_files(tmp_path):

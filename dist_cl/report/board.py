@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
+from torch.utils.tensorboard.summary import hparams, scalar
 from torchvision.utils import make_grid
 
 from dist_cl.config import ConfigError
@@ -60,6 +61,13 @@ def _purge_step(done: int) -> int:
     return done + 1 if done else 0
 
 
+def _add_scalars(writer: SummaryWriter, scalars: dict[str, float], step: int) -> None:
+    """``scalars`` at ``step`` as one event, where ``add_scalar`` writes an event each: TensorBoard frames
+    every event with checksums it computes in Python, on its writer thread, under the GIL the step needs."""
+    summary = Summary(value=[value for tag, number in scalars.items() for value in scalar(tag, number).value])
+    writer._get_file_writer().add_summary(summary, step)
+
+
 class Board:
     def __init__(self, tb_dir: Path, first_step: int, epochs_done: int, batch_size: int):
         self.batch_size = batch_size
@@ -72,11 +80,11 @@ class Board:
     @_named
     def scalars(self, scalars: dict[str, float], step: int, epoch: int | None = None) -> None:
         """Against ``step``; also against epochs and samples seen where ``epoch`` (epochs completed) is given."""
-        for tag, value in scalars.items():
-            self.by_step.add_scalar(tag, value, step)
-            if epoch is not None:
-                self.by_epoch.add_scalar(f"by_epoch/{tag}", value, epoch)
-                self.by_samples.add_scalar(f"by_samples/{tag}", value, step * self.batch_size)
+        _add_scalars(self.by_step, scalars, step)
+        if epoch is not None:
+            _add_scalars(self.by_epoch, {f"by_epoch/{tag}": value for tag, value in scalars.items()}, epoch)
+            _add_scalars(self.by_samples, {f"by_samples/{tag}": value for tag, value in scalars.items()},
+                         step * self.batch_size)
 
     @_named
     def config(self, resolved: dict, step: int) -> None:
