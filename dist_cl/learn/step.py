@@ -10,6 +10,7 @@ With ``train.accum_steps`` = k, each rank's rows go through the model in k micro
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -185,7 +186,10 @@ class TrainStep:
     def clip_gradients(self) -> torch.Tensor:
         """The gradients' total norm (the finite flag's input), after clipping them to ``train.grad_clip`` where
         set: ``clip_grad_norm_`` in two halves, so that without a clip no step pays for a multiplication by 1."""
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # a coalesced sparse gradient's norm is its values' (its indices are unique): torch's foreach norm takes
+        # them with the dense gradients, where a sparse tensor would get a norm call of its own
+        norm = torch.nn.utils.get_total_norm([p.grad._values() if p.grad.is_sparse and p.grad.is_coalesced() else p.grad
+                                              for p in self.model.parameters() if p.grad is not None])
         if self.train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.train.grad_clip, norm)
         return norm
@@ -245,7 +249,7 @@ class TrainStep:
     def outcome(loss: torch.Tensor, grad_norm: torch.Tensor, buffers: list[torch.Tensor],
                 stop_requested: bool = False) -> tuple[bool, bool, bool, bool, float]:
         """(loss finite on every rank, gradients finite, ``buffers`` finite, a stop requested on some rank,
-        this rank's loss) in one all-reduce and one device-to-host copy.
+        this rank's loss) in at most one all-reduce and one device-to-host copy.
 
         A forward pass can overflow BatchNorm's running variance to inf while the loss it returns stays
         finite (an input of 1e30 does), so the buffers are a flag of their own. Under fp16 the gradient
@@ -253,15 +257,17 @@ class TrainStep:
         """
         floating = [b.detach() for b in buffers]
         # x * 0 is 0 for a finite x and NaN for inf or NaN: a norm of the products cannot overflow
-        zeros = torch._foreach_norm(torch._foreach_mul(floating, 0.0)) if floating else [loss.new_zeros(())]
-        go_on = torch.full((), not stop_requested, dtype=torch.bool, device=loss.device)  # a fill, not a copy
-        flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(grad_norm),
-                             torch.isfinite(torch.stack(zeros).sum()), go_on]).to(torch.float32)
-        if world_size() > 1:  # a one-rank group's reduction is the identity, at the price of a gloo call
+        zeros = [torch.stack(torch._foreach_norm(torch._foreach_mul(floating, 0.0))).sum()] if floating else []
+        checked = torch.stack([loss.detach().float(), grad_norm.float(), *zeros])
+        if world_size() == 1:  # no reduction to make: the host tests the values it reads anyway
+            value, *rest = checked.tolist()
+            finite, go_on = [math.isfinite(x) for x in (value, *rest)], not stop_requested
+        else:
+            go_on = torch.full((1,), not stop_requested, dtype=torch.bool, device=loss.device)  # a fill, not a copy
+            flags = torch.cat([torch.isfinite(checked), go_on]).to(torch.float32)
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # MIN: false on any rank is false on all
-        finite_loss, finite_grad, finite_buffers, go_on, value = torch.cat(
-            [flags, loss.detach().float().reshape(1)]).tolist()
-        return bool(finite_loss), bool(finite_grad), bool(finite_buffers), not go_on, value
+            *finite, go_on, value = torch.cat([flags, checked[:1]]).tolist()
+        return bool(finite[0]), bool(finite[1]), all(map(bool, finite[2:])), not go_on, value
 
     def fault(self, what: str, where: str) -> None:
         message = f"non-finite {what} at {where}"
