@@ -276,3 +276,21 @@ def test_the_minimal_loop_draws_distinct_rows_afresh_for_a_lookup_and_one_batch_
     images = gpu_check._minimal_batches(digits, 8, 3, torch.device("cpu"))
     assert images[0].shape == (8, *digits[0][0].shape) and images[0].is_floating_point()
     assert all(b is images[0] for b in images)
+
+
+def test_the_throughput_check_takes_a_minimal_step_after_each_of_the_trainers_and_pairs_the_middle_epochs(
+        monkeypatch, tmp_path, capsys):
+    """The CPU dry run of gpu_check.sh's throughput rows (a broken one would waste a device call): 5 epochs of
+    16 steps, each followed by a step of the minimal loop, and figures for the 3 epochs between the first and
+    the last."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    gpu_check = importlib.import_module("gpu_check")
+    updates, update = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: updates.append(1) or update(self, *a, **k))
+    overrides = ["data.num_samples=512", "model.embed_dim=16", "train.global_batch_size=32",
+                 "selection.strategy=random", f"run.dir={tmp_path / 'run'}"]
+    assert gpu_check.throughput(torch.device("cpu"), str(ROOT / "configs" / "synthetic.yaml"), overrides)
+    assert len(updates) == 2 * 5 * 16
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(figures["ratios"]) == 3 and figures["ratio"] == pytest.approx(np.median(figures["ratios"]), abs=1e-3)
+    assert figures["trainer_samples_s"] > 0 and figures["minimal_samples_s"] > 0

@@ -95,42 +95,69 @@ def selection(device: torch.device, n: int, d: int, batch_size: int, cpu_referen
     return report(f"selection-n{n}", ok, **rows)
 
 
-def throughput(device: torch.device, config: str, overrides: list[str], steps: int) -> bool:
-    """Samples/s of the trainer's middle epoch of 3 (one whose next plan is computed meanwhile under
-    selection.overlap), from its metrics.jsonl record and counting its wait for the plan, against a minimal DDP loop
-    on the same model, optimizer and AMP with one random batch (no data loading, bank or selection)."""
-    cfg = load_config(config, ["train.epochs=3", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
+def throughput(device: torch.device, config: str, overrides: list[str]) -> bool:
+    """Samples/s of the trainer against a minimal DDP loop on the same model, optimizer and AMP (no data
+    loading, bank or selection), the two taking turns step by step in one process (``TakingTurns``): both then
+    meet the same machine, where runs minutes apart, or blocks seconds apart, differ by more than the gap
+    measured. An epoch's trainer rate is its metrics.jsonl record's (counting its wait for the plan) less the
+    minimal steps inside it. Paired are the epochs between the first (every row touched for the first time)
+    and the last (no next plan computed meanwhile under selection.overlap); the ratio is their median."""
+    epochs = 5
+    cfg = load_config(config, [f"train.epochs={epochs}", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
                                f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}", *overrides])
     info = init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     try:
-        trainer = Trainer(cfg, info)
+        trainer = TakingTurns(cfg, info)
         trainer.fit()
         trainer.close()
-        lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
-        epochs = [record for record in map(json.loads, lines) if record["kind"] == "epoch"]
-        middle = epochs[-2]  # this run's epoch 1 of 0, 1, 2 (the file may hold earlier runs' too)
-        total, waited = middle["train_seconds"], middle.get("selection/wait_seconds", 0.0)
-        trained = middle["samples_per_s"] * total / (total + waited)
-        batches = _minimal_batches(trainer.train_set, cfg.train.global_batch_size, steps + 5, info.device)
-        numerics = trainer.step_fn
-        index = torch.arange(cfg.train.global_batch_size, device=info.device) % len(trainer.train_set)  # SogCLR's rows
-        for step, x in enumerate(batches):  # 5 warm-up steps
-            if step == 5:
-                _synchronize(info.device)
-                started = time.perf_counter()
-            with torch.autocast(info.device.type, dtype=numerics.amp_dtype, enabled=numerics.amp_dtype is not None):
-                u, v, tau = numerics.ddp(x, x.flip(-1))
-                loss = numerics.loss_fn(u, v, tau, index)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            numerics.scaler.scale(loss).backward()
-            numerics.scaler.step(trainer.optimizer)
-            numerics.scaler.update()
-        _synchronize(info.device)
-        minimal = steps * cfg.train.global_batch_size / (time.perf_counter() - started)
     finally:
         close_distributed()
-    return report("throughput" + "".join(f" {o}" for o in overrides), trained > 0,
-                  trainer_samples_s=round(trained), minimal_samples_s=round(minimal), ratio=round(trained / minimal, 3))
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [record for record in map(json.loads, lines) if record["kind"] == "epoch"][-epochs:]  # this run's
+    pairs = []
+    for record, (steps, minimal) in list(zip(records, trainer.minimal, strict=True))[1:-1]:
+        samples = steps * cfg.train.global_batch_size
+        trained = record["train_seconds"] + record.get("selection/wait_seconds", 0.0) - minimal
+        pairs.append((samples / trained, samples / minimal))
+    ratios = [t / m for t, m in pairs]
+    return report("throughput" + "".join(f" {o}" for o in overrides), all(t > 0 for t, _ in pairs),
+                  trainer_samples_s=round(float(np.median([t for t, _ in pairs]))),
+                  minimal_samples_s=round(float(np.median([m for _, m in pairs]))),
+                  ratio=round(float(np.median(ratios)), 3), ratios=[round(r, 3) for r in ratios])
+
+
+class TakingTurns(Trainer):
+    """A trainer that takes a step of the minimal loop after each of its own, on fresh rows: the model's forward
+    pass and loss under autocast, the backward pass, the update, and nothing else. ``minimal`` keeps each
+    epoch's (steps, seconds of minimal steps)."""
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.minimal: list[tuple[int, float]] = []
+        self.index = torch.arange(cfg.train.global_batch_size, device=info.device) % len(self.train_set)  # SogCLR's
+
+    def train_epoch(self, figures):
+        steps = len(self.sampler.plan) - self.sampler.cursor
+        self.batches = iter(_minimal_batches(self.train_set, self.cfg.train.global_batch_size, steps, self.info.device))
+        self.minimal.append((steps, 0.0))
+        return super().train_epoch(figures)
+
+    def train_one(self, view_a, view_b, index):
+        result = super().train_one(view_a, view_b, index)
+        x, numerics, device = next(self.batches), self.step_fn, self.info.device
+        _synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=numerics.amp_dtype, enabled=numerics.amp_dtype is not None):
+            u, v, tau = numerics.ddp(x, x.flip(-1))
+            loss = numerics.loss_fn(u, v, tau, self.index)
+        self.optimizer.zero_grad(set_to_none=True)
+        numerics.scaler.scale(loss).backward()
+        numerics.scaler.step(self.optimizer)
+        numerics.scaler.update()
+        _synchronize(device)
+        steps, seconds = self.minimal[-1]
+        self.minimal[-1] = (steps, seconds + time.perf_counter() - started)
+        return result
 
 
 def _minimal_batches(dataset, batch_size: int, count: int, device: torch.device) -> list[torch.Tensor]:
@@ -158,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--no-cpu-reference", action="store_true", help="selection: the device's plan alone")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps of the minimal loop")
     parser.add_argument("--config", default=str(ROOT / "configs" / "digits.yaml"), help="throughput: the run's config")
     parser.add_argument("overrides", nargs="*", help="throughput: dotted config overrides of the trained run")
     args = parser.parse_intermixed_args(argv)
@@ -170,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.check == "selection":
         ok = selection(device, args.n, args.dim, args.batch_size, cpu_reference=not args.no_cpu_reference)
     else:
-        ok = throughput(device, args.config, args.overrides, args.steps)
+        ok = throughput(device, args.config, args.overrides)
     return 0 if ok else 1
 
 
