@@ -126,11 +126,14 @@ def test_image_text_recalls_count_each_direction_against_brute_force():
     generator = torch.Generator().manual_seed(0)
     images, texts = torch.randn(12, 4, generator=generator), torch.randn(12, 4, generator=generator)
     values = image_text_recalls(images, texts)
+    # one float64 score matrix: a float32 row product and a float32 dot product may round the partner's
+    # score apart, and the partner would then outrank itself
+    scores = images.double() @ texts.double().T
     for k in (1, 5, 10):
-        ranks = [(images[i] @ texts.T > images[i] @ texts[i]).sum() for i in range(12)]
-        assert values[f"image_to_text_r{k}"] == pytest.approx(sum(r < k for r in ranks) / 12)
-        ranks = [(texts[i] @ images.T > texts[i] @ images[i]).sum() for i in range(12)]
-        assert values[f"text_to_image_r{k}"] == pytest.approx(sum(r < k for r in ranks) / 12)
+        ranks = (scores > scores.diag()[:, None]).sum(1)  # keys scoring above the partner, per image
+        assert values[f"image_to_text_r{k}"] == pytest.approx(float((ranks < k).double().mean()))
+        ranks = (scores.T > scores.diag()[:, None]).sum(1)
+        assert values[f"text_to_image_r{k}"] == pytest.approx(float((ranks < k).double().mean()))
 
 
 def test_clean_embeddings_of_caption_pairs_are_the_image_and_the_caption(caption_shards):
