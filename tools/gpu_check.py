@@ -128,8 +128,9 @@ def throughput(device: torch.device, config: str, overrides: list[str]) -> bool:
 
 class TakingTurns(Trainer):
     """A trainer that takes a step of the minimal loop after each of its own, on fresh rows: the model's forward
-    pass and loss under autocast, the backward pass, the update, and nothing else. ``minimal`` keeps each
-    epoch's (steps, seconds of minimal steps)."""
+    pass and loss under autocast, the backward pass, the update, and nothing else. Each is timed between two
+    device synchronisations, as the trainer's step ends with its one host read. ``minimal`` keeps each epoch's
+    (steps, seconds of minimal steps)."""
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
