@@ -103,10 +103,9 @@ check selection-1M 240 "$PY" tools/gpu_check.py selection --n 1000000 --dim 128 
 # the 10M target (under 60 s, within GPU memory): the GPU path alone
 check selection-10M 180 "$PY" tools/gpu_check.py selection --n 10000000 --dim 128 --batch-size 256 --no-cpu-reference
 
-# 8. trainer samples/s against a minimal DDP loop (same model, random batches, the two taking turns step by step):
-#    the free-embedding model,
-#    which needs no data pipeline, so the difference is the trainer's own (bank, syncs, selection); and
-#    digits images, where the CPU augmentations of 8 loader workers are part of it
+# 8. trainer samples/s against a minimal DDP loop (same model, random batches, the two taking turns step by
+#    step): the free-embedding model, which needs no data pipeline, so the difference is the trainer's own
+#    (bank, syncs, selection); and digits images, where the CPU augmentations of 8 loader workers are part of it
 SYNTHETIC=(--config configs/synthetic.yaml data.num_samples=100000 model.embed_dim=128 train.global_batch_size=256
            loss.tau=0.1)
 check throughput-free-random 120 "$PY" tools/gpu_check.py throughput "${SYNTHETIC[@]}" \
