@@ -1,12 +1,17 @@
 """The emoji caption set (dist_cl.data.emoji) from files in the Debian packages' formats, written here: parsing,
 the caption template, de-duplication, the stratified split, the named error when a package is missing, and
-the shards the writer makes of it. Only the rendering test needs the font itself, and is skipped without it."""
+the shards the writer makes of it. The rendering test draws with a colour font written here, and with
+Debian's where it is installed."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fontTools.colorLib.builder import buildCOLR, buildCPAL
+from fontTools.feaLib.builder import addOpenTypeFeaturesFromString
+from fontTools.fontBuilder import FontBuilder
+from fontTools.pens.ttGlyphPen import TTGlyphPen
 
 from dist_cl.config import AugmentConfig
 from dist_cl.data import emoji as emoji_data
@@ -205,9 +210,54 @@ def test_emoji_shards_hold_the_captions_group_labels_and_metadata(tmp_path, monk
 FONT = Path("/") / PACKAGE_FILES["font"][1]
 
 
-@pytest.mark.skipif(not FONT.is_file(), reason=f"needs the font: {INSTALL}")
-def test_the_font_draws_an_emoji_sequence_as_one_colour_glyph_and_refuses_what_it_lacks():
-    font = emoji_data.emoji_font(FONT)
+def write_colour_font(path: Path) -> Path:
+    """A colour font with what the rendering test draws, in the layout Noto Color Emoji has for it: a grinning
+    face, a flag that the shaper's ccmp makes of two regional indicators, and a ZWJ family made of three people.
+    Its colours are COLR layers over outlines where Noto's are CBDT bitmaps: FreeType draws both for
+    ``embedded_color``."""
+    def square(bottom: int = 0, top: int = 800):
+        pen = TTGlyphPen(None)
+        pen.moveTo((100, bottom))
+        for corner in ((100, top), (900, top), (900, bottom)):
+            pen.lineTo(corner)
+        pen.closePath()
+        return pen.glyph()
+
+    characters = {0x1F600: "grin", 0x1F1FA: "letter_u", 0x1F1F8: "letter_s", 0x1F468: "man", 0x200D: "zwj",
+                  0x1F469: "woman", 0x1F467: "girl"}
+    glyphs = {".notdef": square(), **{name: square() for name in characters.values()}, "flag": square(),
+              "flag_top": square(400, 800), "flag_bottom": square(0, 400), "family": square()}
+    glyphs["zwj"] = TTGlyphPen(None).glyph()  # joins, draws nothing
+    font = FontBuilder(1000, isTTF=True)
+    font.setupGlyphOrder(list(glyphs))
+    font.setupCharacterMap(characters)
+    font.setupGlyf(glyphs)
+    font.setupHorizontalMetrics({name: (0 if name == "zwj" else 1000, 100) for name in glyphs})
+    font.setupHorizontalHeader(ascent=900, descent=-100)
+    font.setupNameTable({"familyName": "dist_cl test emoji", "styleName": "Regular"})
+    font.setupOS2()
+    font.setupPost()
+    addOpenTypeFeaturesFromString(font.font, "languagesystem DFLT dflt; feature ccmp { sub letter_u letter_s by flag; "
+                                             "sub man zwj woman zwj girl by family; } ccmp;")
+    font.font["CPAL"] = buildCPAL([[(1.0, 0.0, 0.0, 1.0), (0.0, 0.0, 1.0, 1.0), (1.0, 0.8, 0.0, 1.0)]])
+    font.font["COLR"] = buildCOLR({"flag": [("flag_top", 0), ("flag_bottom", 1)], "grin": [("grin", 2)],
+                                   "family": [("family", 2)]})
+    font.save(path)
+    return path
+
+
+@pytest.fixture(params=["written here", "Debian's"])
+def font_file(request, tmp_path) -> Path:
+    """The colour font written here (every run), and Noto Color Emoji where its package is installed."""
+    if request.param == "written here":
+        return write_colour_font(tmp_path / "colour.ttf")
+    if not FONT.is_file():
+        pytest.skip(f"Debian's font is not installed: {INSTALL}")
+    return FONT
+
+
+def test_the_font_draws_an_emoji_sequence_as_one_colour_glyph_and_refuses_what_it_lacks(font_file):
+    font = emoji_data.emoji_font(font_file)
     flag = emoji_data.render("\U0001f1fa\U0001f1f8", font, 48)  # two regional indicators, one glyph
     assert flag.shape == (48, 48, 3) and (flag != 255).any()
     assert (np.ptp(flag.reshape(-1, 3).astype(int), axis=1) > 100).any()  # red and blue, not grey
