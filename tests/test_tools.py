@@ -294,3 +294,19 @@ def test_the_throughput_check_takes_a_minimal_step_after_each_of_the_trainers_an
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(figures["ratios"]) == 3 and figures["ratio"] == pytest.approx(np.median(figures["ratios"]), abs=1e-3)
     assert figures["trainer_samples_s"] > 0 and figures["minimal_samples_s"] > 0
+
+
+def test_the_throughput_check_charges_a_plan_computed_ahead_the_wait_the_trainer_alone_would_have_had(monkeypatch):
+    """Under selection.overlap the minimal steps lengthen the epoch a plan is computed beside, hiding a wait: the
+    trainer is charged what its own steps would have left of the plan's seconds, or the wait recorded if more."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    gpu_check = importlib.import_module("gpu_check")
+    records = [{"train_seconds": 0.9, "selection/seconds": 1.0, "selection/wait_seconds": 1.0},
+               {"train_seconds": 0.9, "selection/seconds": 1.25, "selection/wait_seconds": 0.0},  # hidden
+               {"train_seconds": 0.8, "selection/seconds": 0.25, "selection/wait_seconds": 0.125},  # recorded
+               {"train_seconds": 0.9}]  # random plans record no seconds
+    minimal = [(10, 0.5), (10, 0.5), (10, 0.4), (10, 0.5)]
+    pairs = gpu_check.paired_rates(records, minimal, batch_size=4)
+    alone = 0.9 - 0.5  # the first epoch's own steps, beside which the second's plan was computed
+    assert pairs == [(pytest.approx(40 / (0.9 - 0.5 + 1.25 - alone)), pytest.approx(40 / 0.5)),
+                     (pytest.approx(40 / (0.8 - 0.4 + 0.125)), pytest.approx(40 / 0.4))]

@@ -99,9 +99,10 @@ def throughput(device: torch.device, config: str, overrides: list[str]) -> bool:
     """Samples/s of the trainer against a minimal DDP loop on the same model, optimizer and AMP (no data
     loading, bank or selection), the two taking turns step by step in one process (``TakingTurns``): both then
     meet the same machine, where runs minutes apart, or blocks seconds apart, differ by more than the gap
-    measured. An epoch's trainer rate is its metrics.jsonl record's (counting its wait for the plan) less the
-    minimal steps inside it. Paired are the epochs between the first (every row touched for the first time)
-    and the last (no next plan computed meanwhile under selection.overlap); the ratio is their median."""
+    measured. An epoch's trainer time is its metrics.jsonl record's less the minimal steps inside it, plus its
+    wait for the plan, which under selection.overlap is what the trainer alone would have waited. Paired are the
+    epochs between the first (every row touched for the first time) and the last (no next plan computed
+    meanwhile under selection.overlap); the ratio is their median."""
     epochs = 5
     cfg = load_config(config, [f"train.epochs={epochs}", "eval.every_epochs=0", "run.dir=runs/gpu_check/throughput",
                                f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}", *overrides])
@@ -114,16 +115,27 @@ def throughput(device: torch.device, config: str, overrides: list[str]) -> bool:
         close_distributed()
     lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
     records = [record for record in map(json.loads, lines) if record["kind"] == "epoch"][-epochs:]  # this run's
-    pairs = []
-    for record, (steps, minimal) in list(zip(records, trainer.minimal, strict=True))[1:-1]:
-        samples = steps * cfg.train.global_batch_size
-        trained = record["train_seconds"] + record.get("selection/wait_seconds", 0.0) - minimal
-        pairs.append((samples / trained, samples / minimal))
+    pairs = paired_rates(records, trainer.minimal, cfg.train.global_batch_size)
     ratios = [t / m for t, m in pairs]
     return report("throughput" + "".join(f" {o}" for o in overrides), all(t > 0 for t, _ in pairs),
                   trainer_samples_s=round(float(np.median([t for t, _ in pairs]))),
                   minimal_samples_s=round(float(np.median([m for _, m in pairs]))),
                   ratio=round(float(np.median(ratios)), 3), ratios=[round(r, 3) for r in ratios])
+
+
+def paired_rates(records: list[dict], minimal: list[tuple[int, float]], batch_size: int) -> list[tuple[float, float]]:
+    """(trainer, minimal loop) samples/s of each epoch but the first and the last, from the epochs' metrics.jsonl
+    ``records`` and ``TakingTurns.minimal``'s (steps, seconds of minimal steps) of the same epochs."""
+    pairs = []
+    for e in range(1, len(records) - 1):
+        (steps, seconds), record = minimal[e], records[e]
+        # a plan computed ahead (selection.overlap) had the minimal steps of the epoch before as well: the
+        # trainer alone would have waited for all of it that outlasted its own steps
+        alone = records[e - 1]["train_seconds"] - minimal[e - 1][1]
+        waited = max(record.get("selection/wait_seconds", 0.0), record.get("selection/seconds", 0.0) - alone)
+        samples = steps * batch_size
+        pairs.append((samples / (record["train_seconds"] - seconds + waited), samples / seconds))
+    return pairs
 
 
 class TakingTurns(Trainer):
