@@ -211,10 +211,9 @@ FONT = Path("/") / PACKAGE_FILES["font"][1]
 
 
 def write_colour_font(path: Path) -> Path:
-    """A colour font with what the rendering test draws, in the layout Noto Color Emoji has for it: a grinning
-    face, a flag that the shaper's ccmp makes of two regional indicators, and a ZWJ family made of three people.
-    Its colours are COLR layers over outlines where Noto's are CBDT bitmaps: FreeType draws both for
-    ``embedded_color``."""
+    """A colour font with what the rendering test draws, as ligatures the shaper makes, as in Noto Color Emoji: a
+    grinning face, a flag made of two regional indicators, and a ZWJ family made of three people. Its colours
+    are COLR layers over outlines where Noto's are CBDT bitmaps: FreeType draws both for ``embedded_color``."""
     def square(bottom: int = 0, top: int = 800):
         pen = TTGlyphPen(None)
         pen.moveTo((100, bottom))
