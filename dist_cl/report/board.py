@@ -82,9 +82,9 @@ class Board:
         """Against ``step``; also against epochs and samples seen where ``epoch`` (epochs completed) is given."""
         _add_scalars(self.by_step, scalars, step)
         if epoch is not None:
-            _add_scalars(self.by_epoch, {f"by_epoch/{tag}": value for tag, value in scalars.items()}, epoch)
-            _add_scalars(self.by_samples, {f"by_samples/{tag}": value for tag, value in scalars.items()},
-                         step * self.batch_size)
+            axes = ((self.by_epoch, "by_epoch", epoch), (self.by_samples, "by_samples", step * self.batch_size))
+            for writer, axis, x in axes:
+                _add_scalars(writer, {f"{axis}/{tag}": value for tag, value in scalars.items()}, x)
 
     @_named
     def config(self, resolved: dict, step: int) -> None:
